@@ -1,0 +1,126 @@
+"""The ``fedpeft`` command.
+
+    fedpeft simulate CONFIG [--set key=value ...] [--out DIR] [--verbose]
+
+A user mistake (config, data, model) ends in one sentence on stderr and exit code 2,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fedpeft.config import Config, ConfigError, load_config
+from fedpeft.data import DataError
+from fedpeft.models import ModelError
+
+USER_ERRORS = (ConfigError, DataError, ModelError)
+log = logging.getLogger("fedpeft")
+
+
+def quiet_flower_env() -> None:
+    """No telemetry, update checks or runtime installs: this must run offline."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s fedpeft | %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+    for noisy in ("transformers", "peft", "datasets", "ray"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def preflight(cfg: Config) -> None:
+    """Load data, tokenizer and model once in this process before Ray starts, so that a
+    bad path or an offline hub id fails in one sentence (and the server reuses them)."""
+    from fedpeft.data import load_dataset
+    from fedpeft.models import build_peft_model, load_tokenizer
+
+    dataset = load_dataset(cfg.data, cfg.model.task, cfg.seed)
+    load_tokenizer(cfg.model.name)
+    build_peft_model(cfg.model, cfg.lora, dataset.num_labels, init_seed=cfg.seed)
+    log.info(
+        "data: %d train / %d held-out examples, %d labels, %d clients (%s)",
+        len(dataset.train), len(dataset.test), dataset.num_labels,
+        cfg.partition.num_clients, cfg.partition.scheme,
+    )  # fmt: skip
+
+
+def backend_config(cfg: Config) -> dict[str, Any]:
+    return {
+        "client_resources": {"num_cpus": cfg.simulation.client_cpus, "num_gpus": 0.0},
+        "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": "ERROR", "log_to_driver": True},
+    }
+
+
+def simulate(cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """Run a simulation on Flower's simulation runtime; returns the summary."""
+    from flwr.simulation import run_simulation
+
+    from clients.app import app as client_app
+    from server.app import make_server_app
+
+    quiet_flower_env()
+    # importing flwr resets its logger to DEBUG; quieten it afterwards
+    logging.getLogger("flwr").setLevel(logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.WARNING)
+    preflight(cfg)
+    started = time.time()
+    run_simulation(
+        server_app=make_server_app(cfg, out_dir),
+        client_app=client_app,
+        num_supernodes=cfg.partition.num_clients,
+        backend_config=backend_config(cfg),  # type: ignore[arg-type]
+    )
+    summary_path = out_dir / "summary.json"
+    if not summary_path.is_file():
+        raise RuntimeError("The simulation ended without writing its summary; see the log above.")
+    import json
+
+    summary: dict[str, Any] = json.loads(summary_path.read_text())
+    log.info("done in %.0f s; outputs in %s", time.time() - started, out_dir)
+    return summary
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedpeft", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run a federated simulation on one machine")
+    sim.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
+    sim.add_argument("--out", help="output directory (default: outputs/<config name>)")
+    sim.add_argument("--verbose", action="store_true", help="show Flower's own log")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging(getattr(args, "verbose", False))
+    try:
+        cfg = load_config(args.config, args.set)
+        out = Path(args.out or Path("outputs") / Path(args.config).stem)
+        simulate(cfg, out)
+    except USER_ERRORS as err:
+        print(f"fedpeft: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedpeft: interrupted; metrics.jsonl and the last adapter checkpoint are kept.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""One client's work for a round, independent of Flower: install the received adapters
+on the (cached) model, train locally, and return Δ = adapters_after − adapters_received.
+
+The ClientApp in ``clients/`` is a thin wrapper around :func:`train_round`; the overhead
+benchmark calls the same function in a plain loop.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from peft import PeftModel
+
+from fedpeft.config import Config, DataConfig, ModelConfig, PartitionConfig, config_from_json
+from fedpeft.data import client_rows
+from fedpeft.models import adapter_state, build_peft_model, load_adapter_state, load_tokenizer
+from fedpeft.train import Encoded, encode, evaluate, train_local
+from fedpeft.wire import TrainIns, TrainRes
+
+
+@dataclass(frozen=True)
+class ClientData:
+    train: Encoded
+    test: Encoded
+
+
+@functools.lru_cache(maxsize=8)
+def parse_config(config_json: str) -> Config:
+    return config_from_json(config_json)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_model(cfg: Config, num_labels: int) -> PeftModel:
+    # Every trainable tensor is overwritten by the received adapters each round, so one
+    # model per process serves every round and every partition this process plays.
+    return build_peft_model(cfg.model, cfg.lora, num_labels)
+
+
+@functools.lru_cache(maxsize=64)
+def _client_data(
+    data: DataConfig, part: PartitionConfig, model: ModelConfig, seed: int, partition_id: int
+) -> ClientData:
+    train_rows, test_rows = client_rows(data, part, model.task, seed, partition_id)
+    tok = load_tokenizer(model.name)
+    return ClientData(
+        train=encode(train_rows, tok, model.max_length),
+        test=encode(test_rows, tok, model.max_length),
+    )
+
+
+def client_data(cfg: Config, partition_id: int) -> ClientData:
+    return _client_data(cfg.data, cfg.partition, cfg.model, cfg.seed, partition_id)
+
+
+def round_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """Per (run, round, client) seed for batch order and dropout."""
+    return (seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**31)
+
+
+def train_round(ins: TrainIns, partition_id: int) -> TrainRes:
+    cfg = parse_config(ins.config_json)
+    model = _cached_model(cfg, ins.num_labels)
+    load_adapter_state(model, ins.adapters)
+    data = client_data(cfg, partition_id)
+    pad_id = load_tokenizer(cfg.model.name).pad_token_id
+    result = train_local(
+        model,
+        data.train,
+        cfg.train,
+        pad_id,
+        cfg.model.task,
+        seed=round_seed(cfg.seed, ins.server_round, partition_id),
+    )
+    after = adapter_state(model)
+    delta = {k: after[k] - ins.adapters[k] for k in ins.adapters}
+    return TrainRes(
+        update=delta,
+        num_examples=result.num_examples,
+        train_loss=result.loss,
+        train_seconds=result.seconds,
+    )
+
+
+def evaluate_round(ins: TrainIns, partition_id: int) -> tuple[int, dict[str, float]]:
+    """Evaluate the received global adapters on this client's held-out split."""
+    cfg = parse_config(ins.config_json)
+    model = _cached_model(cfg, ins.num_labels)
+    load_adapter_state(model, ins.adapters)
+    data = client_data(cfg, partition_id)
+    if len(data.test) == 0:
+        return 0, {}
+    pad_id = load_tokenizer(cfg.model.name).pad_token_id
+    metrics = evaluate(model, data.test, cfg.federation.eval_batch_size, pad_id, cfg.model.task)
+    return len(data.test), metrics

