@@ -15,7 +15,7 @@ app = ClientApp()
 
 
 def _partition_id(context: Context) -> int:
-    return int(context.node_config.get("partition-id", 0))  # type: ignore[arg-type]
+    return int(context.node_config.get("partition-id", 0))
 
 
 @app.query()

@@ -14,11 +14,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedpeft.config import Config, ConfigError, load_config
 from fedpeft.data import DataError
 from fedpeft.models import ModelError
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
 
 USER_ERRORS = (ConfigError, DataError, ModelError)
 log = logging.getLogger("fedpeft")
@@ -29,9 +32,9 @@ def quiet_flower_env() -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # inherited by Ray workers
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
 
 
 def setup_logging(verbose: bool) -> None:
@@ -63,27 +66,36 @@ def preflight(cfg: Config) -> None:
 def backend_config(cfg: Config) -> dict[str, Any]:
     return {
         "client_resources": {"num_cpus": cfg.simulation.client_cpus, "num_gpus": 0.0},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": "ERROR", "log_to_driver": True},
+        "init_args": {
+            "num_cpus": os.cpu_count() or 1,
+            "logging_level": "ERROR",
+            "log_to_driver": True,
+        },
     }
 
 
-def simulate(cfg: Config, out_dir: Path) -> dict[str, Any]:
-    """Run a simulation on Flower's simulation runtime; returns the summary."""
+def simulate(cfg: Config, out_dir: Path, client_app: ClientApp | None = None) -> dict[str, Any]:
+    """Run a simulation on Flower's simulation runtime; returns the summary.
+
+    ``client_app`` defaults to fedpeft's ClientApp; tests pass one wrapped in a mod.
+    """
     from flwr.simulation import run_simulation
 
-    from clients.app import app as client_app
+    from clients.app import app as default_client_app
     from server.app import make_server_app
 
     quiet_flower_env()
     # importing flwr resets its logger to DEBUG; quieten it afterwards
-    logging.getLogger("flwr").setLevel(logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.WARNING)
+    logging.getLogger("flwr").setLevel(
+        logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.WARNING
+    )
     preflight(cfg)
     started = time.time()
     run_simulation(
         server_app=make_server_app(cfg, out_dir),
-        client_app=client_app,
+        client_app=client_app or default_client_app,
         num_supernodes=cfg.partition.num_clients,
-        backend_config=backend_config(cfg),  # type: ignore[arg-type]
+        backend_config=backend_config(cfg),
     )
     summary_path = out_dir / "summary.json"
     if not summary_path.is_file():
@@ -96,11 +108,19 @@ def simulate(cfg: Config, out_dir: Path) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedpeft", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="fedpeft", description=__doc__.splitlines()[0] if __doc__ else None
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a federated simulation on one machine")
     sim.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
-    sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
+    sim.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field (repeatable)",
+    )
     sim.add_argument("--out", help="output directory (default: outputs/<config name>)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's own log")
     return parser
@@ -117,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedpeft: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedpeft: interrupted; metrics.jsonl and the last adapter checkpoint are kept.", file=sys.stderr)
+        print(
+            "fedpeft: interrupted; metrics.jsonl and the last adapter checkpoint are kept.",
+            file=sys.stderr,
+        )
         return 130
     return 0
 

@@ -215,7 +215,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
 
 
 def config_from_dict(raw: Mapping[str, Any]) -> Config:
-    cfg = _build(Config, raw, "")
+    cfg: Config = _build(Config, raw, "")
     _validate(cfg)
     return cfg
 
@@ -252,7 +252,7 @@ def _build(cls: type[Any], raw: Any, where: str) -> Any:
     for name, value in raw.items():
         key = f"{where}.{name}" if where else name
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             values[name] = _build(hint, value, key)
         else:
             values[name] = _coerce(value, hint, key)

@@ -39,7 +39,7 @@ class Dataset:
 
 # --------------------------------------------------------------------------- synthetic
 
-_TOPICS: dict[str, list[str]] = {
+_TOPICS: dict[str, list[str]] = {  # split() keeps each topic's words on one line
     "sports": "match goal team coach league striker season stadium referee trophy".split(),
     "food": "recipe soup bread kitchen flavor dinner spice oven dessert chef".split(),
     "technology": "software laptop chip network server code robot battery screen app".split(),
@@ -118,7 +118,9 @@ def _read_jsonl(p: Path) -> list[dict[str, Any]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"Data file '{p}' line {lineno} is not valid JSON ({err.msg}).") from err
+            raise DataError(
+                f"Data file '{p}' line {lineno} is not valid JSON ({err.msg})."
+            ) from err
         if not isinstance(rec, dict):
             raise DataError(f"Data file '{p}' line {lineno} should be a JSON object.")
         records.append(rec)
@@ -136,13 +138,20 @@ def _row(rec: dict[str, Any], n: int, path: str, text_field: str, label_field: s
     return row
 
 
+def _label_order(name: str) -> tuple[bool, int, str]:
+    """Numeric labels in numeric order, then the others alphabetically."""
+    return (not name.isdigit(), int(name) if name.isdigit() else 0, name)
+
+
 def _map_labels(train: list[Row], test: list[Row], source: str) -> int:
     """Map raw labels (ints or strings) to 0..K-1 in sorted order, in place."""
-    names = sorted({str(r["label"]) for r in train}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    names = sorted({str(r["label"]) for r in train}, key=_label_order)
     index = {name: i for i, name in enumerate(names)}
     for r in test:
         if str(r["label"]) not in index:
-            raise DataError(f"Held-out label {r['label']!r} of '{source}' never occurs in training data.")
+            raise DataError(
+                f"Held-out label {r['label']!r} of '{source}' never occurs in training data."
+            )
     for r in train + test:
         r["label"] = index[str(r["label"])]
     return len(names)
@@ -161,7 +170,9 @@ def _hub_rows(name: str, split: str, cfg: DataConfig) -> list[Row]:
             f"Dataset 'hf:{name}' could not be loaded from the Hugging Face hub "
             f"(offline or unknown id: {type(err).__name__}); use a local .jsonl/.csv file."
         ) from err
-    return [_row(dict(r), i, f"hf:{name}", cfg.text_field, cfg.label_field) for i, r in enumerate(ds, 1)]
+    return [
+        _row(dict(r), i, f"hf:{name}", cfg.text_field, cfg.label_field) for i, r in enumerate(ds, 1)
+    ]
 
 
 # --------------------------------------------------------------------------- loading
@@ -178,11 +189,10 @@ def _load_dataset_cached(cfg: DataConfig, task: str, seed: int) -> Dataset:
     num_labels = _map_labels(train, test, cfg.source)
     train = _cap(train, cfg.max_train_samples, seed)
     test = _cap(test, cfg.max_test_samples, seed + 1)
-    if task == "causal_lm":
-        names = list(_TOPICS)[:num_labels] if cfg.source == "synthetic" else [str(i) for i in range(num_labels)]
-        if cfg.source == "synthetic":
-            train = [{"text": instruction_text(r, names), "label": r["label"]} for r in train]
-            test = [{"text": instruction_text(r, names), "label": r["label"]} for r in test]
+    if task == "causal_lm" and cfg.source == "synthetic":  # files hold LM text as it is
+        names = list(_TOPICS)[:num_labels]
+        train = [{"text": instruction_text(r, names), "label": r["label"]} for r in train]
+        test = [{"text": instruction_text(r, names), "label": r["label"]} for r in test]
     return Dataset(train=train, test=test, num_labels=num_labels)
 
 
@@ -196,7 +206,7 @@ def _raw_split(cfg: DataConfig, seed: int) -> tuple[list[Row], list[Row]]:
     if cfg.test_source is not None:
         return rows, read_rows(cfg.test_source, cfg.text_field, cfg.label_field)
     order = np.random.default_rng(seed).permutation(len(rows))
-    n_test = max(1, int(round(cfg.test_fraction * len(rows))))
+    n_test = max(1, round(cfg.test_fraction * len(rows)))
     return [rows[i] for i in order[n_test:]], [rows[i] for i in order[:n_test]]
 
 

@@ -93,7 +93,7 @@ def _fixed_init_seed() -> Iterator[None]:
 
 def _tiny_config(name: str, vocab_size: int, num_labels: int) -> Any:
     if name == "tiny-bert":
-        return BertConfig(
+        return BertConfig(  # type: ignore[call-arg]
             vocab_size=vocab_size,
             hidden_size=32,
             num_hidden_layers=2,
@@ -102,9 +102,7 @@ def _tiny_config(name: str, vocab_size: int, num_labels: int) -> Any:
             max_position_embeddings=128,
             num_labels=num_labels,
         )
-    return GPT2Config(
-        vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=128
-    )
+    return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=128)
 
 
 def _model_class(task: str) -> Any:
@@ -133,7 +131,7 @@ def _cached_base(cfg: ModelConfig, num_labels: int) -> PreTrainedModel:
         model = _instantiate(cfg, num_labels)
     tok = load_tokenizer(cfg.name)
     model.config.pad_token_id = tok.pad_token_id
-    model.eval()
+    model.eval()  # type: ignore[no-untyped-call]
     return model
 
 
@@ -149,7 +147,7 @@ def peft_lora_config(lora: LoraConfig, task: str) -> PeftLoraConfig:
         task_type = TaskType.CAUSAL_LM
     return PeftLoraConfig(
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft accepts floats
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules) if lora.target_modules else None,
         layers_to_transform=list(lora.layers_to_transform) if lora.layers_to_transform else None,

@@ -88,7 +88,9 @@ class RunLog:
         paths = []
         metric = "accuracy" if "accuracy" in self.rounds[0] else "perplexity"
         if metric in self.rounds[0]:
-            paths.append(self._plot(plt, rounds, {metric: [r[metric] for r in self.rounds]}, metric))
+            paths.append(
+                self._plot(plt, rounds, {metric: [r[metric] for r in self.rounds]}, metric)
+            )
         mb = {
             "uplink": [r["uplink_bytes"] / 1e6 for r in self.rounds],
             "downlink": [r["downlink_bytes"] / 1e6 for r in self.rounds],
@@ -96,7 +98,14 @@ class RunLog:
         paths.append(self._plot(plt, rounds, mb, "MB per round", name="bytes"))
         return paths
 
-    def _plot(self, plt: Any, x: list[int], series: dict[str, list[float]], ylabel: str, name: str | None = None) -> Path:
+    def _plot(
+        self,
+        plt: Any,
+        x: list[int],
+        series: dict[str, list[float]],
+        ylabel: str,
+        name: str | None = None,
+    ) -> Path:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         for label, ys in series.items():
             ax.plot(x, ys, marker="o", label=label)

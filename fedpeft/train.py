@@ -10,7 +10,6 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +43,9 @@ def encode(rows: list[Row], tokenizer: PreTrainedTokenizerBase, max_length: int)
     return Encoded(input_ids=list(ids), labels=[int(r.get("label", 0)) for r in rows])
 
 
-def collate(data: Encoded, index: np.ndarray | list[int], pad_id: int, task: str) -> dict[str, torch.Tensor]:
+def collate(
+    data: Encoded, index: np.ndarray | list[int], pad_id: int, task: str
+) -> dict[str, torch.Tensor]:
     seqs = [data.input_ids[i] for i in index]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
@@ -59,7 +60,9 @@ def collate(data: Encoded, index: np.ndarray | list[int], pad_id: int, task: str
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def batch_indices(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+def batch_indices(
+    n: int, batch_size: int, steps: int, rng: np.random.Generator
+) -> Iterator[np.ndarray]:
     """``steps`` batches from reshuffled passes over ``n`` examples."""
     order = rng.permutation(n)
     pos = 0
@@ -112,11 +115,16 @@ def train_local(
 def evaluate(
     model: torch.nn.Module, data: Encoded, batch_size: int, pad_id: int, task: str
 ) -> dict[str, float]:
-    """Accuracy and mean loss (classification) or token loss and perplexity (causal LM)."""
+    """Accuracy and mean loss (classification) or token loss and perplexity (causal LM).
+
+    Examples are batched in length order so that little compute goes to padding; the
+    metrics are sums over examples, so the order does not change them.
+    """
     model.eval()
     total_loss, correct, count, tokens = 0.0, 0, 0, 0
-    for start in range(0, len(data), batch_size):
-        index = list(range(start, min(start + batch_size, len(data))))
+    order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
         batch = collate(data, index, pad_id, task)
         out = model(**batch)
         if task == "classification":
@@ -131,14 +139,3 @@ def evaluate(
         return {"accuracy": correct / max(count, 1), "loss": total_loss / max(count, 1)}
     loss = total_loss / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-
-
-def predict(model: torch.nn.Module, data: Encoded, batch_size: int, pad_id: int) -> Any:
-    """Logits of a classification model, batch by batch (for checks and the audit)."""
-    model.eval()
-    outs = []
-    with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            index = list(range(start, min(start + batch_size, len(data))))
-            outs.append(model(**collate(data, index, pad_id, "classification")).logits)
-    return torch.cat(outs)

@@ -96,16 +96,24 @@ def decode_train_res(content: RecordDict, expected: State) -> TrainRes:
     return TrainRes(
         update=update,
         num_examples=num_examples,
-        train_loss=float(metrics.get("train-loss", float("nan"))),
-        train_seconds=float(metrics.get("train-seconds", 0.0)),
+        train_loss=_scalar(metrics.get("train-loss", float("nan"))),
+        train_seconds=_scalar(metrics.get("train-seconds", 0.0)),
     )
+
+
+def _scalar(value: object) -> float:
+    if not isinstance(value, int | float):
+        raise UpdateRejected(f"metric value {value!r} should be a number")
+    return float(value)
 
 
 def _validated_update(record: ArrayRecord, expected: State) -> State:
     missing = sorted(set(expected) - set(record))
     unknown = sorted(set(record) - set(expected))
     if missing or unknown:
-        raise UpdateRejected(f"keys differ from the adapters sent (missing {missing[:2]}, unknown {unknown[:2]})")
+        raise UpdateRejected(
+            f"keys differ from the adapters sent (missing {missing[:2]}, unknown {unknown[:2]})"
+        )
     update = {}
     for key, arr in record.items():
         if arr.dtype != "float32" or tuple(arr.shape) != expected[key].shape:

@@ -56,7 +56,9 @@ def discover_nodes(grid: Grid, cfg: Config, wait_s: float = 120.0) -> dict[int, 
 class ServerEvaluator:
     """Evaluates the global adapters on held-out data and writes one line per round."""
 
-    def __init__(self, cfg: Config, strategy: AdapterFedAvg, run_log: RunLog, model: Any, test: Any) -> None:
+    def __init__(
+        self, cfg: Config, strategy: AdapterFedAvg, run_log: RunLog, model: Any, test: Any
+    ) -> None:
         self.cfg = cfg
         self.strategy = strategy
         self.run_log = run_log
@@ -68,7 +70,13 @@ class ServerEvaluator:
     def _evaluate(self) -> dict[str, float]:
         if not self.cfg.federation.server_eval:
             return {}
-        return evaluate(self.model, self.test, self.cfg.federation.eval_batch_size, self.pad_id, self.cfg.model.task)
+        return evaluate(
+            self.model,
+            self.test,
+            self.cfg.federation.eval_batch_size,
+            self.pad_id,
+            self.cfg.model.task,
+        )
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         load_adapter_state(self.model, wire.record_to_state(arrays))

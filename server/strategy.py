@@ -37,7 +37,7 @@ class RoundStats:
     client_eval: dict[str, float] = field(default_factory=dict)
 
 
-def _last_line(text: str, limit: int = 300) -> str:
+def _last_line(text: str | None, limit: int = 300) -> str:
     """The final line of a client's traceback: the exception and its message."""
     lines = [ln.strip() for ln in str(text).splitlines() if ln.strip().strip("'>")]
     return (lines[-1] if lines else str(text))[:limit]
@@ -71,7 +71,9 @@ class AdapterFedAvg(FedAvg):
         chosen = rng.choice(len(by_partition), size=min(k, len(by_partition)), replace=False)
         return [by_partition[i] for i in sorted(chosen)]
 
-    def _messages(self, server_round: int, arrays: ArrayRecord, nodes: list[int], kind: str) -> list[Message]:
+    def _messages(
+        self, server_round: int, arrays: ArrayRecord, nodes: list[int], kind: str
+    ) -> list[Message]:
         self._global = wire.record_to_state(arrays)
         ins = wire.TrainIns(server_round, self.config_json, self.num_labels, self._global)
         content = wire.encode_train_ins(ins)
@@ -104,14 +106,18 @@ class AdapterFedAvg(FedAvg):
                 self._reject(stats, node, str(err))
                 continue
             client_id = self.partitions.get(node, -1)
-            updates.append(ClientUpdate(client_id=client_id, delta=res.update, weight=res.num_examples))
+            updates.append(
+                ClientUpdate(client_id=client_id, delta=res.update, weight=res.num_examples)
+            )
             losses.append((res.train_loss, res.num_examples))
             stats.clients.append(client_id)
         if not updates:
-            log.warning("round %d: no valid update; the global adapters stay as they were", server_round)
+            log.warning(
+                "round %d: no valid update; the global adapters stay as they were", server_round
+            )
             return None, None
         new_state = self.aggregate(self._global, updates)
-        stats.train_loss = float(sum(l * n for l, n in losses) / sum(n for _, n in losses))
+        stats.train_loss = float(sum(loss * n for loss, n in losses) / sum(n for _, n in losses))
         return wire.state_to_record(new_state), MetricRecord({"train-loss": stats.train_loss})
 
     def _reject(self, stats: RoundStats, node: int, reason: str) -> None:
@@ -128,7 +134,9 @@ class AdapterFedAvg(FedAvg):
         nodes = self.sample(server_round, 1.0)
         return self._messages(server_round, arrays, nodes, MessageType.EVALUATE)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         stats = self.stats[server_round]
         totals: dict[str, float] = {}
         count = 0

@@ -1,0 +1,30 @@
+# The two commands of the README: `make quickstart` and `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+# torch is pinned to the CPU build that lies on this machine's disk; an unpinned torch
+# would pull a multi-GB CUDA build.
+TORCH   ?= torch==2.13.0
+
+.PHONY: quickstart test lint venv
+
+$(BIN)/fedpeft: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade "pip>=24"
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/fedpeft
+
+quickstart: venv
+	$(BIN)/fedpeft simulate configs/quickstart.yaml --out outputs/quickstart
+
+lint: venv
+	$(BIN)/ruff check fedpeft server clients simulations tests
+	$(BIN)/ruff format --check fedpeft server clients simulations tests
+	$(BIN)/mypy
+
+# pytest exits 5 when it collected no test: say so, and fail.
+test: lint
+	$(BIN)/python -m pytest -q || { rc=$$?; [ $$rc -eq 5 ] && echo "no test ran" >&2; exit $$rc; }

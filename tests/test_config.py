@@ -1,0 +1,108 @@
+"""Config loading: every kind of mistake ends in one sentence naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedpeft.config import Config, ConfigError, config_from_dict, load_config
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path: Path) -> None:
+    assert isinstance(load_config(path), Config)
+
+
+def test_defaults_are_valid() -> None:
+    cfg = config_from_dict({})
+    assert cfg.model.name == "minilm" and cfg.federation.aggregator == "fedit"
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ({"modle": {}}, "Unknown config key 'modle'"),
+        ({"lora": {"rank": 4}}, "Unknown config key 'lora.rank'"),
+        ({"lora": {"r": "eight"}}, "'lora.r' should be int, got 'eight'"),
+        ({"lora": {"r": 2.5}}, "'lora.r' should be int"),
+        ({"train": {"lr": "fast"}}, "'train.lr' should be float"),
+        ({"lora": {"train_head": 1}}, "'lora.train_head' should be bool"),
+        ({"lora": {"target_modules": "query"}}, "'lora.target_modules' should be a list"),
+        ({"lora": {"rank_pattern": {"query": "x"}}}, "'lora.rank_pattern.query' should be int"),
+        (
+            {"model": {"task": "regression"}},
+            "'model.task' should be one of ['classification', 'causal_lm']",
+        ),
+        ({"partition": {"scheme": "zipf"}}, "'partition.scheme' should be one of"),
+        ({"lora": {"r": 0}}, "'lora.r' should be a positive integer."),
+        ({"train": {"lr": -1}}, "'train.lr' should be positive."),
+        ({"data": {"test_fraction": 1.5}}, "'data.test_fraction' should be in (0, 1)."),
+        ({"federation": {"aggregator": "magic"}}, "'federation.aggregator' should be one of"),
+        (
+            {"federation": {"min_clients": 9}, "partition": {"num_clients": 3}},
+            "'federation.min_clients' should be between 1 and",
+        ),
+        ({"model": 3}, "'model' should be a mapping"),
+    ],
+)
+def test_mistakes_name_the_key(raw: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw)
+    message = str(info.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_yaml_scientific_notation_is_a_float() -> None:
+    assert config_from_dict({"train": {"lr": "5e-4"}}).train.lr == pytest.approx(5e-4)
+
+
+def test_overrides_apply_and_are_typed(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("lora:\n  r: 4\n")
+    cfg = load_config(
+        path, ["lora.r=16", "lora.target_modules=[query, key]", "federation.rounds=7"]
+    )
+    assert cfg.lora.r == 16
+    assert cfg.lora.target_modules == ("query", "key")
+    assert cfg.federation.rounds == 7
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("lora.r", "should look like section.key=value"),
+        ("lora.nope=3", "Unknown config key 'lora.nope'"),
+        ("seed.x=1", "'seed' is not a section"),
+    ],
+)
+def test_bad_overrides(tmp_path: Path, override: str, fragment: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, [override])
+    assert fragment in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(listy)
+
+
+def test_config_is_hashable_and_round_trips_json() -> None:
+    from fedpeft.config import config_from_json
+
+    cfg = config_from_dict({"lora": {"rank_pattern": {"query": 4}, "target_modules": ["query"]}})
+    assert hash(cfg) == hash(config_from_json(cfg.to_json()))
+    assert config_from_json(cfg.to_json()) == cfg

@@ -1,0 +1,143 @@
+"""Data sources, partitioners and the one-sentence errors for bad data."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedpeft.config import DataConfig, PartitionConfig
+from fedpeft.data import (
+    DataError,
+    client_rows,
+    load_dataset,
+    partition_indices,
+    read_rows,
+    synthetic_rows,
+)
+
+
+def test_synthetic_is_seeded_and_balanced() -> None:
+    a, b = synthetic_rows(400, 4, seed=1), synthetic_rows(400, 4, seed=1)
+    assert a == b
+    assert a != synthetic_rows(400, 4, seed=2)
+    counts = Counter(r["label"] for r in a)
+    assert set(counts) == {0, 1, 2, 3} and min(counts.values()) > 60
+
+
+def test_synthetic_causal_lm_rows_are_instructions() -> None:
+    ds = load_dataset(DataConfig(synthetic_samples=100), "causal_lm", seed=0)
+    assert ds.train[0]["text"].startswith("### Instruction:")
+    assert "### Response:" in ds.test[0]["text"]
+
+
+def test_jsonl_and_csv_with_string_labels(tmp_path: Path) -> None:
+    jl = tmp_path / "d.jsonl"
+    jl.write_text(
+        "\n".join(
+            json.dumps({"sentence": f"s{i}", "y": "pos" if i % 2 else "neg"}) for i in range(40)
+        )
+    )
+    cfg = DataConfig(source=str(jl), text_field="sentence", label_field="y", test_fraction=0.25)
+    ds = load_dataset(cfg, "classification", seed=0)
+    assert ds.num_labels == 2 and len(ds.train) == 30 and len(ds.test) == 10
+    assert {r["label"] for r in ds.train} == {0, 1}
+
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("text,label\nhello,1\nworld,0\n")
+    assert read_rows(str(csv_path), "text", "label") == [
+        {"text": "hello", "label": "1"},
+        {"text": "world", "label": "0"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "suffix", "fragment"),
+    [
+        (
+            '{"text": "a", "label": 1}\n{"text": "b", "label"\n',
+            ".jsonl",
+            "line 2 is not valid JSON",
+        ),
+        ('{"text": "a", "label": 1}\n[1, 2]\n', ".jsonl", "line 2 should be a JSON object"),
+        ('{"txt": "a", "label": 1}\n', ".jsonl", "row 1 has no text field 'text'"),
+        ('{"text": "a"}\n', ".jsonl", "row 1 has no label field 'label'"),
+        ("", ".jsonl", "has no rows"),
+        ("text,label\n", ".csv", "has no rows"),
+        ("a b c", ".txt", "should end in .jsonl or .csv"),
+    ],
+)
+def test_malformed_files(tmp_path: Path, content: str, suffix: str, fragment: str) -> None:
+    path = tmp_path / f"data{suffix}"
+    path.write_text(content)
+    with pytest.raises(DataError) as info:
+        read_rows(str(path), "text", "label")
+    assert fragment in str(info.value)
+
+
+def test_missing_file_and_unseen_test_label(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        read_rows(str(tmp_path / "nope.jsonl"), "text", "label")
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("\n".join(json.dumps({"text": "x", "label": i % 2}) for i in range(10)))
+    test.write_text(json.dumps({"text": "x", "label": 7}))
+    with pytest.raises(DataError, match="Held-out label 7"):
+        load_dataset(DataConfig(source=str(train), test_source=str(test)), "classification", 0)
+
+
+def test_hub_dataset_offline_is_one_sentence() -> None:
+    with pytest.raises(DataError, match="could not be loaded from the Hugging Face hub"):
+        load_dataset(DataConfig(source="hf:some-user/some-dataset"), "classification", 0)
+
+
+LABELS = [i % 4 for i in range(400)]
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "shard"])
+def test_partitions_cover_rows_disjointly(scheme: str) -> None:
+    parts = partition_indices(LABELS, PartitionConfig(num_clients=5, scheme=scheme), seed=0)
+    flat = [i for p in parts for i in p]
+    assert len(flat) == len(set(flat))
+    assert len(parts) == 5 and all(len(p) > 0 for p in parts)
+    if scheme != "shard":  # shards may drop a remainder
+        assert sorted(flat) == list(range(len(LABELS)))
+
+
+def _label_skew(parts: list[list[int]]) -> float:
+    """Mean total-variation distance between client label mixes and the global one."""
+    dist = []
+    for p in parts:
+        mix = np.bincount([LABELS[i] for i in p], minlength=4) / len(p)
+        dist.append(0.5 * np.abs(mix - 0.25).sum())
+    return float(np.mean(dist))
+
+
+def test_dirichlet_skews_labels_and_is_seeded() -> None:
+    iid = partition_indices(LABELS, PartitionConfig(num_clients=5, scheme="iid"), 0)
+    dirich = partition_indices(
+        LABELS, PartitionConfig(num_clients=5, scheme="dirichlet", alpha=0.1), 0
+    )
+    assert _label_skew(dirich) > 0.3 > 0.1 > _label_skew(iid)
+    again = partition_indices(
+        LABELS, PartitionConfig(num_clients=5, scheme="dirichlet", alpha=0.1), 0
+    )
+    assert again == dirich
+
+
+def test_client_rows_split_train_and_test() -> None:
+    cfg, part = (
+        DataConfig(synthetic_samples=300),
+        PartitionConfig(num_clients=3, client_test_fraction=0.2),
+    )
+    train, test = client_rows(cfg, part, "classification", 0, 1)
+    assert len(test) == int(0.2 * (len(train) + len(test)))
+    with pytest.raises(DataError, match="Partition 3 does not exist"):
+        client_rows(cfg, part, "classification", 0, 3)
+
+
+def test_too_few_rows_for_clients() -> None:
+    with pytest.raises(DataError, match="cannot be split over 10 clients"):
+        partition_indices([0, 1, 0], PartitionConfig(num_clients=10), 0)

@@ -1,0 +1,100 @@
+"""Base models and peft adapters: what is trainable, what is exchanged, what flows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedpeft.config import LoraConfig, ModelConfig
+from fedpeft.models import ModelError, adapter_state, build_peft_model, load_adapter_state
+
+TINY_BERT = ModelConfig(name="tiny-bert", max_length=32)
+TINY_GPT2 = ModelConfig(name="tiny-gpt2", task="causal_lm", max_length=32)
+
+
+def test_only_adapters_and_head_are_exchanged() -> None:
+    model = build_peft_model(TINY_BERT, LoraConfig(r=4), num_labels=3)
+    state = adapter_state(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(v.size for v in state.values()) == sum(
+        p.numel() for p in model.parameters() if p.requires_grad
+    )
+    assert all("lora_" in k or "classifier" in k for k in state)
+    assert any("classifier" in k for k in state) and len(trainable) == len(state)
+    # 2 layers x (query, value) x (A, B) + classifier weight and bias
+    assert len(state) == 2 * 2 * 2 + 2
+
+
+def test_head_can_stay_frozen() -> None:
+    state = adapter_state(build_peft_model(TINY_BERT, LoraConfig(r=4, train_head=False), 3))
+    assert all("lora_" in k for k in state)
+
+
+def test_rank_pattern_and_layers_to_transform_flow_into_peft() -> None:
+    lora = LoraConfig(
+        r=2, target_modules=("query", "value"), layers_to_transform=(1,), rank_pattern={"value": 6}
+    )
+    state = adapter_state(build_peft_model(TINY_BERT, lora, 2))
+    lora_keys = [k for k in state if "lora_" in k]
+    assert lora_keys and all(".layer.1." in k for k in lora_keys)
+    a_value = next(v for k, v in state.items() if "value.lora_A" in k)
+    a_query = next(v for k, v in state.items() if "query.lora_A" in k)
+    assert a_value.shape[0] == 6 and a_query.shape[0] == 2
+
+
+def test_base_models_are_identical_across_builds() -> None:
+    """Weights outside the adapters never travel, so every process must agree on them."""
+    m1 = build_peft_model(TINY_BERT, LoraConfig(r=4), 3, init_seed=1)
+    m2 = build_peft_model(TINY_BERT, LoraConfig(r=4), 3, init_seed=2)
+    frozen1 = {n: p for n, p in m1.named_parameters() if not p.requires_grad}
+    frozen2 = dict(m2.named_parameters())
+    assert all((p == frozen2[n]).all() for n, p in frozen1.items())
+    # and the adapter init follows the run seed
+    s1, s2 = adapter_state(m1), adapter_state(m2)
+    assert any((s1[k] != s2[k]).any() for k in s1)
+
+
+def test_adapter_state_round_trips() -> None:
+    model = build_peft_model(TINY_BERT, LoraConfig(r=4), 3, init_seed=1)
+    other = adapter_state(build_peft_model(TINY_BERT, LoraConfig(r=4), 3, init_seed=2))
+    load_adapter_state(model, other)
+    got = adapter_state(model)
+    assert all((got[k] == other[k]).all() for k in other)
+
+
+def test_causal_lm_gets_default_gpt2_targets() -> None:
+    state = adapter_state(build_peft_model(TINY_GPT2, LoraConfig(r=4), 1))
+    assert state and all("c_attn.lora_" in k for k in state)
+
+
+def test_packaged_minilm_loads_offline() -> None:
+    model = build_peft_model(
+        ModelConfig(name="minilm"), LoraConfig(r=8, target_modules=("query", "value")), 2
+    )
+    state = adapter_state(model)
+    # 6 layers x (q, v) x (A: 8x384, B: 384x8) + classifier 2x384 + 2
+    assert sum(v.size for v in state.values()) == 6 * 2 * 2 * 8 * 384 + 2 * 384 + 2
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [
+        ("/no/such/model", "does not exist"),
+        ("someone/some-model", "not reachable on the Hugging Face hub"),
+    ],
+)
+def test_bad_model_names(name: str, fragment: str) -> None:
+    with pytest.raises(ModelError) as info:
+        build_peft_model(ModelConfig(name=name), LoraConfig(), 2)
+    assert fragment in str(info.value) or "neither a local model directory" in str(info.value)
+
+
+def test_directory_without_config(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"has no config\.json"):
+        build_peft_model(ModelConfig(name=str(tmp_path)), LoraConfig(), 2)
+
+
+def test_target_modules_that_do_not_exist() -> None:
+    with pytest.raises(ModelError, match="LoRA config does not fit model"):
+        build_peft_model(TINY_BERT, LoraConfig(target_modules=("no_such_proj",)), 2)

@@ -1,0 +1,218 @@
+"""End to end on Flower's simulation runtime (Ray), with tiny models.
+
+A client mod taps every message a ClientApp receives and sends, so the tests check what
+really crossed the wire against what the server logged.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from clients import app as client_module
+from fedpeft import wire
+from fedpeft.cli import simulate
+from fedpeft.config import Config, config_from_dict
+from fedpeft.data import load_dataset
+from fedpeft.models import adapter_state, build_peft_model, load_base_model, load_tokenizer
+from fedpeft.train import encode, evaluate
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "seed": 3,
+    "model": {"name": "tiny-bert", "max_length": 32},
+    "lora": {"r": 4},
+    "data": {"synthetic_samples": 300, "synthetic_classes": 3, "test_fraction": 0.2},
+    "partition": {
+        "num_clients": 3,
+        "scheme": "dirichlet",
+        "alpha": 1.0,
+        "client_test_fraction": 0.2,
+    },
+    "train": {"local_steps": 4, "batch_size": 8, "lr": 5e-3},
+    "federation": {"rounds": 2, "min_clients": 2, "client_eval": True},
+    "simulation": {"client_cpus": 1},
+}
+
+
+def tapped_client_app(log_path: Path) -> ClientApp:
+    def tap(msg: Message, context: Context, call_next: Any) -> Message:
+        reply = call_next(msg, context)
+        entry: dict[str, Any] = {"type": msg.metadata.message_type}
+        if msg.metadata.message_type in ("train", "evaluate"):
+            entry["round"] = wire.decode_train_ins(msg.content).server_round
+        entry["in_bytes"] = wire.record_bytes(msg.content)
+        entry["out_bytes"] = wire.record_bytes(reply.content)
+        entry["in_arrays"] = {
+            k: list(a.shape) for r in msg.content.array_records.values() for k, a in r.items()
+        }
+        entry["out_arrays"] = {
+            k: list(a.shape) for r in reply.content.array_records.values() for k, a in r.items()
+        }
+        with log_path.open("a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+        return reply
+
+    tapped = ClientApp(mods=[tap])
+    tapped.query()(client_module.query)
+    tapped.train()(client_module.train)
+    tapped.evaluate()(client_module.evaluate)
+    return tapped
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("sim")
+    cfg = config_from_dict(TINY)
+    tap_log = out / "tap.jsonl"
+    simulate(cfg, out / "run", client_app=tapped_client_app(tap_log))
+    return {"cfg": cfg, "out": out / "run", "tap": _read_jsonl(tap_log), "base": out}
+
+
+def test_outputs_follow_the_contract(run: dict[str, Any]) -> None:
+    rows = _read_jsonl(run["out"] / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        for key in (
+            "accuracy",
+            "uplink_bytes",
+            "downlink_bytes",
+            "clients",
+            "rejected",
+            "epsilon",
+            "seconds",
+        ):
+            assert key in r
+        assert sorted(r["clients"]) == [0, 1, 2] and r["rejected"] == [] and r["epsilon"] is None
+        assert 0.0 <= r["accuracy"] <= 1.0
+        assert set(r["client_eval"]) >= {"accuracy", "loss"}
+    summary = json.loads((run["out"] / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["config"]["seed"] == 3
+    assert summary["uplink_bytes_total"] == sum(r["uplink_bytes"] for r in rows)
+    assert {p.name for p in (run["out"] / "plots").glob("*.png")} == {"accuracy.png", "bytes.png"}
+    assert (run["out"] / "adapter" / "adapter_config.json").is_file()
+    assert (run["out"] / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_only_adapter_tensors_cross_the_wire(run: dict[str, Any]) -> None:
+    cfg: Config = run["cfg"]
+    ds = load_dataset(cfg.data, cfg.model.task, cfg.seed)
+    model = build_peft_model(cfg.model, cfg.lora, ds.num_labels)
+    exchanged = {k: list(v.shape) for k, v in adapter_state(model).items()}
+    base_names = {n for n, _ in load_base_model(cfg.model, ds.num_labels).named_parameters()}
+    train_msgs = [e for e in run["tap"] if e["type"] == "train"]
+    assert len(train_msgs) == 6  # 3 clients x 2 rounds
+    for entry in run["tap"]:
+        for arrays in (entry["in_arrays"], entry["out_arrays"]):
+            assert arrays in ({}, exchanged)
+            assert not set(arrays) & base_names
+    assert all(e["out_arrays"] == exchanged and e["in_arrays"] == exchanged for e in train_msgs)
+
+
+def test_logged_bytes_equal_the_bytes_in_the_messages(run: dict[str, Any]) -> None:
+    up: dict[int, int] = defaultdict(int)
+    down: dict[int, int] = defaultdict(int)
+    for e in run["tap"]:
+        if "round" in e:
+            up[e["round"]] += e["out_bytes"]
+            down[e["round"]] += e["in_bytes"]
+    rows = _read_jsonl(run["out"] / "metrics.jsonl")
+    assert [r["uplink_bytes"] for r in rows] == [up[1], up[2]]
+    assert [r["downlink_bytes"] for r in rows] == [down[1], down[2]]
+    # and they are the fp32 adapters plus framing: under 600 bytes per array (name, dtype,
+    # shape, chunk ids) and 1 kB per message
+    n_params = json.loads((run["out"] / "summary.json").read_text())["adapter_parameters"]
+    for e in run["tap"]:
+        if e["type"] == "train":
+            assert 4 * n_params < e["out_bytes"] < 4 * n_params + 600 * len(e["out_arrays"]) + 1024
+
+
+def test_saved_adapter_reproduces_the_federated_model(run: dict[str, Any]) -> None:
+    from peft import PeftModel
+
+    cfg: Config = run["cfg"]
+    ds = load_dataset(cfg.data, cfg.model.task, cfg.seed)
+    base = load_base_model(cfg.model, ds.num_labels)
+    loaded = PeftModel.from_pretrained(base, str(run["out"] / "adapter"))
+    tok = load_tokenizer(cfg.model.name)
+    metrics = evaluate(
+        loaded, encode(ds.test, tok, cfg.model.max_length), 64, tok.pad_token_id, "classification"
+    )
+    last = _read_jsonl(run["out"] / "metrics.jsonl")[-1]
+    assert metrics["accuracy"] == last["accuracy"]
+    assert metrics["loss"] == pytest.approx(last["loss"], abs=1e-5)
+
+
+def test_same_seed_same_metrics_other_seed_differs(run: dict[str, Any]) -> None:
+    again = run["base"] / "again"
+    simulate(run["cfg"], again)
+    first = [(r["accuracy"], r["loss"]) for r in _read_jsonl(run["out"] / "metrics.jsonl")]
+    second = [(r["accuracy"], r["loss"]) for r in _read_jsonl(again / "metrics.jsonl")]
+    assert first == second
+    other = run["base"] / "other"
+    simulate(config_from_dict({**TINY, "seed": 4}), other)
+    third = [(r["accuracy"], r["loss"]) for r in _read_jsonl(other / "metrics.jsonl")]
+    assert third != first
+
+
+def test_causal_lm_federation(tmp_path: Path) -> None:
+    raw = {
+        **TINY,
+        "model": {"name": "tiny-gpt2", "task": "causal_lm", "max_length": 48},
+        "partition": {"num_clients": 2, "scheme": "iid"},
+        "federation": {"rounds": 1, "min_clients": 2},
+    }
+    simulate(config_from_dict(raw), tmp_path / "lm")
+    (row,) = _read_jsonl(tmp_path / "lm" / "metrics.jsonl")
+    assert "perplexity" in row and np.isfinite(row["perplexity"]) and "accuracy" not in row
+    assert (tmp_path / "lm" / "plots" / "perplexity.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--set", "lora.rank=3"], "Unknown config key 'lora.rank'"),
+        (
+            ["--set", "data.source=/nowhere/train.jsonl"],
+            "Data file '/nowhere/train.jsonl' does not exist.",
+        ),
+        (
+            ["--set", "model.name=/nowhere/model"],
+            "Model directory '/nowhere/model' does not exist.",
+        ),
+    ],
+)
+def test_cli_user_mistakes_are_one_sentence(tmp_path: Path, args: list[str], fragment: str) -> None:
+    config = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedpeft.cli",
+            "simulate",
+            str(config),
+            "--out",
+            str(tmp_path),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert fragment in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,80 @@
+"""Wire format: round trips, validation of replies, and byte accounting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedpeft import wire
+
+RNG = np.random.default_rng(0)
+SENT = {
+    "layer.0.query.lora_A.weight": RNG.normal(size=(4, 32)).astype(np.float32),
+    "layer.0.query.lora_B.weight": np.zeros((32, 4), np.float32),
+    "classifier.weight": RNG.normal(size=(3, 32)).astype(np.float32),
+}
+
+
+def _reply(update: dict[str, np.ndarray], n: int = 16) -> wire.RecordDict:
+    return wire.encode_train_res(wire.TrainRes(update, n, 0.5, 1.0))
+
+
+def test_train_ins_round_trip() -> None:
+    ins = wire.TrainIns(3, '{"seed": 1}', 2, SENT)
+    back = wire.decode_train_ins(wire.encode_train_ins(ins))
+    assert (back.server_round, back.config_json, back.num_labels) == (3, '{"seed": 1}', 2)
+    assert all(np.array_equal(back.adapters[k], SENT[k]) for k in SENT)
+
+
+def test_valid_reply_decodes() -> None:
+    update = {k: v + 1 for k, v in SENT.items()}
+    res = wire.decode_train_res(_reply(update), SENT)
+    assert res.num_examples == 16 and np.array_equal(
+        res.update["classifier.weight"], update["classifier.weight"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("mutate", "fragment"),
+    [
+        (lambda u: u.pop("classifier.weight"), "keys differ"),
+        (
+            lambda u: u.update(
+                {"bert.embeddings.word_embeddings.weight": np.zeros((5, 32), np.float32)}
+            ),
+            "keys differ",
+        ),
+        (
+            lambda u: u.update({"classifier.weight": np.zeros((4, 32), np.float32)}),
+            "expected float32[3, 32]",
+        ),
+        (lambda u: u.update({"classifier.weight": np.zeros((3, 32), np.float64)}), "is float64"),
+        (lambda u: u["classifier.weight"].__setitem__((0, 0), np.nan), "NaN or Inf"),
+        (lambda u: u["classifier.weight"].__setitem__((0, 0), np.inf), "NaN or Inf"),
+    ],
+)
+def test_invalid_replies_are_rejected_with_reason(mutate, fragment: str) -> None:  # type: ignore[no-untyped-def]
+    update = {k: v.copy() for k, v in SENT.items()}
+    mutate(update)
+    with pytest.raises(wire.UpdateRejected) as info:
+        wire.decode_train_res(_reply(update), SENT)
+    assert fragment in str(info.value)
+
+
+def test_bad_example_count_is_rejected() -> None:
+    with pytest.raises(wire.UpdateRejected, match="positive integer"):
+        wire.decode_train_res(_reply(SENT, n=0), SENT)
+
+
+def test_record_bytes_is_payload_plus_small_overhead() -> None:
+    payload = sum(v.nbytes for v in SENT.values())
+    dense = {k: RNG.normal(size=v.shape).astype(np.float32) for k, v in SENT.items()}
+    size = wire.record_bytes(_reply(dense))
+    assert payload < size < payload + 2048
+    # identical arrays are stored once, as Flower's object store does
+    twice = wire.state_to_record(
+        {"a": dense["classifier.weight"], "b": dense["classifier.weight"].copy()}
+    )
+    once = wire.state_to_record({"a": dense["classifier.weight"]})
+    rd = wire.RecordDict
+    assert wire.record_bytes(rd({"x": twice})) < 1.5 * wire.record_bytes(rd({"x": once}))
