@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,8 @@ def setup_logging(verbose: bool) -> None:
     log.propagate = False
     for noisy in ("transformers", "peft", "datasets", "ray"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if not verbose:  # deprecation chatter of transformers/ray, not the user's concern
+        warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def preflight(cfg: Config) -> None:

@@ -147,6 +147,8 @@ class FederationConfig:
         fraction_train: share of clients sampled per round.
         min_clients: fewest clients a round may use.
         aggregator: aggregator name from :mod:`fedpeft.aggregation`.
+        server_lr: server learning rate η_s (Reddi et al., 2021, "Adaptive Federated
+            Optimization"): the new global is x + η_s (aggregate − x); 1.0 is plain FedAvg.
         server_eval: evaluate the global adapters on held-out data every round.
         eval_batch_size: batch size for evaluation.
         client_eval: also ask the sampled clients to evaluate on their own held-out split.
@@ -157,6 +159,7 @@ class FederationConfig:
     fraction_train: float = 1.0
     min_clients: int = 2
     aggregator: str = "fedit"
+    server_lr: float = 1.0
     server_eval: bool = True
     eval_batch_size: int = 64
     client_eval: bool = False
@@ -362,6 +365,7 @@ def _check_federation(f: FederationConfig, num_clients: int) -> None:
         f.aggregator in AGGREGATORS,
         f"'federation.aggregator' should be one of {sorted(AGGREGATORS)}, got {f.aggregator!r}.",
     )
+    _require(f.server_lr > 0, "'federation.server_lr' should be positive.")
     _require(f.eval_batch_size >= 1, "'federation.eval_batch_size' should be at least 1.")
     _require(f.timeout > 0, "'federation.timeout' should be positive.")
 

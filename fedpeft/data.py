@@ -161,18 +161,20 @@ def _map_labels(train: list[Row], test: list[Row], source: str) -> int:
 
 
 def _hub_rows(name: str, split: str, cfg: DataConfig) -> list[Row]:
+    """A hub dataset's split through flwr-datasets (partitioning happens later, here)."""
     try:
-        import datasets
+        from flwr_datasets import FederatedDataset
+        from flwr_datasets.partitioner import IidPartitioner
 
-        ds = datasets.load_dataset(name, split=split)
+        fds = FederatedDataset(dataset=name, partitioners={split: IidPartitioner(1)})
+        ds = fds.load_split(split)
     except Exception as err:  # datasets raises many kinds when offline
         raise DataError(
             f"Dataset 'hf:{name}' could not be loaded from the Hugging Face hub "
             f"(offline or unknown id: {type(err).__name__}); use a local .jsonl/.csv file."
         ) from err
-    return [
-        _row(dict(r), i, f"hf:{name}", cfg.text_field, cfg.label_field) for i, r in enumerate(ds, 1)
-    ]
+    source = f"hf:{name}"
+    return [_row(dict(r), i, source, cfg.text_field, cfg.label_field) for i, r in enumerate(ds, 1)]
 
 
 # --------------------------------------------------------------------------- loading

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedpeft import wire
-from fedpeft.aggregation import ClientUpdate, State, get_aggregator
+from fedpeft.aggregation import ClientUpdate, State, get_aggregator, server_step
 from fedpeft.config import Config
 
 log = logging.getLogger("fedpeft")
@@ -116,7 +116,9 @@ class AdapterFedAvg(FedAvg):
                 "round %d: no valid update; the global adapters stay as they were", server_round
             )
             return None, None
-        new_state = self.aggregate(self._global, updates)
+        new_state = server_step(
+            self._global, self.aggregate(self._global, updates), self.cfg.federation.server_lr
+        )
         stats.train_loss = float(sum(loss * n for loss, n in losses) / sum(n for _, n in losses))
         return wire.state_to_record(new_state), MetricRecord({"train-loss": stats.train_loss})
 

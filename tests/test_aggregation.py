@@ -48,3 +48,11 @@ def test_registry() -> None:
     assert get_aggregator("fedit") is AGGREGATORS["fedit"]
     with pytest.raises(ValueError, match="Unknown aggregator"):
         get_aggregator("nope")
+
+
+def test_server_step_scales_the_move() -> None:
+    from fedpeft.aggregation import server_step
+
+    old, agg = {"w": np.array([1.0, 2.0])}, {"w": np.array([2.0, 0.0])}
+    np.testing.assert_allclose(server_step(old, agg, 2.0)["w"], [3.0, -2.0])
+    assert server_step(old, agg, 1.0) is agg

@@ -98,3 +98,13 @@ def test_directory_without_config(tmp_path: Path) -> None:
 def test_target_modules_that_do_not_exist() -> None:
     with pytest.raises(ModelError, match="LoRA config does not fit model"):
         build_peft_model(TINY_BERT, LoraConfig(target_modules=("no_such_proj",)), 2)
+
+
+def test_local_model_directory(tmp_path: Path) -> None:
+    """Any local Hugging Face model directory (weights + tokenizer) loads by path."""
+    from fedpeft.models import load_base_model, load_tokenizer
+
+    load_base_model(TINY_BERT, 2).save_pretrained(tmp_path)
+    load_tokenizer("tiny-bert").save_pretrained(tmp_path)
+    state = adapter_state(build_peft_model(ModelConfig(name=str(tmp_path)), LoraConfig(r=2), 2))
+    assert any("lora_A" in k for k in state)

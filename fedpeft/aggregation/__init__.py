@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fedpeft.aggregation.base import ClientUpdate, State
+from fedpeft.aggregation.base import ClientUpdate, State, server_step
 from fedpeft.aggregation.fedit import aggregate_fedit
 
 Aggregator = Callable[[State, list[ClientUpdate]], State]
@@ -24,4 +24,4 @@ def get_aggregator(name: str) -> Aggregator:
     return AGGREGATORS[name]
 
 
-__all__ = ["AGGREGATORS", "Aggregator", "ClientUpdate", "State", "get_aggregator"]
+__all__ = ["AGGREGATORS", "Aggregator", "ClientUpdate", "State", "get_aggregator", "server_step"]

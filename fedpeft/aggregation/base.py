@@ -22,3 +22,10 @@ class ClientUpdate:
     client_id: int
     delta: State
     weight: float
+
+
+def server_step(old: State, aggregate: State, server_lr: float) -> State:
+    """x + η_s (aggregate − x): the server optimizer step of FedOpt with plain SGD."""
+    if server_lr == 1.0:
+        return aggregate
+    return {k: (old[k] + server_lr * (aggregate[k] - old[k])).astype(old[k].dtype) for k in old}
