@@ -130,12 +130,17 @@ class TrainConfig:
         batch_size: examples per step.
         lr: learning rate.
         weight_decay: AdamW weight decay.
+        logit_adjustment: τ of the logit-adjusted loss (Menon et al., 2021; FedLC, Zhang
+            et al., 2022): CE(logits + τ log π_client, y), with π_client the client's label
+            prior. Under label skew a client then learns features rather than its prior;
+            0 is the plain loss. Classification only.
     """
 
     local_steps: int = 10
     batch_size: int = 16
     lr: float = 5e-4
     weight_decay: float = 0.0
+    logit_adjustment: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -350,6 +355,7 @@ def _check_train(t: TrainConfig) -> None:
     _require(t.batch_size >= 1, "'train.batch_size' should be at least 1.")
     _require(t.lr > 0, "'train.lr' should be positive.")
     _require(t.weight_decay >= 0, "'train.weight_decay' should be non-negative.")
+    _require(t.logit_adjustment >= 0, "'train.logit_adjustment' should be non-negative.")
 
 
 def _check_federation(f: FederationConfig, num_clients: int) -> None:

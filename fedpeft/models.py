@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from fedpeft.config import LoraConfig, ModelConfig
+from fedpeft.devices import ModelShape
 
 PACKAGED_MINILM = "minilm"
 TINY_MODELS = ("tiny-bert", "tiny-gpt2")
@@ -182,3 +183,44 @@ def load_adapter_state(model: PeftModel, state: dict[str, np.ndarray]) -> None:
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ModelError(f"Adapter state has keys the model does not: {unexpected[:3]}.")
+
+
+def _first_target(model: torch.nn.Module, targets: tuple[str, ...]) -> torch.nn.Module:
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in targets and hasattr(module, "weight"):
+            found: torch.nn.Module = module
+            return found
+    raise ModelError(f"No module named {list(targets)} in the model.")
+
+
+def model_shape(model_cfg: ModelConfig, lora: LoraConfig, num_labels: int) -> ModelShape:
+    """The sizes the device planner needs, read off the real base model."""
+    base = _cached_base(model_cfg, num_labels)
+    cfg = base.config
+    hidden = int(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 0)))
+    targets = lora.target_modules or (
+        ("query", "value") if cfg.model_type == "bert" else ("c_attn",)
+    )
+    first = _first_target(base, tuple(targets))
+    rows, cols = first.weight.shape  # type: ignore[misc]
+    # nn.Linear stores (out, in); GPT-2's Conv1D stores (in, out)
+    out_f, in_f = (rows, cols) if isinstance(first, torch.nn.Linear) else (cols, rows)
+    head = 0
+    if model_cfg.task == "classification" and lora.train_head:
+        head = sum(
+            p.numel() for n, p in base.named_parameters() if n.startswith(("classifier", "score"))
+        )
+    return ModelShape(
+        num_layers=int(getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", 0))),
+        hidden=hidden,
+        intermediate=int(
+            getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
+        ),
+        num_heads=int(getattr(cfg, "num_attention_heads", getattr(cfg, "n_head", 0))),
+        base_params=sum(p.numel() for p in base.parameters()),
+        modules_per_layer=len(targets),
+        module_in=int(in_f),
+        module_out=int(out_f),
+        head_params=head,
+        vocab_logits=int(cfg.vocab_size) if model_cfg.task == "causal_lm" else 0,
+    )

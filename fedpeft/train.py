@@ -87,6 +87,7 @@ def train_local(
     start = time.perf_counter()
     torch.manual_seed(seed)  # dropout
     rng = np.random.default_rng(seed)
+    log_prior = _log_label_prior(data, model) if task == "classification" else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
@@ -95,7 +96,11 @@ def train_local(
     for index in batch_indices(len(data), cfg.batch_size, cfg.local_steps, rng):
         # forward
         batch = collate(data, index, pad_id, task)
-        loss = model(**batch).loss
+        out = model(**batch)
+        loss = out.loss
+        if log_prior is not None and cfg.logit_adjustment > 0:
+            adjusted = out.logits + cfg.logit_adjustment * log_prior  # (B, K)
+            loss = torch.nn.functional.cross_entropy(adjusted, batch["labels"])
         # backward + step
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -109,6 +114,13 @@ def train_local(
         steps=len(losses),
         seconds=time.perf_counter() - start,
     )
+
+
+def _log_label_prior(data: Encoded, model: torch.nn.Module) -> torch.Tensor:
+    """log π of this client's labels, add-one smoothed over the model's classes."""
+    num_labels = int(getattr(getattr(model, "config", None), "num_labels", max(data.labels) + 1))
+    counts = torch.bincount(torch.tensor(data.labels), minlength=num_labels).float() + 1.0
+    return torch.log(counts / counts.sum())
 
 
 @torch.no_grad()

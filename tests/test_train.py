@@ -49,3 +49,26 @@ def test_causal_lm_reports_perplexity() -> None:
     assert set(metrics) == {"loss", "perplexity"}
     assert np.isclose(metrics["perplexity"], np.exp(metrics["loss"]))
     assert metrics["loss"] > np.log(100)  # an untrained model is near uniform over 30k tokens
+
+
+def test_logit_adjustment_keeps_a_skewed_client_off_its_prior() -> None:
+    """On a 90/10 client the plain loss pushes the head bias to the majority class; the
+    logit-adjusted loss absorbs the prior, so the learned bias gap is much smaller."""
+    mc = ModelConfig(name="tiny-bert", max_length=32)
+    ds = load_dataset(DataConfig(synthetic_samples=400, synthetic_classes=2), "classification", 0)
+    rows = [r for r in ds.train if r["label"] == 0][:180] + [
+        r for r in ds.train if r["label"] == 1
+    ][:20]
+    tok = load_tokenizer(mc.name)
+    data = encode(rows, tok, mc.max_length)
+    gaps = {}
+    for tau in (0.0, 1.0):
+        model = build_peft_model(mc, LoraConfig(r=4), 2, init_seed=0)
+        start = adapter_state(model)
+        cfg = TrainConfig(local_steps=20, batch_size=16, lr=5e-3, logit_adjustment=tau)
+        train_local(model, data, cfg, tok.pad_token_id, "classification", 0)
+        bias_key = next(k for k in start if "classifier" in k and k.endswith("bias"))
+        moved = adapter_state(model)[bias_key] - start[bias_key]
+        gaps[tau] = float(moved[0] - moved[1])
+    assert gaps[0.0] > 0.05
+    assert gaps[1.0] < 0.5 * gaps[0.0]
