@@ -1,6 +1,7 @@
 """The ``fedpeft`` command.
 
     fedpeft simulate CONFIG [--set key=value ...] [--out DIR] [--verbose]
+    fedpeft plan CONFIG [--set key=value ...] [--measure]
 
 A user mistake (config, data, model) ends in one sentence on stderr and exit code 2,
 never a traceback.
@@ -126,6 +127,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--out", help="output directory (default: outputs/<config name>)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's own log")
+    plan = sub.add_parser("plan", help="per device profile: LoRA depth, ranks, size, memory")
+    plan.add_argument("config", help="YAML config with a fleet section")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    plan.add_argument(
+        "--measure", action="store_true", help="also measure one real training step per plan"
+    )
     return parser
 
 
@@ -134,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(getattr(args, "verbose", False))
     try:
         cfg = load_config(args.config, args.set)
+        if args.command == "plan":
+            from fedpeft.planning import format_plan, plan_fleet
+
+            print(format_plan(plan_fleet(cfg, measure=args.measure)))
+            return 0
         out = Path(args.out or Path("outputs") / Path(args.config).stem)
         simulate(cfg, out)
     except USER_ERRORS as err:

@@ -172,6 +172,26 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    """A mix of device profiles (heterogeneous clients); empty means every client gets
+    the ``lora`` section as it is.
+
+    Args:
+        profiles: device profile YAML files (keys ``name``, ``memory_mb``, ``speed``,
+            ``uplink_mbps``), e.g. ``configs/devices/pi.yaml``.
+        mix: profile name -> number of clients with it.
+        max_rank: highest LoRA rank the planner gives any layer.
+    """
+
+    profiles: tuple[str, ...] = ()
+    mix: dict[str, int] = field(default_factory=dict)
+    max_rank: int = 16
+
+    def __hash__(self) -> int:  # mix is a dict; hash its canonical JSON
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     """Flower's simulation runtime (Ray backend).
 
@@ -194,6 +214,7 @@ class Config:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -376,6 +397,16 @@ def _check_federation(f: FederationConfig, num_clients: int) -> None:
     _require(f.timeout > 0, "'federation.timeout' should be positive.")
 
 
+def _check_fleet(f: FleetConfig, num_clients: int) -> None:
+    _require(f.max_rank >= 1, "'fleet.max_rank' should be a positive integer.")
+    _require(all(n >= 0 for n in f.mix.values()), "'fleet.mix' counts should be non-negative.")
+    if f.mix:
+        _require(
+            sum(f.mix.values()) == num_clients,
+            f"'fleet.mix' counts should add up to partition.num_clients ({num_clients}).",
+        )
+
+
 def _check_simulation(s: SimulationConfig) -> None:
     _require(s.client_cpus > 0, "'simulation.client_cpus' should be positive.")
 
@@ -387,4 +418,5 @@ def _validate(cfg: Config) -> None:
     _check_partition(cfg.partition)
     _check_train(cfg.train)
     _check_federation(cfg.federation, cfg.partition.num_clients)
+    _check_fleet(cfg.fleet, cfg.partition.num_clients)
     _check_simulation(cfg.simulation)

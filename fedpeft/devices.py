@@ -20,7 +20,10 @@ count the tensors of each size a block saves for backward; they were fitted to
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
+from fedpeft.config import LoraConfig
 
 # Floats saved per adapted block for backward, per B·T·h, B·T·I and B·n_heads·T²
 # (fitted to saved_tensors_hooks counts of BERT blocks in training mode: inputs, q/k/v,
@@ -125,3 +128,62 @@ def plan_for_budget(
 
 def uplink_seconds(profile: DeviceProfile, payload_bytes: int) -> float:
     return 8 * payload_bytes / (profile.uplink_mbps * 1e6)
+
+
+def load_profile(path: str) -> DeviceProfile:
+    """Read a device profile YAML; a bad file ends in one sentence."""
+    import yaml
+
+    from fedpeft.config import ConfigError
+
+    try:
+        raw = yaml.safe_load(open(path).read())  # noqa: SIM115
+    except OSError as err:
+        raise ConfigError(f"Device profile '{path}' cannot be read ({err.strerror}).") from err
+    fields = {"name", "memory_mb", "speed", "uplink_mbps"}
+    if (
+        not isinstance(raw, dict)
+        or "name" not in raw
+        or "memory_mb" not in raw
+        or set(raw) - fields
+    ):
+        raise ConfigError(
+            f"Device profile '{path}' should have keys name, memory_mb (and speed, uplink_mbps)."
+        )
+    numbers = [raw.get(k, 1.0) for k in ("memory_mb", "speed", "uplink_mbps")]
+    if not all(isinstance(v, int | float) and v > 0 for v in numbers):
+        raise ConfigError(
+            f"Device profile '{path}': memory_mb, speed and uplink_mbps should be positive numbers."
+        )
+    return DeviceProfile(str(raw["name"]), *map(float, numbers))
+
+
+def assign_profiles(
+    profiles: dict[str, DeviceProfile], mix: dict[str, int], seed: int
+) -> list[DeviceProfile]:
+    """Client i's profile: ``mix`` expanded to one entry per client, shuffled by the seed."""
+    import random
+
+    from fedpeft.config import ConfigError
+
+    unknown = sorted(set(mix) - set(profiles))
+    if unknown:
+        raise ConfigError(
+            f"'fleet.mix' names unknown profile(s) {unknown}; known: {sorted(profiles)}."
+        )
+    fleet = [profiles[name] for name in sorted(mix) for _ in range(mix[name])]
+    random.Random(seed).shuffle(fleet)
+    return fleet
+
+
+LAYER_CONTAINERS = {"bert": "layer", "gpt2": "h"}
+
+
+def lora_for_plan(lora: LoraConfig, plan: AdapterPlan, model_type: str) -> LoraConfig:
+    """The ``lora`` section with this plan's layers and per-layer ranks (peft's
+    ``layers_to_transform`` and regex-keyed ``rank_pattern``)."""
+    container = LAYER_CONTAINERS.get(model_type, "layer")
+    pattern = {rf"{container}\.{i}\..*": r for i, r in enumerate(plan.ranks) if r > 0}
+    return dataclasses.replace(
+        lora, r=max(plan.ranks), layers_to_transform=plan.layers, rank_pattern=pattern
+    )

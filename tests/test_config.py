@@ -8,12 +8,20 @@ import pytest
 
 from fedpeft.config import Config, ConfigError, config_from_dict, load_config
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(ROOT.glob("configs/*.yaml"))  # run configs; device profiles live below
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_load(path: Path) -> None:
     assert isinstance(load_config(path), Config)
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("configs/devices/*.yaml")), ids=lambda p: p.name)
+def test_shipped_device_profiles_load(path: Path) -> None:
+    from fedpeft.devices import load_profile
+
+    assert load_profile(str(path)).memory_mb > 0
 
 
 def test_defaults_are_valid() -> None:

@@ -81,3 +81,33 @@ def test_estimate_within_25_percent_of_a_measured_step(
         f"{name} depth {depth}: estimate {estimate / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB"
     )
     assert abs(estimate - measured) <= 0.25 * measured
+
+
+def test_profiles_assignment_and_bad_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from fedpeft.config import ConfigError
+    from fedpeft.devices import DeviceProfile, assign_profiles, load_profile
+
+    profiles = {"a": DeviceProfile("a", 100), "b": DeviceProfile("b", 200)}
+    fleet = assign_profiles(profiles, {"a": 2, "b": 3}, seed=0)
+    assert sorted(p.name for p in fleet) == ["a", "a", "b", "b", "b"]
+    assert fleet == assign_profiles(profiles, {"a": 2, "b": 3}, seed=0)
+    with pytest.raises(ConfigError, match="unknown profile"):
+        assign_profiles(profiles, {"c": 1}, seed=0)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmemory_mb: -5\n")
+    with pytest.raises(ConfigError, match="should be positive numbers"):
+        load_profile(str(bad))
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_profile(str(tmp_path / "absent.yaml"))
+
+
+def test_lora_for_plan_gives_peft_the_ranks() -> None:
+    from fedpeft.devices import lora_for_plan
+    from fedpeft.models import adapter_state
+
+    plan = AdapterPlan(2, (2, 4))
+    lora = lora_for_plan(LoraConfig(target_modules=("query", "value")), plan, "bert")
+    state = adapter_state(build_peft_model(ModelConfig(name="tiny-bert"), lora, 2))
+    ranks = {k.split(".lora_")[0]: v.shape for k, v in state.items() if "lora_A" in k}
+    assert {s[0] for k, s in ranks.items() if ".layer.0." in k} == {2}
+    assert {s[0] for k, s in ranks.items() if ".layer.1." in k} == {4}
