@@ -18,25 +18,30 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedpeft.config import Config, ConfigError, load_config
-from fedpeft.data import DataError
-from fedpeft.models import ModelError
+
+def quiet_flower_env() -> None:
+    """No telemetry, update checks or runtime installs: this must run offline. Flower
+    reads these when it is imported, so this runs before anything imports flwr."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # inherited by Ray workers
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+
+
+quiet_flower_env()
+
+from fedpeft.config import Config, ConfigError, load_config  # noqa: E402
+from fedpeft.data import DataError  # noqa: E402
+from fedpeft.models import ModelError  # noqa: E402
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
 
 USER_ERRORS = (ConfigError, DataError, ModelError)
 log = logging.getLogger("fedpeft")
-
-
-def quiet_flower_env() -> None:
-    """No telemetry, update checks or runtime installs: this must run offline."""
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # inherited by Ray workers
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
 
 
 def setup_logging(verbose: bool) -> None:
@@ -51,15 +56,42 @@ def setup_logging(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def preflight(cfg: Config) -> None:
-    """Load data, tokenizer and model once in this process before Ray starts, so that a
-    bad path or an offline hub id fails in one sentence (and the server reuses them)."""
-    from fedpeft.data import load_dataset
-    from fedpeft.models import build_peft_model, load_tokenizer
+def available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
+
+def preflight(cfg: Config) -> None:
+    """Load data, partitions, tokenizer, model and fleet plan once in this process before
+    Ray starts, so that every user mistake fails here in one sentence (and the server
+    reuses what was loaded)."""
+    from fedpeft.data import client_rows, load_dataset
+    from fedpeft.models import build_peft_model, load_base_config, load_tokenizer
+    from fedpeft.planning import plan_clients
+
+    if cfg.simulation.client_cpus > available_cpus():
+        raise ConfigError(
+            f"'simulation.client_cpus' ({cfg.simulation.client_cpus:g}) exceeds the "
+            f"{available_cpus()} CPU cores available."
+        )
     dataset = load_dataset(cfg.data, cfg.model.task, cfg.seed)
+    for pid in range(cfg.partition.num_clients):
+        train, _ = client_rows(cfg.data, cfg.partition, cfg.model.task, cfg.seed, pid)
+        if not train:
+            raise DataError(
+                f"Client {pid} gets no training example under the '{cfg.partition.scheme}' "
+                "partition; use fewer clients or more data."
+            )
     load_tokenizer(cfg.model.name)
     build_peft_model(cfg.model, cfg.lora, dataset.num_labels, init_seed=cfg.seed)
+    base_cfg = load_base_config(cfg.model, dataset.num_labels)
+    limit = getattr(base_cfg, "max_position_embeddings", None) or getattr(
+        base_cfg, "n_positions", None
+    )
+    if limit is not None and cfg.model.max_length > limit:
+        raise ConfigError(
+            f"'model.max_length' ({cfg.model.max_length}) exceeds the model's {limit} positions."
+        )
+    plan_clients(cfg, dataset.num_labels)
     log.info(
         "data: %d train / %d held-out examples, %d labels, %d clients (%s)",
         len(dataset.train), len(dataset.test), dataset.num_labels,
@@ -71,7 +103,7 @@ def backend_config(cfg: Config) -> dict[str, Any]:
     return {
         "client_resources": {"num_cpus": cfg.simulation.client_cpus, "num_gpus": 0.0},
         "init_args": {
-            "num_cpus": os.cpu_count() or 1,
+            "num_cpus": available_cpus(),
             "logging_level": "ERROR",
             "log_to_driver": True,
         },
@@ -147,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
             print(format_plan(plan_fleet(cfg, measure=args.measure)))
             return 0
         out = Path(args.out or Path("outputs") / Path(args.config).stem)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(
+                f"Output directory '{out}' cannot be created ({err.strerror})."
+            ) from err
         simulate(cfg, out)
     except USER_ERRORS as err:
         print(f"fedpeft: {err}", file=sys.stderr)

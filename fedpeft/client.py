@@ -12,7 +12,15 @@ from dataclasses import dataclass
 
 from peft import PeftModel
 
-from fedpeft.config import Config, DataConfig, ModelConfig, PartitionConfig, config_from_json
+from fedpeft.config import (
+    Config,
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    PartitionConfig,
+    config_from_json,
+    lora_from_json,
+)
 from fedpeft.data import client_rows
 from fedpeft.models import adapter_state, build_peft_model, load_adapter_state, load_tokenizer
 from fedpeft.train import Encoded, encode, evaluate, train_local
@@ -30,11 +38,22 @@ def parse_config(config_json: str) -> Config:
     return config_from_json(config_json)
 
 
+@functools.lru_cache(maxsize=8)
+def parse_lora(lora_json: str) -> LoraConfig:
+    return lora_from_json(lora_json)
+
+
 @functools.lru_cache(maxsize=4)
-def _cached_model(cfg: Config, num_labels: int) -> PeftModel:
+def _cached_model(model: ModelConfig, lora: LoraConfig, num_labels: int) -> PeftModel:
     # Every trainable tensor is overwritten by the received adapters each round, so one
-    # model per process serves every round and every partition this process plays.
-    return build_peft_model(cfg.model, cfg.lora, num_labels)
+    # model per (process, plan) serves every round and every partition with that plan.
+    return build_peft_model(model, lora, num_labels)
+
+
+def _installed_model(ins: TrainIns, cfg: Config) -> PeftModel:
+    model = _cached_model(cfg.model, parse_lora(ins.lora_json), ins.num_labels)
+    load_adapter_state(model, ins.adapters)
+    return model
 
 
 @functools.lru_cache(maxsize=64)
@@ -60,8 +79,7 @@ def round_seed(seed: int, server_round: int, partition_id: int) -> int:
 
 def train_round(ins: TrainIns, partition_id: int) -> TrainRes:
     cfg = parse_config(ins.config_json)
-    model = _cached_model(cfg, ins.num_labels)
-    load_adapter_state(model, ins.adapters)
+    model = _installed_model(ins, cfg)
     data = client_data(cfg, partition_id)
     pad_id = load_tokenizer(cfg.model.name).pad_token_id
     result = train_local(
@@ -85,8 +103,7 @@ def train_round(ins: TrainIns, partition_id: int) -> TrainRes:
 def evaluate_round(ins: TrainIns, partition_id: int) -> tuple[int, dict[str, float]]:
     """Evaluate the received global adapters on this client's held-out split."""
     cfg = parse_config(ins.config_json)
-    model = _cached_model(cfg, ins.num_labels)
-    load_adapter_state(model, ins.adapters)
+    model = _installed_model(ins, cfg)
     data = client_data(cfg, partition_id)
     if len(data.test) == 0:
         return 0, {}

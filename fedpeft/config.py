@@ -233,14 +233,47 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     if not path.is_file():
         raise ConfigError(f"Config file '{path}' does not exist.")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"Config file '{path}' is not UTF-8 text.") from err
     except yaml.YAMLError as err:
-        raise ConfigError(f"Config file '{path}' is not valid YAML: {err}.") from err
+        raise ConfigError(
+            f"Config file '{path}' is not valid YAML ({_yaml_problem(err)})."
+        ) from err
     if not isinstance(raw, dict):
         raise ConfigError(f"Config file '{path}' must hold a mapping of sections.")
     for item in overrides:
         apply_override(raw, item)
-    return config_from_dict(raw)
+    return _absolute_paths(config_from_dict(raw))
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    problem = getattr(err, "problem", None) or "syntax error"
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}" if mark is not None else str(problem)
+
+
+def _absolute(path: str | None) -> str | None:
+    if path is None or path == "synthetic" or path.startswith("hf:"):
+        return path
+    return str(Path(path).expanduser().absolute())
+
+
+def _absolute_paths(cfg: Config) -> Config:
+    """Resolve file paths against the directory the run starts from, so that clients in
+    other working directories (Ray actors, ``flwr run``) read the same files."""
+    data = dataclasses.replace(
+        cfg.data,
+        source=_absolute(cfg.data.source) or "",
+        test_source=_absolute(cfg.data.test_source),
+    )
+    fleet = dataclasses.replace(
+        cfg.fleet, profiles=tuple(_absolute(p) or "" for p in cfg.fleet.profiles)
+    )
+    model = cfg.model
+    if Path(model.name).expanduser().exists():
+        model = dataclasses.replace(model, name=_absolute(model.name) or model.name)
+    return dataclasses.replace(cfg, data=data, fleet=fleet, model=model)
 
 
 def config_from_dict(raw: Mapping[str, Any]) -> Config:
@@ -251,6 +284,16 @@ def config_from_dict(raw: Mapping[str, Any]) -> Config:
 
 def config_from_json(text: str) -> Config:
     return config_from_dict(json.loads(text))
+
+
+def lora_to_json(lora: LoraConfig) -> str:
+    return json.dumps(dataclasses.asdict(lora), sort_keys=True)
+
+
+def lora_from_json(text: str) -> LoraConfig:
+    lora: LoraConfig = _build(LoraConfig, json.loads(text), "lora")
+    _check_lora(lora)
+    return lora
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -265,7 +308,12 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"Override '{item}': '{part}' is not a section.")
         node = child
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"Override '{item}' has a value that is not valid YAML ({_yaml_problem(err)})."
+        ) from err
 
 
 def _build(cls: type[Any], raw: Any, where: str) -> Any:
@@ -340,7 +388,11 @@ def _check_model(m: ModelConfig) -> None:
 
 def _check_lora(lo: LoraConfig) -> None:
     _require(lo.r >= 1, "'lora.r' should be a positive integer.")
-    _require(lo.alpha > 0, "'lora.alpha' should be positive.")
+    _require(0 < lo.alpha < float("inf"), "'lora.alpha' should be a positive number.")
+    _require(
+        lo.target_modules is None or len(lo.target_modules) > 0,
+        "'lora.target_modules' should list module names, or be null for the model's default.",
+    )
     _require(0.0 <= lo.dropout < 1.0, "'lora.dropout' should be in [0, 1).")
     _require(
         all(v >= 1 for v in lo.rank_pattern.values()),
@@ -392,13 +444,14 @@ def _check_federation(f: FederationConfig, num_clients: int) -> None:
         f.aggregator in AGGREGATORS,
         f"'federation.aggregator' should be one of {sorted(AGGREGATORS)}, got {f.aggregator!r}.",
     )
-    _require(f.server_lr > 0, "'federation.server_lr' should be positive.")
+    _require(0 < f.server_lr < float("inf"), "'federation.server_lr' should be a positive number.")
     _require(f.eval_batch_size >= 1, "'federation.eval_batch_size' should be at least 1.")
     _require(f.timeout > 0, "'federation.timeout' should be positive.")
 
 
 def _check_fleet(f: FleetConfig, num_clients: int) -> None:
     _require(f.max_rank >= 1, "'fleet.max_rank' should be a positive integer.")
+    _require(bool(f.mix) == bool(f.profiles), "'fleet.profiles' and 'fleet.mix' go together.")
     _require(all(n >= 0 for n in f.mix.values()), "'fleet.mix' counts should be non-negative.")
     if f.mix:
         _require(
@@ -412,6 +465,7 @@ def _check_simulation(s: SimulationConfig) -> None:
 
 
 def _validate(cfg: Config) -> None:
+    _require(cfg.seed >= 0, "'seed' should be a non-negative integer.")
     _check_model(cfg.model)
     _check_lora(cfg.lora)
     _check_data(cfg.data)

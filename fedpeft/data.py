@@ -98,13 +98,18 @@ def read_rows(path: str, text_field: str, label_field: str | None) -> list[Row]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"Data file '{path}' does not exist.")
-    if p.suffix == ".jsonl":
-        records = _read_jsonl(p)
-    elif p.suffix == ".csv":
-        with p.open(newline="") as fh:
-            records = list(csv.DictReader(fh))
-    else:
+    if p.suffix not in (".jsonl", ".csv"):
         raise DataError(f"Data file '{path}' should end in .jsonl or .csv.")
+    try:
+        if p.suffix == ".jsonl":
+            records = _read_jsonl(p)
+        else:
+            with p.open(newline="", encoding="utf-8-sig") as fh:
+                records = list(csv.DictReader(fh))
+    except UnicodeDecodeError as err:
+        raise DataError(f"Data file '{path}' is not UTF-8 text.") from err
+    except OSError as err:
+        raise DataError(f"Data file '{path}' cannot be read ({err.strerror}).") from err
     if not records:
         raise DataError(f"Data file '{path}' has no rows.")
     return [_row(r, i, path, text_field, label_field) for i, r in enumerate(records, 1)]
@@ -112,7 +117,7 @@ def read_rows(path: str, text_field: str, label_field: str | None) -> list[Row]:
 
 def _read_jsonl(p: Path) -> list[dict[str, Any]]:
     records = []
-    for lineno, line in enumerate(p.read_text().splitlines(), 1):
+    for lineno, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -140,12 +145,17 @@ def _row(rec: dict[str, Any], n: int, path: str, text_field: str, label_field: s
 
 def _label_order(name: str) -> tuple[bool, int, str]:
     """Numeric labels in numeric order, then the others alphabetically."""
-    return (not name.isdigit(), int(name) if name.isdigit() else 0, name)
+    numeric = name.isdecimal()
+    return (not numeric, int(name) if numeric else 0, name)
 
 
 def _map_labels(train: list[Row], test: list[Row], source: str) -> int:
     """Map raw labels (ints or strings) to 0..K-1 in sorted order, in place."""
     names = sorted({str(r["label"]) for r in train}, key=_label_order)
+    if len(names) < 2:
+        raise DataError(
+            f"Training data of '{source}' has {len(names)} distinct label(s); classification needs 2 or more."
+        )
     index = {name: i for i, name in enumerate(names)}
     for r in test:
         if str(r["label"]) not in index:

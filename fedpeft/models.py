@@ -103,7 +103,14 @@ def _tiny_config(name: str, vocab_size: int, num_labels: int) -> Any:
             max_position_embeddings=128,
             num_labels=num_labels,
         )
-    return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=128)
+    return GPT2Config(  # type: ignore[call-arg]
+        vocab_size=vocab_size,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=128,
+        num_labels=num_labels,
+    )
 
 
 def _model_class(task: str) -> Any:
@@ -126,7 +133,7 @@ def _instantiate(cfg: ModelConfig, num_labels: int) -> PreTrainedModel:
     return model
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)
 def _cached_base(cfg: ModelConfig, num_labels: int) -> PreTrainedModel:
     with _fixed_init_seed():
         model = _instantiate(cfg, num_labels)
@@ -134,6 +141,11 @@ def _cached_base(cfg: ModelConfig, num_labels: int) -> PreTrainedModel:
     model.config.pad_token_id = tok.pad_token_id
     model.eval()  # type: ignore[no-untyped-call]
     return model
+
+
+def load_base_config(cfg: ModelConfig, num_labels: int) -> Any:
+    """The transformers config of the (cached) base model."""
+    return _cached_base(cfg, num_labels).config
 
 
 def load_base_model(cfg: ModelConfig, num_labels: int) -> PreTrainedModel:
@@ -171,6 +183,15 @@ def build_peft_model(
     return model
 
 
+@functools.lru_cache(maxsize=16)
+def adapter_shapes(
+    model_cfg: ModelConfig, lora: LoraConfig, num_labels: int
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of the tensors a client with this LoRA section exchanges."""
+    model = build_peft_model(model_cfg, lora, num_labels)
+    return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+
+
 def adapter_state(model: PeftModel) -> dict[str, np.ndarray]:
     """The exchanged tensors: LoRA factors and (when trained) the task head, as fp32."""
     state = get_peft_model_state_dict(model)
@@ -178,6 +199,11 @@ def adapter_state(model: PeftModel) -> dict[str, np.ndarray]:
 
 
 def load_adapter_state(model: PeftModel, state: dict[str, np.ndarray]) -> None:
+    """Install exchanged tensors. Every one the model exchanges must be present: a cached
+    model would otherwise keep a previous client's value for the missing ones."""
+    missing = sorted(set(get_peft_model_state_dict(model)) - set(state))
+    if missing:
+        raise ModelError(f"Adapter state lacks tensors the model exchanges: {missing[:3]}.")
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
     result = set_peft_model_state_dict(model, tensors)
     unexpected = getattr(result, "unexpected_keys", [])

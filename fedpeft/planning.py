@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedpeft.config import Config, ConfigError
+from fedpeft.config import Config, ConfigError, LoraConfig
 from fedpeft.data import load_dataset
 from fedpeft.devices import (
     AdapterPlan,
     DeviceProfile,
+    assign_profiles,
     estimate_memory_bytes,
     load_profile,
     lora_for_plan,
@@ -95,3 +96,47 @@ def format_plan(rows: list[PlanRow]) -> str:
             f"{measured}{r.round_bytes / 1e3:>10.1f}{uplink_seconds(r.profile, r.round_bytes):>9.2f}"
         )
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class FleetPlan:
+    """Each client's LoRA section and the global one that covers them all."""
+
+    client_loras: dict[int, LoraConfig]
+    global_lora: LoraConfig
+    profile_names: dict[int, str]
+
+
+def plan_clients(cfg: Config, num_labels: int) -> FleetPlan:
+    """Plans per partition: from the fleet's profiles, or ``cfg.lora`` for everyone."""
+    n = cfg.partition.num_clients
+    if not cfg.fleet.profiles:
+        return FleetPlan(
+            {i: cfg.lora for i in range(n)}, cfg.lora, dict.fromkeys(range(n), "uniform")
+        )
+    shape = model_shape(cfg.model, cfg.lora, num_labels)
+    model_type = _cached_base(cfg.model, num_labels).config.model_type
+    batch, seq = cfg.train.batch_size, cfg.model.max_length
+    profiles = fleet_profiles(cfg)
+    by_name = {}
+    for name, profile in profiles.items():
+        plan = plan_for_budget(shape, profile.memory_mb * 2**20, batch, seq, cfg.fleet.max_rank)
+        if plan is None:
+            raise ConfigError(
+                f"Device profile '{name}' ({profile.memory_mb:.0f} MiB) cannot train even one "
+                f"adapted layer of '{cfg.model.name}' at batch {batch} and length {seq}."
+            )
+        by_name[name] = plan
+    fleet = assign_profiles(profiles, cfg.fleet.mix, cfg.seed)
+    plans = {i: by_name[p.name] for i, p in enumerate(fleet)}
+    union = AdapterPlan(
+        depth=max(p.depth for p in plans.values()),
+        ranks=tuple(
+            max(p.ranks[layer] for p in plans.values()) for layer in range(shape.num_layers)
+        ),
+    )
+    return FleetPlan(
+        client_loras={i: lora_for_plan(cfg.lora, p, model_type) for i, p in plans.items()},
+        global_lora=lora_for_plan(cfg.lora, union, model_type),
+        profile_names={i: p.name for i, p in enumerate(fleet)},
+    )

@@ -9,6 +9,7 @@ temporary name and renamed into place.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -19,6 +20,13 @@ from typing import Any
 from peft import PeftModel
 
 from fedpeft.config import Config
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no NaN or infinity: a diverged loss is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -35,6 +43,7 @@ def save_adapter(model: PeftModel, directory: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     model.save_pretrained(str(tmp))
     old = directory.with_name(f".{directory.name}.old")
+    shutil.rmtree(old, ignore_errors=True)  # left over by a crash between the two renames
     if directory.exists():
         os.replace(directory, old)
     os.replace(tmp, directory)
@@ -55,9 +64,10 @@ class RunLog:
         self.metrics_path.write_text("")
 
     def log_round(self, record: dict[str, Any]) -> None:
+        record = {k: _finite_or_none(v) for k, v in record.items()}
         self.rounds.append(record)
         with self.metrics_path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps(record, allow_nan=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -87,10 +97,10 @@ class RunLog:
         rounds = [r["round"] for r in self.rounds]
         paths = []
         metric = "accuracy" if "accuracy" in self.rounds[0] else "perplexity"
-        if metric in self.rounds[0]:
-            paths.append(
-                self._plot(plt, rounds, {metric: [r[metric] for r in self.rounds]}, metric)
-            )
+        scored = [r for r in self.rounds if r.get(metric) is not None]
+        if scored:
+            xs = [r["round"] for r in scored]
+            paths.append(self._plot(plt, xs, {metric: [r[metric] for r in scored]}, metric))
         mb = {
             "uplink": [r["uplink_bytes"] / 1e6 for r in self.rounds],
             "downlink": [r["downlink_bytes"] / 1e6 for r in self.rounds],

@@ -34,6 +34,8 @@ class TrainIns:
     config_json: str
     num_labels: int
     adapters: State
+    lora_json: str  # this client's LoRA section (its planned layers and ranks)
+    partition_id: int = 0  # the partition the server assigned to this node
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ def encode_train_ins(ins: TrainIns) -> RecordDict:
             "server-round": ins.server_round,
             "config-json": ins.config_json,
             "num-labels": ins.num_labels,
+            "lora-json": ins.lora_json,
+            "partition-id": ins.partition_id,
         }
     )
     return RecordDict({ADAPTERS: state_to_record(ins.adapters), CONFIG: config})
@@ -70,6 +74,8 @@ def decode_train_ins(content: RecordDict) -> TrainIns:
         config_json=str(config["config-json"]),
         num_labels=int(config["num-labels"]),  # type: ignore[arg-type]
         adapters=record_to_state(content.array_records[ADAPTERS]),
+        lora_json=str(config["lora-json"]),
+        partition_id=int(config["partition-id"]),  # type: ignore[arg-type]
     )
 
 
@@ -96,14 +102,14 @@ def decode_train_res(content: RecordDict, expected: State) -> TrainRes:
     return TrainRes(
         update=update,
         num_examples=num_examples,
-        train_loss=_scalar(metrics.get("train-loss", float("nan"))),
+        train_loss=_scalar(metrics.get("train-loss")),
         train_seconds=_scalar(metrics.get("train-seconds", 0.0)),
     )
 
 
 def _scalar(value: object) -> float:
-    if not isinstance(value, int | float):
-        raise UpdateRejected(f"metric value {value!r} should be a number")
+    if not isinstance(value, int | float) or not np.isfinite(value):
+        raise UpdateRejected(f"metric value {value!r} should be a finite number")
     return float(value)
 
 
@@ -132,9 +138,13 @@ def encode_eval_res(num_examples: int, metrics: dict[str, float]) -> RecordDict:
 
 
 def decode_eval_res(content: RecordDict) -> tuple[int, dict[str, float]]:
+    if METRICS not in content.metric_records:
+        raise UpdateRejected(f"evaluation reply lacks the '{METRICS}' record")
     record = content.metric_records[METRICS]
-    n = int(record[NUM_EXAMPLES])  # type: ignore[arg-type]
-    return n, {k: float(v) for k, v in record.items() if k != NUM_EXAMPLES}  # type: ignore[arg-type]
+    n = record.get(NUM_EXAMPLES)
+    if not isinstance(n, int) or n < 0:
+        raise UpdateRejected(f"'{NUM_EXAMPLES}' should be a non-negative integer, got {n!r}")
+    return n, {k: _scalar(v) for k, v in record.items() if k != NUM_EXAMPLES}
 
 
 def encode_profile(node_config: dict[str, object]) -> RecordDict:

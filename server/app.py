@@ -19,6 +19,7 @@ from fedpeft import wire
 from fedpeft.config import Config, load_config
 from fedpeft.data import load_dataset
 from fedpeft.models import adapter_state, build_peft_model, load_adapter_state, load_tokenizer
+from fedpeft.planning import plan_clients
 from fedpeft.report import RunLog, save_adapter
 from fedpeft.train import encode, evaluate
 from server.strategy import AdapterFedAvg
@@ -117,10 +118,11 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path) -> dict[str, Any]:
     """The whole run: plan, rounds, outputs. Returns the summary."""
     run_log = RunLog(out_dir, cfg)
     dataset = load_dataset(cfg.data, cfg.model.task, cfg.seed)
-    model = build_peft_model(cfg.model, cfg.lora, dataset.num_labels, init_seed=cfg.seed)
+    fleet = plan_clients(cfg, dataset.num_labels)
+    model = build_peft_model(cfg.model, fleet.global_lora, dataset.num_labels, init_seed=cfg.seed)
     test = encode(dataset.test, load_tokenizer(cfg.model.name), cfg.model.max_length)
     partitions = discover_nodes(grid, cfg)
-    strategy = AdapterFedAvg(cfg, dataset.num_labels, partitions)
+    strategy = AdapterFedAvg(cfg, dataset.num_labels, partitions, fleet)
     evaluator = ServerEvaluator(cfg, strategy, run_log, model, test)
     strategy.start(
         grid=grid,
@@ -136,6 +138,7 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path) -> dict[str, Any]:
             "train_examples": len(dataset.train),
             "test_examples": len(dataset.test),
             "adapter_parameters": int(sum(v.size for v in adapter_state(model).values())),
+            "client_profiles": {str(p): name for p, name in fleet.profile_names.items()},
         }
     )
     run_log.write_plots()

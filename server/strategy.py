@@ -19,7 +19,9 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedpeft import wire
 from fedpeft.aggregation import ClientUpdate, State, get_aggregator, server_step
-from fedpeft.config import Config
+from fedpeft.config import Config, lora_to_json
+from fedpeft.models import adapter_shapes
+from fedpeft.planning import FleetPlan
 
 log = logging.getLogger("fedpeft")
 
@@ -35,6 +37,13 @@ class RoundStats:
     rejected: list[dict[str, object]] = field(default_factory=list)
     train_loss: float | None = None
     client_eval: dict[str, float] = field(default_factory=dict)
+    _examples: int = 0
+
+    def add_loss(self, loss: float, examples: int) -> None:
+        """Running example-weighted mean of the clients' training losses."""
+        total = self._examples + examples
+        self.train_loss = ((self.train_loss or 0.0) * self._examples + loss * examples) / total
+        self._examples = total
 
 
 def _last_line(text: str | None, limit: int = 300) -> str:
@@ -46,7 +55,13 @@ def _last_line(text: str | None, limit: int = 300) -> str:
 class AdapterFedAvg(FedAvg):
     """FedAvg over LoRA adapters of any aggregator in the registry."""
 
-    def __init__(self, cfg: Config, num_labels: int, partitions: dict[int, int]) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        num_labels: int,
+        partitions: dict[int, int],
+        fleet: FleetPlan,
+    ) -> None:
         fed = cfg.federation
         super().__init__(
             fraction_train=fed.fraction_train,
@@ -58,9 +73,15 @@ class AdapterFedAvg(FedAvg):
         self.config_json = cfg.to_json()
         self.num_labels = num_labels
         self.partitions = partitions  # node id -> partition id, from the query round
-        self.aggregate = get_aggregator(fed.aggregator)
+        self.aggregator = get_aggregator(fed.aggregator)
         self.stats: dict[int, RoundStats] = {}
         self._global: State = {}
+        self._sent: dict[int, State] = {}  # node id -> the adapters it was sent this round
+        self.lora_json = {pid: lora_to_json(lo) for pid, lo in fleet.client_loras.items()}
+        self.shapes = {
+            pid: adapter_shapes(cfg.model, lora, num_labels)
+            for pid, lora in fleet.client_loras.items()
+        }
 
     # ------------------------------------------------------------------ sampling
     def sample(self, server_round: int, fraction: float) -> list[int]:
@@ -74,12 +95,27 @@ class AdapterFedAvg(FedAvg):
     def _messages(
         self, server_round: int, arrays: ArrayRecord, nodes: list[int], kind: str
     ) -> list[Message]:
+        """One message per node: the global adapters cut to that client's plan."""
         self._global = wire.record_to_state(arrays)
-        ins = wire.TrainIns(server_round, self.config_json, self.num_labels, self._global)
-        content = wire.encode_train_ins(ins)
         stats = self.stats.setdefault(server_round, RoundStats())
-        stats.downlink_bytes += wire.record_bytes(content) * len(nodes)
-        return [Message(content, dst_node_id=n, message_type=kind) for n in nodes]
+        self._sent = {}
+        messages = []
+        for node in nodes:
+            pid = self.partitions[node]
+            self._sent[node] = self.aggregator.cut(
+                self._global, self.shapes[pid], self.cfg.lora.alpha
+            )
+            ins = wire.TrainIns(
+                server_round,
+                self.config_json,
+                self.num_labels,
+                self._sent[node],
+                self.lora_json[pid],
+            )
+            content = wire.encode_train_ins(ins)
+            stats.downlink_bytes += wire.record_bytes(content)
+            messages.append(Message(content, dst_node_id=node, message_type=kind))
+        return messages
 
     # ------------------------------------------------------------------ train
     def configure_train(
@@ -92,35 +128,42 @@ class AdapterFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.stats[server_round]
-        updates = []
-        losses = []
-        for msg in sorted(replies, key=lambda m: self.partitions.get(m.metadata.src_node_id, 0)):
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                self._reject(stats, node, f"client error: {_last_line(msg.error.reason)}")
-                continue
-            stats.uplink_bytes += wire.record_bytes(msg.content)
-            try:
-                res = wire.decode_train_res(msg.content, self._global)
-            except wire.UpdateRejected as err:
-                self._reject(stats, node, str(err))
-                continue
-            client_id = self.partitions.get(node, -1)
-            updates.append(
-                ClientUpdate(client_id=client_id, delta=res.update, weight=res.num_examples)
-            )
-            losses.append((res.train_loss, res.num_examples))
-            stats.clients.append(client_id)
+        replies = sorted(replies, key=lambda m: self.partitions.get(m.metadata.src_node_id, 0))
+        self._reject_silent(stats, {m.metadata.src_node_id for m in replies})
+        updates = [u for msg in replies if (u := self._accept(msg, stats)) is not None]
         if not updates:
-            log.warning(
-                "round %d: no valid update; the global adapters stay as they were", server_round
-            )
+            log.warning("round %d: no valid update; the global adapters stay", server_round)
             return None, None
-        new_state = server_step(
-            self._global, self.aggregate(self._global, updates), self.cfg.federation.server_lr
+        aggregate = self.aggregator.aggregate(self._global, updates, self.cfg.lora.alpha)
+        new_state = server_step(self._global, aggregate, self.cfg.federation.server_lr)
+        return wire.state_to_record(new_state), MetricRecord(
+            {"train-loss": stats.train_loss or 0.0}
         )
-        stats.train_loss = float(sum(loss * n for loss, n in losses) / sum(n for _, n in losses))
-        return wire.state_to_record(new_state), MetricRecord({"train-loss": stats.train_loss})
+
+    def _accept(self, msg: Message, stats: RoundStats) -> ClientUpdate | None:
+        """Validate one reply; a bad one is recorded with its reason and left out."""
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            self._reject(stats, node, f"client error: {_last_line(msg.error.reason)}")
+            return None
+        stats.uplink_bytes += wire.record_bytes(msg.content)
+        try:
+            res = wire.decode_train_res(msg.content, self._sent[node])
+        except wire.UpdateRejected as err:
+            self._reject(stats, node, str(err))
+            return None
+        most = self.cfg.train.local_steps * self.cfg.train.batch_size
+        if res.num_examples > most:  # the weight a client claims is bounded by the protocol
+            self._reject(stats, node, f"claims {res.num_examples} examples, more than {most}")
+            return None
+        client_id = self.partitions.get(node, -1)
+        stats.clients.append(client_id)
+        stats.add_loss(res.train_loss, res.num_examples)
+        return ClientUpdate(client_id, res.update, res.num_examples, sent=self._sent[node])
+
+    def _reject_silent(self, stats: RoundStats, replied: set[int]) -> None:
+        for node in sorted(set(self._sent) - replied):
+            self._reject(stats, node, f"no reply within {self.cfg.federation.timeout:g} s")
 
     def _reject(self, stats: RoundStats, node: int, reason: str) -> None:
         client_id = self.partitions.get(node, -1)
@@ -143,10 +186,16 @@ class AdapterFedAvg(FedAvg):
         totals: dict[str, float] = {}
         count = 0
         for msg in replies:
+            node = msg.metadata.src_node_id
             if msg.has_error():
+                self._reject(stats, node, f"evaluation failed: {_last_line(msg.error.reason)}")
                 continue
             stats.uplink_bytes += wire.record_bytes(msg.content)
-            n, metrics = wire.decode_eval_res(msg.content)
+            try:
+                n, metrics = wire.decode_eval_res(msg.content)
+            except wire.UpdateRejected as err:
+                self._reject(stats, node, str(err))
+                continue
             count += n
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v * n

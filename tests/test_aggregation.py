@@ -56,3 +56,98 @@ def test_server_step_scales_the_move() -> None:
     old, agg = {"w": np.array([1.0, 2.0])}, {"w": np.array([2.0, 0.0])}
     np.testing.assert_allclose(server_step(old, agg, 2.0)["w"], [3.0, -2.0])
     assert server_step(old, agg, 1.0) is agg
+
+
+# ---------------------------------------------------------------- heterogeneous ranks
+
+ALPHA = 8.0
+M, N = 10, 7
+
+
+def _client(rng: np.random.Generator, rank: int, module: str = "m") -> dict[str, np.ndarray]:
+    return {
+        f"{module}.lora_A.weight": rng.normal(size=(rank, N)).astype(np.float32),
+        f"{module}.lora_B.weight": rng.normal(size=(M, rank)).astype(np.float32),
+    }
+
+
+def _global(rank: int, modules: tuple[str, ...] = ("m",)) -> dict[str, np.ndarray]:
+    out = {}
+    for m in modules:
+        out[f"{m}.lora_A.weight"] = np.zeros((rank, N), np.float32)
+        out[f"{m}.lora_B.weight"] = np.zeros((M, rank), np.float32)
+    out["classifier.weight"] = np.zeros((2, N), np.float32)
+    return out
+
+
+def _update(cid: int, weight: float, sent: dict, after: dict) -> ClientUpdate:
+    return ClientUpdate(cid, {k: after[k] - sent[k] for k in after}, weight, sent=sent)
+
+
+def _product(state: dict, module: str = "m") -> np.ndarray:
+    a, b = state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"]
+    return (ALPHA / a.shape[0]) * b.astype(np.float64) @ a
+
+
+def test_flexlora_aggregate_is_the_exact_weighted_product() -> None:
+    rng = np.random.default_rng(1)
+    flex = AGGREGATORS["flexlora"]
+    glob = _global(4)
+    clients = {1: _client(rng, 1), 2: _client(rng, 2)}  # stacked rank 3 <= global rank 4
+    updates = []
+    for rank, after in clients.items():
+        sent = flex.cut(glob, {k: v.shape for k, v in after.items()}, ALPHA)
+        updates.append(_update(rank, float(rank), sent, after))
+    new = flex.aggregate(glob, updates, ALPHA)
+    expected = (1 / 3) * _product(clients[1]) + (2 / 3) * _product(clients[2])
+    np.testing.assert_allclose(_product(new), expected, atol=1e-5)
+
+
+def test_flexlora_cut_is_the_best_lower_rank_approximation() -> None:
+    rng = np.random.default_rng(2)
+    flex = AGGREGATORS["flexlora"]
+    glob = _global(4)
+    after = _client(rng, 4)
+    full = flex.aggregate(glob, [_update(0, 1.0, glob, {**after})], ALPHA)
+    for rank in (1, 2, 4):
+        cut = flex.cut(full, {"m.lora_A.weight": (rank, N), "m.lora_B.weight": (M, rank)}, ALPHA)
+        u, s, vt = np.linalg.svd(_product(after))
+        np.testing.assert_allclose(_product(cut), (u[:, :rank] * s[:rank]) @ vt[:rank], atol=1e-4)
+
+
+def test_depth_heterogeneous_round_only_touches_owned_layers() -> None:
+    rng = np.random.default_rng(3)
+    glob = _global(2, modules=("low", "high"))
+    glob["low.lora_A.weight"] = rng.normal(size=(2, N)).astype(np.float32)
+    for name, agg in AGGREGATORS.items():
+        shallow = {**_client(rng, 2, "high"), "classifier.weight": np.ones((2, N), np.float32)}
+        sent = agg.cut(glob, {k: v.shape for k, v in shallow.items()}, ALPHA)
+        new = agg.aggregate(glob, [_update(0, 1.0, sent, shallow)], ALPHA)
+        for key in ("low.lora_A.weight", "low.lora_B.weight"):
+            np.testing.assert_array_equal(new[key], glob[key], err_msg=name)
+        assert not np.allclose(new["high.lora_B.weight"], 0.0), name
+        np.testing.assert_allclose(new["classifier.weight"], 1.0, err_msg=name)
+
+
+def test_zero_pad_golden() -> None:
+    glob = {
+        "m.lora_A.weight": np.zeros((2, 1), np.float32),
+        "m.lora_B.weight": np.zeros((1, 2), np.float32),
+    }
+    small = {
+        "m.lora_A.weight": np.array([[2.0]], np.float32),
+        "m.lora_B.weight": np.array([[4.0]], np.float32),
+    }
+    big = {
+        "m.lora_A.weight": np.array([[1.0], [3.0]], np.float32),
+        "m.lora_B.weight": np.array([[2.0, 6.0]], np.float32),
+    }
+    zp = AGGREGATORS["zero_pad"]
+    ups = [
+        _update(0, 1.0, zp.cut(glob, {k: v.shape for k, v in small.items()}, ALPHA), small),
+        _update(1, 1.0, glob, big),
+    ]
+    new = zp.aggregate(glob, ups, ALPHA)
+    # padded mean: A = ([2, 0] + [1, 3]) / 2, B = ([4, 0] + [2, 6]) / 2
+    np.testing.assert_allclose(new["m.lora_A.weight"].ravel(), [1.5, 1.5])
+    np.testing.assert_allclose(new["m.lora_B.weight"].ravel(), [3.0, 3.0])

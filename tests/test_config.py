@@ -114,3 +114,45 @@ def test_config_is_hashable_and_round_trips_json() -> None:
     cfg = config_from_dict({"lora": {"rank_pattern": {"query": 4}, "target_modules": ["query"]}})
     assert hash(cfg) == hash(config_from_json(cfg.to_json()))
     assert config_from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ({"seed": -1}, "'seed' should be a non-negative integer."),
+        ({"lora": {"alpha": float("inf")}}, "'lora.alpha' should be a positive number."),
+        ({"lora": {"target_modules": []}}, "'lora.target_modules' should list module names"),
+        ({"fleet": {"profiles": ["a.yaml"]}}, "'fleet.profiles' and 'fleet.mix' go together."),
+        (
+            {"fleet": {"profiles": ["a.yaml"], "mix": {"a": 2}}, "partition": {"num_clients": 3}},
+            "should add up to",
+        ),
+    ],
+)
+def test_more_value_rules(raw: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw)
+    assert fragment in str(info.value)
+
+
+def test_override_value_that_is_not_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path, ["lora.target_modules=[query, value"])
+
+
+def test_non_utf8_config_and_relative_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bad = tmp_path / "latin.yaml"
+    bad.write_bytes("seed: 1 # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(bad)
+    good = tmp_path / "rel.yaml"
+    good.write_text("data:\n  source: data/train.jsonl\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(good)
+    assert cfg.data.source == str(
+        tmp_path / "data" / "train.jsonl"
+    )  # clients elsewhere read the same file

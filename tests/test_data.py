@@ -141,3 +141,20 @@ def test_client_rows_split_train_and_test() -> None:
 def test_too_few_rows_for_clients() -> None:
     with pytest.raises(DataError, match="cannot be split over 10 clients"):
         partition_indices([0, 1, 0], PartitionConfig(num_clients=10), 0)
+
+
+def test_single_label_and_non_utf8_files(tmp_path: Path) -> None:
+    one = tmp_path / "one.jsonl"
+    one.write_text("\n".join(json.dumps({"text": f"t{i}", "label": 1}) for i in range(20)))
+    with pytest.raises(DataError, match="1 distinct label"):
+        load_dataset(DataConfig(source=str(one)), "classification", 0)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("text,label\ncaf\xe9,1\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_rows(str(latin), "text", "label")
+
+
+def test_csv_with_excel_bom(tmp_path: Path) -> None:
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufefftext,label\nhello,1\n".encode())
+    assert read_rows(str(path), "text", "label") == [{"text": "hello", "label": "1"}]

@@ -18,7 +18,7 @@ import pytest
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients import app as client_module
+from clients.app import make_client_app
 from fedpeft import wire
 from fedpeft.cli import simulate
 from fedpeft.config import Config, config_from_dict
@@ -63,11 +63,7 @@ def tapped_client_app(log_path: Path) -> ClientApp:
             fh.write(json.dumps(entry) + "\n")
         return reply
 
-    tapped = ClientApp(mods=[tap])
-    tapped.query()(client_module.query)
-    tapped.train()(client_module.train)
-    tapped.evaluate()(client_module.evaluate)
-    return tapped
+    return make_client_app(mods=[tap])
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -216,3 +212,37 @@ def test_cli_user_mistakes_are_one_sentence(tmp_path: Path, args: list[str], fra
     assert proc.returncode == 2
     assert fragment in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("aggregator", ["flexlora", "zero_pad"])
+def test_mixed_fleet_trains_end_to_end(tmp_path: Path, aggregator: str) -> None:
+    """Two device profiles: the small one gets LoRA on the top layer only, the large one
+    on both layers at higher rank; both train, each message carries only its own plan."""
+    small, large = tmp_path / "small.yaml", tmp_path / "large.yaml"
+    small.write_text("name: small\nmemory_mb: 4.6\n")  # tiny BERT: ~4.3 MiB at depth 1
+    large.write_text("name: large\nmemory_mb: 64\n")
+    raw = {
+        **TINY,
+        "partition": {"num_clients": 3, "scheme": "iid"},
+        "federation": {"rounds": 2, "min_clients": 2, "aggregator": aggregator},
+        "fleet": {
+            "profiles": [str(small), str(large)],
+            "mix": {"small": 1, "large": 2},
+            "max_rank": 8,
+        },
+    }
+    tap = tmp_path / "tap.jsonl"
+    simulate(config_from_dict(raw), tmp_path / "run", client_app=tapped_client_app(tap))
+    rows = _read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert all(sorted(r["clients"]) == [0, 1, 2] and r["rejected"] == [] for r in rows)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert sorted(summary["client_profiles"].values()) == ["large", "large", "small"]
+    shapes = {
+        json.dumps(e["in_arrays"], sort_keys=True) for e in _read_jsonl(tap) if e["type"] == "train"
+    }
+    assert len(shapes) == 2  # two plans on the wire
+    plans = [json.loads(s) for s in shapes]
+    small_plan = min(plans, key=len)
+    assert all(".layer.1." in k or "classifier" in k for k in small_plan)
+    ranks = {v[0] for k, v in max(plans, key=len).items() if "lora_A" in k}
+    assert ranks == {4, 8}  # lower layer at half the top rank

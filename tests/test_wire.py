@@ -20,9 +20,10 @@ def _reply(update: dict[str, np.ndarray], n: int = 16) -> wire.RecordDict:
 
 
 def test_train_ins_round_trip() -> None:
-    ins = wire.TrainIns(3, '{"seed": 1}', 2, SENT)
+    ins = wire.TrainIns(3, '{"seed": 1}', 2, SENT, '{"r": 4}', partition_id=5)
     back = wire.decode_train_ins(wire.encode_train_ins(ins))
     assert (back.server_round, back.config_json, back.num_labels) == (3, '{"seed": 1}', 2)
+    assert (back.lora_json, back.partition_id) == ('{"r": 4}', 5)
     assert all(np.array_equal(back.adapters[k], SENT[k]) for k in SENT)
 
 
@@ -78,3 +79,15 @@ def test_record_bytes_is_payload_plus_small_overhead() -> None:
     once = wire.state_to_record({"a": dense["classifier.weight"]})
     rd = wire.RecordDict
     assert wire.record_bytes(rd({"x": twice})) < 1.5 * wire.record_bytes(rd({"x": once}))
+
+
+def test_non_finite_metric_and_bad_eval_reply_are_rejected() -> None:
+    reply = wire.encode_train_res(wire.TrainRes(SENT, 16, float("nan"), 1.0))
+    with pytest.raises(wire.UpdateRejected, match="finite number"):
+        wire.decode_train_res(reply, SENT)
+    with pytest.raises(wire.UpdateRejected, match="lacks"):
+        wire.decode_eval_res(wire.RecordDict({}))
+    assert wire.decode_eval_res(wire.encode_eval_res(5, {"accuracy": 0.4})) == (
+        5,
+        {"accuracy": 0.4},
+    )

@@ -1,20 +1,25 @@
 """Aggregators by name.
 
-Each aggregator maps the global adapter state and the round's client updates to the new
-global state. Build by name from :data:`AGGREGATORS`; add one by registering it here.
+An aggregator cuts the global adapters to each client's plan and rebuilds them from the
+round's updates (:class:`~fedpeft.aggregation.base.Aggregator`). Build by name from
+:data:`AGGREGATORS`; add one by registering it here.
+
+- ``flexlora``: exact product aggregation, SVD re-factorized per rank (heterogeneous ranks).
+- ``zero_pad``: HetLoRA, zero-padded factor averaging (baseline, inexact).
+- ``fedit``: FedAvg of the factors (baseline, inexact for the product).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from fedpeft.aggregation.base import ClientUpdate, State, server_step
-from fedpeft.aggregation.fedit import aggregate_fedit
-
-Aggregator = Callable[[State, list[ClientUpdate]], State]
+from fedpeft.aggregation.base import Aggregator, ClientUpdate, State, server_step
+from fedpeft.aggregation.fedit import FedIT, aggregate_fedit
+from fedpeft.aggregation.flexlora import FlexLoRA
+from fedpeft.aggregation.zero_pad import ZeroPad
 
 AGGREGATORS: dict[str, Aggregator] = {
-    "fedit": aggregate_fedit,
+    "fedit": FedIT(),
+    "zero_pad": ZeroPad(),
+    "flexlora": FlexLoRA(),
 }
 
 
@@ -24,4 +29,12 @@ def get_aggregator(name: str) -> Aggregator:
     return AGGREGATORS[name]
 
 
-__all__ = ["AGGREGATORS", "Aggregator", "ClientUpdate", "State", "get_aggregator", "server_step"]
+__all__ = [
+    "AGGREGATORS",
+    "Aggregator",
+    "ClientUpdate",
+    "State",
+    "aggregate_fedit",
+    "get_aggregator",
+    "server_step",
+]

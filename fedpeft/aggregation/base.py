@@ -1,12 +1,20 @@
-"""Types shared by aggregators."""
+"""Types and helpers shared by aggregators.
+
+State keys follow peft: ``<module>.lora_A.weight`` (r × n) and ``<module>.lora_B.weight``
+(m × r) for each adapted module, plus task-head tensors that every client shares in the
+same shape. A client of rank r_k gets the first r_k components of a module's global
+factors (its *cut*) and applies them with scaling alpha / r_k.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 State = dict[str, np.ndarray]
+LORA_A, LORA_B = ".lora_A.", ".lora_B."
 
 
 @dataclass(frozen=True)
@@ -17,11 +25,79 @@ class ClientUpdate:
         client_id: the client (partition) id; stable across runs.
         delta: adapters_after − adapters_received, per exchanged tensor.
         weight: aggregation weight (the number of examples trained on).
+        sent: the adapters this client received (its cut of the global state).
     """
 
     client_id: int
     delta: State
     weight: float
+    sent: State = field(default_factory=dict)
+
+    def adapters(self) -> State:
+        """The client's adapters after training: sent + Δ."""
+        return {k: self.sent[k] + d for k, d in self.delta.items()}
+
+
+class Aggregator(Protocol):
+    """How the global adapters are cut for a client and rebuilt from the replies."""
+
+    def cut(self, global_state: State, shapes: dict[str, tuple[int, ...]], alpha: float) -> State:
+        """The client's adapters, for the tensor shapes of its plan."""
+        ...
+
+    def aggregate(self, global_state: State, updates: list[ClientUpdate], alpha: float) -> State:
+        """The new global state; modules no client trained keep their value."""
+        ...
+
+
+def module_of(key: str) -> str | None:
+    """The adapted module a LoRA key belongs to (None for head tensors)."""
+    for marker in (LORA_A, LORA_B):
+        if marker in key:
+            return key.split(marker)[0]
+    return None
+
+
+def lora_keys(module: str) -> tuple[str, str]:
+    return f"{module}{LORA_A}weight", f"{module}{LORA_B}weight"
+
+
+def truncate(global_state: State, shapes: dict[str, tuple[int, ...]]) -> State:
+    """The leading block of each global tensor with the requested shape (first r_k rank
+    components: rows of A, columns of B)."""
+    out = {}
+    for key, shape in shapes.items():
+        value = global_state[key]
+        if any(s > g for s, g in zip(shape, value.shape, strict=True)):
+            raise ValueError(f"'{key}' of shape {shape} exceeds the global {value.shape}")
+        out[key] = np.ascontiguousarray(value[tuple(slice(0, s) for s in shape)])
+    return out
+
+
+def pad_to(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    padded = np.zeros(shape, dtype=np.float64)
+    padded[tuple(slice(0, s) for s in value.shape)] = value
+    return padded
+
+
+def weighted_mean(values: list[tuple[float, np.ndarray]], shape: tuple[int, ...]) -> np.ndarray:
+    """Σ_k p_k pad(v_k) with p_k = w_k / Σ_j w_j."""
+    total = sum(w for w, _ in values)
+    return sum((w / total) * pad_to(v, shape) for w, v in values)  # type: ignore[return-value]
+
+
+def average_deltas(global_state: State, updates: list[ClientUpdate], keys: list[str]) -> State:
+    """x + Σ_k p_k pad(Δ_k) per key, over the clients that sent it (FedAvg on tensors)."""
+    out = {}
+    for key in keys:
+        owners = [(u.weight, u.delta[key]) for u in updates if key in u.delta]
+        value = global_state[key]
+        out[key] = (
+            value
+            if not owners
+            else (value + weighted_mean(owners, value.shape)).astype(value.dtype)
+        )
+    return out
 
 
 def server_step(old: State, aggregate: State, server_lr: float) -> State:

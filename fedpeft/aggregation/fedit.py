@@ -4,25 +4,23 @@ factors, A and B averaged separately.
     A' = A + Σ_k p_k ΔA_k,   B' = B + Σ_k p_k ΔB_k,   p_k = n_k / Σ_j n_j
 
 This is *inexact* for the product: mean(B_k) mean(A_k) ≠ mean(B_k A_k); the difference is
-the cross terms Σ_{j≠k} p_j p_k B_j A_k. Each tensor is averaged over the clients that
-sent it, so layers trained by no client keep their previous value.
+the cross terms Σ_{j≠k} p_j p_k B_j A_k. With heterogeneous ranks a client gets the
+leading r_k components and its Δ is zero-padded; each tensor is averaged over the clients
+that sent it, so layers trained by no client keep their previous value.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from fedpeft.aggregation.base import ClientUpdate, State, average_deltas, truncate
 
-from fedpeft.aggregation.base import ClientUpdate, State
+
+class FedIT:
+    def cut(self, global_state: State, shapes: dict[str, tuple[int, ...]], alpha: float) -> State:
+        return truncate(global_state, shapes)
+
+    def aggregate(self, global_state: State, updates: list[ClientUpdate], alpha: float) -> State:
+        return average_deltas(global_state, updates, list(global_state))
 
 
 def aggregate_fedit(global_state: State, updates: list[ClientUpdate]) -> State:
-    new_state = {}
-    for key, value in global_state.items():
-        owners = [u for u in updates if key in u.delta]
-        total = sum(u.weight for u in owners)
-        if not owners or total <= 0:
-            new_state[key] = value
-            continue
-        mean_delta = sum((u.weight / total) * u.delta[key].astype(np.float64) for u in owners)
-        new_state[key] = (value + mean_delta).astype(value.dtype)
-    return new_state
+    return FedIT().aggregate(global_state, updates, alpha=1.0)
