@@ -44,14 +44,35 @@ def discover_nodes(grid: Grid, cfg: Config, wait_s: float = 120.0) -> dict[int, 
         [Message(empty, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes],
         timeout=cfg.federation.timeout,
     )
-    partitions = {}
-    for msg in replies:
-        if not msg.has_error():
-            profile = wire.decode_profile(msg.content)
-            partitions[msg.metadata.src_node_id] = int(profile.get("partition-id", -1))  # type: ignore[call-overload]
-    # nodes that declare no partition take the free ids in node-id order
-    free = iter(sorted(set(range(len(nodes))) - set(partitions.values())))
-    return {n: p if p >= 0 else next(free) for n, p in sorted(partitions.items())}
+    declared = {}
+    for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
+        if msg.has_error():
+            log.warning(
+                "node %d did not answer the query and takes no part", msg.metadata.src_node_id
+            )
+            continue
+        value = wire.decode_profile(msg.content).get("partition-id", -1)
+        declared[msg.metadata.src_node_id] = value if isinstance(value, int) else -1
+    return assign_partitions(declared, cfg.partition.num_clients)
+
+
+def assign_partitions(declared: dict[int, int], num_clients: int) -> dict[int, int]:
+    """Node id -> partition id: a node keeps the valid id it declared (first come, by
+    node id); the others take the free ids in node-id order."""
+    partitions: dict[int, int] = {}
+    for node, pid in sorted(declared.items()):
+        if 0 <= pid < num_clients and pid not in partitions.values():
+            partitions[node] = pid
+    free = (p for p in range(num_clients) if p not in partitions.values())
+    for node in sorted(set(declared) - set(partitions)):
+        pid = next(free, None)
+        if pid is None:
+            log.warning(
+                "node %d finds no free partition (%d clients) and takes no part", node, num_clients
+            )
+            continue
+        partitions[node] = pid
+    return dict(sorted(partitions.items()))
 
 
 class ServerEvaluator:
