@@ -65,13 +65,13 @@ def assign_partitions(declared: dict[int, int], num_clients: int) -> dict[int, i
             partitions[node] = pid
     free = (p for p in range(num_clients) if p not in partitions.values())
     for node in sorted(set(declared) - set(partitions)):
-        pid = next(free, None)
-        if pid is None:
+        spare = next(free, None)
+        if spare is None:
             log.warning(
                 "node %d finds no free partition (%d clients) and takes no part", node, num_clients
             )
             continue
-        partitions[node] = pid
+        partitions[node] = spare
     return dict(sorted(partitions.items()))
 
 
