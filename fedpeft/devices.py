@@ -44,12 +44,15 @@ class DeviceProfile:
         memory_mb: memory budget for one training step, in MiB.
         speed: compute speed relative to the reference device (1.0).
         uplink_mbps: uplink bandwidth in megabits per second.
+        max_rank: highest LoRA rank for this device (``None``: the fleet's ``max_rank``),
+            e.g. to bound the bytes a slow uplink has to carry.
     """
 
     name: str
     memory_mb: float
     speed: float = 1.0
     uplink_mbps: float = 10.0
+    max_rank: int | None = None
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,7 @@ def load_profile(path: str) -> DeviceProfile:
         raw = yaml.safe_load(open(path).read())  # noqa: SIM115
     except OSError as err:
         raise ConfigError(f"Device profile '{path}' cannot be read ({err.strerror}).") from err
-    fields = {"name", "memory_mb", "speed", "uplink_mbps"}
+    fields = {"name", "memory_mb", "speed", "uplink_mbps", "max_rank"}
     if (
         not isinstance(raw, dict)
         or "name" not in raw
@@ -150,12 +153,16 @@ def load_profile(path: str) -> DeviceProfile:
         raise ConfigError(
             f"Device profile '{path}' should have keys name, memory_mb (and speed, uplink_mbps)."
         )
-    numbers = [raw.get(k, 1.0) for k in ("memory_mb", "speed", "uplink_mbps")]
+    numbers = [raw.get("memory_mb"), raw.get("speed", 1.0), raw.get("uplink_mbps", 10.0)]
     if not all(isinstance(v, int | float) and v > 0 for v in numbers):
         raise ConfigError(
             f"Device profile '{path}': memory_mb, speed and uplink_mbps should be positive numbers."
         )
-    return DeviceProfile(str(raw["name"]), *map(float, numbers))
+    max_rank = raw.get("max_rank")
+    if max_rank is not None and (not isinstance(max_rank, int) or max_rank < 1):
+        raise ConfigError(f"Device profile '{path}': max_rank should be a positive integer.")
+    memory_mb, speed, uplink_mbps = map(float, numbers)
+    return DeviceProfile(str(raw["name"]), memory_mb, speed, uplink_mbps, max_rank)
 
 
 def assign_profiles(

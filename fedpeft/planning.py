@@ -43,6 +43,10 @@ def fleet_profiles(cfg: Config) -> dict[str, DeviceProfile]:
     return {p.name: p for p in profiles}
 
 
+def rank_cap(cfg: Config, profile: DeviceProfile) -> int:
+    return min(cfg.fleet.max_rank, profile.max_rank or cfg.fleet.max_rank)
+
+
 def plan_fleet(cfg: Config, measure: bool = False) -> list[PlanRow]:
     num_labels = load_dataset(cfg.data, cfg.model.task, cfg.seed).num_labels
     shape = model_shape(cfg.model, cfg.lora, num_labels)
@@ -50,7 +54,7 @@ def plan_fleet(cfg: Config, measure: bool = False) -> list[PlanRow]:
     batch, seq = cfg.train.batch_size, cfg.model.max_length
     rows = []
     for profile in fleet_profiles(cfg).values():
-        plan = plan_for_budget(shape, profile.memory_mb * 2**20, batch, seq, cfg.fleet.max_rank)
+        plan = plan_for_budget(shape, profile.memory_mb * 2**20, batch, seq, rank_cap(cfg, profile))
         if plan is None:
             rows.append(PlanRow(profile, None, 0, 0, 0, None))
             continue
@@ -120,7 +124,7 @@ def plan_clients(cfg: Config, num_labels: int) -> FleetPlan:
     profiles = fleet_profiles(cfg)
     by_name = {}
     for name, profile in profiles.items():
-        plan = plan_for_budget(shape, profile.memory_mb * 2**20, batch, seq, cfg.fleet.max_rank)
+        plan = plan_for_budget(shape, profile.memory_mb * 2**20, batch, seq, rank_cap(cfg, profile))
         if plan is None:
             raise ConfigError(
                 f"Device profile '{name}' ({profile.memory_mb:.0f} MiB) cannot train even one "

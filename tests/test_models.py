@@ -45,7 +45,10 @@ def test_rank_pattern_and_layers_to_transform_flow_into_peft() -> None:
 
 def test_base_models_are_identical_across_builds() -> None:
     """Weights outside the adapters never travel, so every process must agree on them."""
+    from fedpeft import models
+
     m1 = build_peft_model(TINY_BERT, LoraConfig(r=4), 3, init_seed=1)
+    models._cached_base.cache_clear()  # as in another process: built again from scratch
     m2 = build_peft_model(TINY_BERT, LoraConfig(r=4), 3, init_seed=2)
     frozen1 = {n: p for n, p in m1.named_parameters() if not p.requires_grad}
     frozen2 = dict(m2.named_parameters())
