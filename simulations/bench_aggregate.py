@@ -1,15 +1,18 @@
-"""Benchmark: server aggregation time and memory of FlexLoRA's exact product aggregation.
+"""Benchmark: server time and memory of FlexLoRA's exact product aggregation.
 
-MiniLM-sized adapters (6 layers x query, value; 384 x 384 weights; rank 8) from 100 and
-1,000 clients, aggregated per module two ways in one run:
+Two routes to the SVD of Σ_k p_k s_k B_k A_k, timed in one run on the same factors:
 
-- QR route (fedpeft): stack the factors, QR both, SVD of the small core;
-- dense route: accumulate Σ_k p_k s_k B_k A_k as an m x n matrix, then its SVD.
+- QR route: stack the factors, QR both, SVD of the small core (never the m x n matrix);
+- dense route: accumulate the m x n sum one client at a time, then its SVD.
 
-Prints seconds per round, the ratio dense / QR, seconds per client (linear scaling shows
-as a flat column) and the peak memory numpy allocated (tracemalloc).
+``fedpeft`` (``aggregate_svd``) takes the QR route when the stacked rank R = Σ r_k is below
+min(m, n) and the dense one otherwise. Cases: MiniLM-sized adapters (12 modules of
+384 x 384, rank 8) from 100 and 1,000 clients, where R exceeds 384; and one 2048 x 2048
+module (a 1B-parameter model's projection) from 10 and 100 clients of rank 8, where R
+is far below the matrix size. Prints seconds, the ratio dense / QR, milliseconds per
+client (linear scaling shows as a flat column) and peak numpy memory (tracemalloc).
 
-    python simulations/bench_aggregate.py [--clients 100 1000] [--repeats 3]
+    python simulations/bench_aggregate.py
 """
 
 from __future__ import annotations
@@ -28,42 +31,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedpeft.aggregation.lowrank import (
     LowRankTerm,
     ThinSVD,
+    aggregate_svd,
     refactor,
     stack_terms,
+    svd_accumulated,
     svd_of_product,
 )
 
-MODULES, DIM, RANK, ALPHA = 12, 384, 8, 16.0
+RANK, ALPHA = 8, 16.0
+Route = Callable[[list[LowRankTerm]], ThinSVD]
+ROUTES: dict[str, Route] = {
+    "qr": lambda terms: svd_of_product(*stack_terms(terms)),
+    "dense": svd_accumulated,
+    "fedpeft": aggregate_svd,
+}
 
 
-def client_terms(k: int, rng: np.random.Generator) -> list[LowRankTerm]:
+def client_terms(k: int, dim: int, rng: np.random.Generator) -> list[LowRankTerm]:
     weights = rng.dirichlet(np.ones(k))
     return [
         LowRankTerm(
             float(p),
             ALPHA / RANK,
-            rng.normal(size=(DIM, RANK)).astype(np.float32),
-            rng.normal(size=(RANK, DIM)).astype(np.float32),
+            rng.normal(size=(dim, RANK)).astype(np.float32),
+            rng.normal(size=(RANK, dim)).astype(np.float32),
         )
         for p in weights
     ]
 
 
-def qr_route(terms: list[LowRankTerm]) -> ThinSVD:
-    return svd_of_product(*stack_terms(terms))
-
-
-def dense_route(terms: list[LowRankTerm]) -> ThinSVD:
-    delta = np.zeros((DIM, DIM))
-    for t in terms:  # one client's m x n product at a time
-        delta += t.weight * t.scaling * (t.lora_b.astype(np.float64) @ t.lora_a)
-    u, s, vt = np.linalg.svd(delta, full_matrices=False)
-    return ThinSVD(u, s, vt)
-
-
-def timed(
-    route: Callable[[list[LowRankTerm]], ThinSVD], modules: list[list[LowRankTerm]], repeats: int
-) -> tuple[float, float]:
+def timed(route: Route, modules: list[list[LowRankTerm]], repeats: int) -> tuple[float, float]:
     best = float("inf")
     tracemalloc.start()
     for _ in range(repeats):
@@ -78,20 +75,21 @@ def timed(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    print(f"{MODULES} modules of {DIM}x{DIM}, rank {RANK} per client; best of {args.repeats}")
-    print(
-        f"{'clients':>8} {'QR s':>8} {'dense s':>8} {'dense/QR':>9} {'QR ms/client':>13} {'QR peak MiB':>12} {'dense peak MiB':>15}"
-    )
-    for k in args.clients:
-        modules = [client_terms(k, rng) for _ in range(MODULES)]
-        qr_s, qr_mib = timed(qr_route, modules, args.repeats)
-        dense_s, dense_mib = timed(dense_route, modules, args.repeats)
+    cases = [(12, 384, 100), (12, 384, 1000), (1, 2048, 10), (1, 2048, 100)]
+    print(f"rank {RANK} per client; best of {args.repeats}; seconds for all modules of a round")
+    head = f"{'modules x dim':>14}{'clients':>8}{'R':>6}{'qr s':>8}{'dense s':>9}{'dense/qr':>9}{'fedpeft s':>10}{'qr ms/client':>13}{'qr MiB':>8}{'dense MiB':>10}"
+    print(head)
+    for n_modules, dim, k in cases:
+        modules = [client_terms(k, dim, rng) for _ in range(n_modules)]
+        (qr_s, qr_mib), (dense_s, dense_mib), (auto_s, _) = (
+            timed(ROUTES[name], modules, args.repeats) for name in ("qr", "dense", "fedpeft")
+        )
         print(
-            f"{k:>8} {qr_s:>8.3f} {dense_s:>8.3f} {dense_s / qr_s:>9.2f} {1e3 * qr_s / k:>13.3f} {qr_mib:>12.1f} {dense_mib:>15.1f}"
+            f"{f'{n_modules} x {dim}':>14}{k:>8}{k * RANK:>6}{qr_s:>8.3f}{dense_s:>9.3f}"
+            f"{dense_s / qr_s:>9.2f}{auto_s:>10.3f}{1e3 * qr_s / k:>13.3f}{qr_mib:>8.1f}{dense_mib:>10.1f}"
         )
 
 

@@ -71,3 +71,12 @@ def test_refactor_of_a_zero_aggregate_keeps_a_learnable() -> None:
     lora_b, lora_a = refactor(svd_of_product(*stack_terms(terms)), 3, 2.0)
     np.testing.assert_allclose(lora_b, 0.0, atol=1e-12)
     np.testing.assert_allclose(lora_a @ lora_a.T, np.eye(3), atol=1e-9)
+
+
+@pytest.mark.parametrize("ranks", [[2, 3], [8] * 4])  # stacked rank below / above min(m, n)
+def test_aggregate_svd_picks_an_exact_route(ranks: list[int]) -> None:
+    from fedpeft.aggregation.lowrank import aggregate_svd, svd_accumulated
+
+    terms = _terms(ranks, m=12, n=9)
+    np.testing.assert_allclose(aggregate_svd(terms).dense(), _dense_sum(terms), atol=1e-9)
+    np.testing.assert_allclose(svd_accumulated(terms).dense(), _dense_sum(terms), atol=1e-9)

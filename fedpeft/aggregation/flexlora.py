@@ -4,8 +4,8 @@ Per adapted module, over the clients k that trained it:
 
     ΔW = Σ_k p_k s_k B_k A_k,   s_k = alpha / r_k,
 
-by the QR route of :mod:`fedpeft.aggregation.lowrank` (never the dense m × n matrix when
-the stacked rank is smaller), then stored as the rank-R global factors with scaling
+by :func:`fedpeft.aggregation.lowrank.aggregate_svd` (the QR route, never the dense
+m × n matrix, when the stacked rank is smaller than the matrix), then stored as the rank-R global factors with scaling
 s_g = alpha / R in SVD order: s_g B A = U_R Σ_R V_Rᵀ. A client of rank r gets the
 leading r components rescaled by s_g / s_r, so that s_r B_r A_r is exactly the best
 rank-r approximation of the aggregate. The head is averaged (FedAvg).
@@ -23,7 +23,7 @@ from fedpeft.aggregation.base import (
     module_of,
     truncate,
 )
-from fedpeft.aggregation.lowrank import LowRankTerm, refactor, stack_terms, svd_of_product
+from fedpeft.aggregation.lowrank import LowRankTerm, aggregate_svd, refactor
 
 
 class FlexLoRA:
@@ -53,6 +53,6 @@ class FlexLoRA:
             total = sum(t.weight for t in terms)
             terms = [LowRankTerm(t.weight / total, t.scaling, t.lora_b, t.lora_a) for t in terms]
             rank = global_state[key_a].shape[0]
-            lora_b, lora_a = refactor(svd_of_product(*stack_terms(terms)), rank, alpha / rank)
+            lora_b, lora_a = refactor(aggregate_svd(terms), rank, alpha / rank)
             new[key_a], new[key_b] = lora_a.astype(np.float32), lora_b.astype(np.float32)
         return new

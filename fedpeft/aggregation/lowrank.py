@@ -13,6 +13,10 @@ O((m + n) R²) time and O((m + n) R) memory; the m × n matrix is never formed:
 
     B_s = Q_b R_b,  A_sᵀ = Q_a R_a,  R_b R_aᵀ = U_c Σ V_cᵀ  ⇒  ΔW = (Q_b U_c) Σ (Q_a V_c)ᵀ.
 
+When R ≥ min(m, n) the stacked factors are no smaller than the matrix itself, so
+:func:`aggregate_svd` then accumulates the m × n sum one client at a time instead: either
+way memory stays O((m + n) · min(R, max(m, n))) and time linear in the clients.
+
 A client of rank r and scaling s gets the best rank-r approximation (Eckart–Young) split
 so that s B A equals it: B = U_r Σ_r / s and A = V_rᵀ. A's rows stay orthonormal, so no
 component is ever zero in both factors (which would stop it from learning).
@@ -68,6 +72,25 @@ def svd_dense(b_s: np.ndarray, a_s: np.ndarray) -> ThinSVD:
     """Reference route: form the m × n product and take its SVD."""
     u, s, vt = np.linalg.svd(b_s @ a_s, full_matrices=False)
     return ThinSVD(u=u, s=s, vt=vt)
+
+
+def svd_accumulated(terms: list[LowRankTerm]) -> ThinSVD:
+    """Σ_k p_k s_k B_k A_k accumulated one client at a time (m × n), then its SVD."""
+    first = terms[0]
+    total = np.zeros((first.lora_b.shape[0], first.lora_a.shape[1]))
+    for t in terms:
+        total += t.weight * t.scaling * (t.lora_b.astype(np.float64) @ t.lora_a)
+    u, s, vt = np.linalg.svd(total, full_matrices=False)
+    return ThinSVD(u=u, s=s, vt=vt)
+
+
+def aggregate_svd(terms: list[LowRankTerm]) -> ThinSVD:
+    """SVD of the weighted product sum by the cheaper exact route for these shapes."""
+    m, n = terms[0].lora_b.shape[0], terms[0].lora_a.shape[1]
+    stacked_rank = sum(t.lora_a.shape[0] for t in terms)
+    if stacked_rank < min(m, n):
+        return svd_of_product(*stack_terms(terms))
+    return svd_accumulated(terms)
 
 
 def refactor(svd: ThinSVD, rank: int, scaling: float) -> tuple[np.ndarray, np.ndarray]:
