@@ -23,13 +23,13 @@ def query(msg: Message, context: Context) -> Message:
 
 def train(msg: Message, context: Context) -> Message:
     ins = wire.decode_train_ins(msg.content)
-    res = client.train_round(ins, ins.partition_id)
+    res = client.train_round(ins)
     return Message(wire.encode_train_res(res), reply_to=msg)
 
 
 def evaluate(msg: Message, context: Context) -> Message:
     ins = wire.decode_train_ins(msg.content)
-    n, metrics = client.evaluate_round(ins, ins.partition_id)
+    n, metrics = client.evaluate_round(ins)
     return Message(wire.encode_eval_res(n, metrics), reply_to=msg)
 
 

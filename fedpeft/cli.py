@@ -121,9 +121,10 @@ def simulate(cfg: Config, out_dir: Path, client_app: ClientApp | None = None) ->
     from server.app import make_server_app
 
     quiet_flower_env()
-    # importing flwr resets its logger to DEBUG; quieten it afterwards
+    # importing flwr resets its logger to DEBUG; keep its errors, drop its chatter
+    # (fedpeft logs every round, rejection and its reason itself)
     logging.getLogger("flwr").setLevel(
-        logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.WARNING
+        logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.ERROR
     )
     preflight(cfg)
     started = time.time()

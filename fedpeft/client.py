@@ -77,7 +77,9 @@ def round_seed(seed: int, server_round: int, partition_id: int) -> int:
     return (seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**31)
 
 
-def train_round(ins: TrainIns, partition_id: int) -> TrainRes:
+def train_round(ins: TrainIns) -> TrainRes:
+    """Train the received adapters on the partition the server named; return Δ."""
+    partition_id = ins.partition_id
     cfg = parse_config(ins.config_json)
     model = _installed_model(ins, cfg)
     data = client_data(cfg, partition_id)
@@ -100,11 +102,11 @@ def train_round(ins: TrainIns, partition_id: int) -> TrainRes:
     )
 
 
-def evaluate_round(ins: TrainIns, partition_id: int) -> tuple[int, dict[str, float]]:
+def evaluate_round(ins: TrainIns) -> tuple[int, dict[str, float]]:
     """Evaluate the received global adapters on this client's held-out split."""
     cfg = parse_config(ins.config_json)
     model = _installed_model(ins, cfg)
-    data = client_data(cfg, partition_id)
+    data = client_data(cfg, ins.partition_id)
     if len(data.test) == 0:
         return 0, {}
     pad_id = load_tokenizer(cfg.model.name).pad_token_id

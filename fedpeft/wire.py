@@ -35,7 +35,7 @@ class TrainIns:
     num_labels: int
     adapters: State
     lora_json: str  # this client's LoRA section (its planned layers and ranks)
-    partition_id: int = 0  # the partition the server assigned to this node
+    partition_id: int  # the partition the server assigned to this node
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ class AdapterFedAvg(FedAvg):
         fed = cfg.federation
         super().__init__(
             fraction_train=fed.fraction_train,
-            fraction_evaluate=1.0 if fed.client_eval else 0.0,
+            fraction_evaluate=1.0,  # configure_evaluate below decides (federation.client_eval)
             min_train_nodes=fed.min_clients,
             min_available_nodes=fed.min_clients,
         )
@@ -111,6 +111,7 @@ class AdapterFedAvg(FedAvg):
                 self.num_labels,
                 self._sent[node],
                 self.lora_json[pid],
+                partition_id=pid,
             )
             content = wire.encode_train_ins(ins)
             stats.downlink_bytes += wire.record_bytes(content)

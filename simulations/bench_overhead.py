@@ -81,10 +81,12 @@ def plain_loop(cfg: Config) -> dict[str, float]:
     setup = time.perf_counter() - start
     train_s = 0.0
     for server_round in range(1, cfg.federation.rounds + 1):
-        ins = wire.TrainIns(server_round, config_json, dataset.num_labels, state, lora_json)
         updates = []
         for pid in range(cfg.partition.num_clients):
-            res = client.train_round(ins, pid)
+            ins = wire.TrainIns(
+                server_round, config_json, dataset.num_labels, state, lora_json, pid
+            )
+            res = client.train_round(ins)
             train_s += res.train_seconds
             updates.append(ClientUpdate(pid, res.update, res.num_examples, sent=state))
         aggregate = aggregator.aggregate(state, updates, cfg.lora.alpha)
@@ -96,7 +98,7 @@ def codec_seconds(cfg: Config, repeats: int = 20) -> float:
     """Encode + decode (with validation and byte counting) of one train round trip."""
     num_labels = data.load_dataset(cfg.data, cfg.model.task, cfg.seed).num_labels
     state = models.adapter_state(models.build_peft_model(cfg.model, cfg.lora, num_labels))
-    ins = wire.TrainIns(1, cfg.to_json(), num_labels, state, lora_to_json(cfg.lora))
+    ins = wire.TrainIns(1, cfg.to_json(), num_labels, state, lora_to_json(cfg.lora), 0)
     start = time.perf_counter()
     for _ in range(repeats):
         content = wire.encode_train_ins(ins)

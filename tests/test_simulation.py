@@ -50,7 +50,9 @@ def tapped_client_app(log_path: Path) -> ClientApp:
         reply = call_next(msg, context)
         entry: dict[str, Any] = {"type": msg.metadata.message_type}
         if msg.metadata.message_type in ("train", "evaluate"):
-            entry["round"] = wire.decode_train_ins(msg.content).server_round
+            ins = wire.decode_train_ins(msg.content)
+            entry["round"], entry["partition"] = ins.server_round, ins.partition_id
+            entry["node_partition"] = context.node_config["partition-id"]
         entry["in_bytes"] = wire.record_bytes(msg.content)
         entry["out_bytes"] = wire.record_bytes(reply.content)
         entry["in_arrays"] = {
@@ -112,6 +114,9 @@ def test_only_adapter_tensors_cross_the_wire(run: dict[str, Any]) -> None:
     base_names = {n for n, _ in load_base_model(cfg.model, ds.num_labels).named_parameters()}
     train_msgs = [e for e in run["tap"] if e["type"] == "train"]
     assert len(train_msgs) == 6  # 3 clients x 2 rounds
+    # every node is told to train its own partition, each partition once a round
+    assert all(e["partition"] == e["node_partition"] for e in train_msgs)
+    assert sorted(e["partition"] for e in train_msgs) == [0, 0, 1, 1, 2, 2]
     for entry in run["tap"]:
         for arrays in (entry["in_arrays"], entry["out_arrays"]):
             assert arrays in ({}, exchanged)
