@@ -48,6 +48,8 @@ def test_flwr_run_completes(tmp_path: Path) -> None:
     )
     env = {
         **os.environ,
+        # flwr starts `flower-superlink` by name: it must be this environment's
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "FLWR_HOME": str(home),
         # private ports, so a SuperLink of another run is never reused
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "39491",
