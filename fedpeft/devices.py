@@ -140,9 +140,12 @@ def load_profile(path: str) -> DeviceProfile:
     from fedpeft.config import ConfigError
 
     try:
-        raw = yaml.safe_load(open(path).read())  # noqa: SIM115
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
     except OSError as err:
         raise ConfigError(f"Device profile '{path}' cannot be read ({err.strerror}).") from err
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"Device profile '{path}' is not valid UTF-8 YAML.") from err
     fields = {"name", "memory_mb", "speed", "uplink_mbps", "max_rank"}
     if (
         not isinstance(raw, dict)
