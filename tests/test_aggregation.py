@@ -151,3 +151,38 @@ def test_zero_pad_golden() -> None:
     # padded mean: A = ([2, 0] + [1, 3]) / 2, B = ([4, 0] + [2, 6]) / 2
     np.testing.assert_allclose(new["m.lora_A.weight"].ravel(), [1.5, 1.5])
     np.testing.assert_allclose(new["m.lora_B.weight"].ravel(), [3.0, 3.0])
+
+
+def _rank_r_global(rng: np.random.Generator, rank: int) -> dict[str, np.ndarray]:
+    """A non-zero global adapter in FlexLoRA's SVD form (as after any aggregation)."""
+    flex = AGGREGATORS["flexlora"]
+    start = _client(rng, rank)
+    return flex.aggregate(_global(rank), [_update(0, 1.0, _global(rank), start)], ALPHA)
+
+
+def test_flexlora_low_rank_client_with_no_change_leaves_the_global_unchanged() -> None:
+    """FlexLoRA's eq. 4 would replace W by the client's rank-1 cut; the update form keeps W."""
+    rng = np.random.default_rng(4)
+    flex = AGGREGATORS["flexlora"]
+    glob = _rank_r_global(rng, 4)
+    sent = flex.cut(glob, {"m.lora_A.weight": (1, N), "m.lora_B.weight": (M, 1)}, ALPHA)
+    new = flex.aggregate(glob, [_update(0, 1.0, sent, dict(sent))], ALPHA)
+    np.testing.assert_allclose(_product(new), _product(glob), atol=1e-5)
+    assert np.linalg.matrix_rank(_product(new), tol=1e-6) == 4
+
+
+def test_flexlora_adds_each_clients_exact_product_change() -> None:
+    """W' = W + Σ_k p_k (s_k B'_k A'_k − s_k B_k A_k), ranks 1, 2 and the full 4."""
+    rng = np.random.default_rng(5)
+    flex = AGGREGATORS["flexlora"]
+    glob = _rank_r_global(rng, 4)
+    updates, change = [], np.zeros((M, N))
+    for cid, (rank, weight) in enumerate([(1, 2.0), (2, 1.0), (4, 1.0)]):
+        sent = flex.cut(glob, {"m.lora_A.weight": (rank, N), "m.lora_B.weight": (M, rank)}, ALPHA)
+        after = {k: v + 0.1 * rng.normal(size=v.shape).astype(np.float32) for k, v in sent.items()}
+        updates.append(_update(cid, weight, sent, after))
+        change += (weight / 4.0) * (_product(after) - _product(sent))
+    new = flex.aggregate(glob, updates, ALPHA)
+    expected = _product(glob) + change  # rank up to 10; the global keeps its best rank 4
+    u, s, vt = np.linalg.svd(expected)
+    np.testing.assert_allclose(_product(new), (u[:, :4] * s[:4]) @ vt[:4], atol=1e-4)

@@ -1,14 +1,28 @@
-"""FlexLoRA (Bai et al., 2024): aggregate the exact products and re-factorize.
+"""FlexLoRA (Bai et al., 2024, "Federated Fine-tuning of Large Language Models under
+Heterogeneous Tasks and Client Resources", eq. 4-5): aggregate the exact products and
+re-factorize them per client rank.
 
-Per adapted module, over the clients k that trained it:
+Per adapted module, with the global product W = s_g B A and the clients k that trained
+the module (weights p_k normalized over them, scalings s_k = alpha / r_k), the new
+global product is the old one moved by the clients' exact product updates:
 
-    ΔW = Σ_k p_k s_k B_k A_k,   s_k = alpha / r_k,
+    W' = W + Σ_k p_k (s_k B'_k A'_k − s_k B_k A_k),
 
-by :func:`fedpeft.aggregation.lowrank.aggregate_svd` (the QR route, never the dense
-m × n matrix, when the stacked rank is smaller than the matrix), then stored as the rank-R global factors with scaling
-s_g = alpha / R in SVD order: s_g B A = U_R Σ_R V_Rᵀ. A client of rank r gets the
-leading r components rescaled by s_g / s_r, so that s_r B_r A_r is exactly the best
-rank-r approximation of the aggregate. The head is averaged (FedAvg).
+where (B_k, A_k) is the cut client k received and (B'_k, A'_k) what it trained from it.
+A client that received the whole global rank holds s_k B_k A_k = W exactly, so its term
+collapses to p_k s_k B'_k A'_k; when every client does, W' = Σ_k p_k s_k B'_k A'_k is
+FlexLoRA's eq. 4. A client of lower rank received only the best rank-r_k part of W:
+averaging its *whole* product, as eq. 4 does, would pull W toward rank r_k in proportion
+to p_k each round (with phones at rank 1-2 holding a third of the weight, the global
+adapter loses most of its components every round). Adding its *change* instead keeps
+what it could not see.
+
+All terms are low-rank, so :func:`fedpeft.aggregation.lowrank.aggregate_svd` takes the
+SVD of their sum from the stacked factors (QR route; the dense m × n matrix is never
+formed while the stacked rank is smaller). The result is stored as the rank-R global
+factors with scaling s_g = alpha / R in SVD order: s_g B A = U_R Σ_R V_Rᵀ. A client of
+rank r gets the leading r components rescaled by s_g / s_r, so that s_r B_r A_r is
+exactly the best rank-r approximation of the aggregate. The head is averaged (FedAvg).
 """
 
 from __future__ import annotations
@@ -39,20 +53,39 @@ class FlexLoRA:
         head = [k for k in global_state if module_of(k) is None]
         new = average_deltas(global_state, updates, head)
         modules = sorted({m for k in global_state if (m := module_of(k)) is not None})
-        adapters = [(u, u.adapters()) for u in updates]
         for module in modules:
             key_a, key_b = lora_keys(module)
-            terms = [
-                LowRankTerm(u.weight, alpha / a[key_a].shape[0], a[key_b], a[key_a])
-                for u, a in adapters
-                if key_a in a
-            ]
+            terms = product_update_terms(global_state, updates, module, alpha)
             if not terms:
                 new[key_a], new[key_b] = global_state[key_a], global_state[key_b]
                 continue
-            total = sum(t.weight for t in terms)
-            terms = [LowRankTerm(t.weight / total, t.scaling, t.lora_b, t.lora_a) for t in terms]
             rank = global_state[key_a].shape[0]
             lora_b, lora_a = refactor(aggregate_svd(terms), rank, alpha / rank)
             new[key_a], new[key_b] = lora_a.astype(np.float32), lora_b.astype(np.float32)
         return new
+
+
+def product_update_terms(
+    global_state: State, updates: list[ClientUpdate], module: str, alpha: float
+) -> list[LowRankTerm]:
+    """Low-rank terms whose sum is W + Σ_k p_k (s_k B'_k A'_k − s_k B_k A_k) for one module
+    (empty when no client trained it)."""
+    key_a, key_b = lora_keys(module)
+    owners = [u for u in updates if key_a in u.delta]
+    if not owners:
+        return []
+    total = sum(u.weight for u in owners)
+    rank = global_state[key_a].shape[0]
+    terms, global_share = [], 1.0
+    for u in owners:
+        p, after = u.weight / total, u.adapters()
+        r = after[key_a].shape[0]
+        terms.append(LowRankTerm(p, alpha / r, after[key_b], after[key_a]))
+        if r == rank:  # its cut was the whole global product: p_k W cancels with W's share
+            global_share -= p
+        else:
+            terms.append(LowRankTerm(-p, alpha / r, u.sent[key_b], u.sent[key_a]))
+    if abs(global_share) > 1e-12:
+        g_a, g_b = global_state[key_a], global_state[key_b]
+        terms.append(LowRankTerm(global_share, alpha / rank, g_b, g_a))
+    return terms
