@@ -1,8 +1,26 @@
 """fedpeft ClientApp: decode the message, call :mod:`fedpeft.client`, encode the reply.
 
-The node answers the server's query with its node config (in simulation Flower's
-``partition-id``; a real device declares it with ``--node-config "partition-id=N"``);
-the server then names the partition in every train message, so both sides agree.
+The node answers the server's query with its node config; the server then names the
+partition and this node's LoRA plan in every train message, so both sides agree. In
+simulation Flower sets ``partition-id``. A real SuperNode declares who it is in its
+``--node-config`` (all keys optional):
+
+- ``partition-id`` (int): the data partition; a missing, taken or out-of-range id gets
+  a free one.
+- ``memory-mb`` (number > 0): memory budget of one training step, in MiB. It makes the
+  declaration: the server plans this node's LoRA depth and ranks for it (as for a
+  ``fleet.profiles`` entry), overriding the run config's profile for this partition.
+- ``device`` (string): profile name shown in the outputs (default ``declared``).
+- ``speed`` (number > 0, default 1.0): compute speed relative to the reference device.
+- ``uplink-mbps`` (number > 0, default 10): uplink bandwidth in megabits per second.
+- ``max-rank`` (int >= 1): highest LoRA rank for this node (capped by ``fleet.max_rank``).
+
+    flower-supernode --insecure --superlink 127.0.0.1:8000 --port 9094 \
+        --node-config "partition-id=0 device='phone' memory-mb=150 speed=0.5 uplink-mbps=5 max-rank=2"
+
+A malformed declaration (a non-positive or non-numeric value, profile keys without
+``memory-mb``) or a budget too small to train one layer leaves the node out of the run,
+with a server-side warning that names the node and the reason.
 """
 
 from __future__ import annotations
@@ -17,19 +35,30 @@ from fedpeft import client, wire
 
 
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server who this node is (its node config: partition, later its profile)."""
+    """Tell the server who this node is: its whole node config (partition, declared device
+    profile). The server validates it, since only it can leave a bad node out cleanly."""
     return Message(wire.encode_profile(dict(context.node_config)), reply_to=msg)
+
+
+def _merged_base(ins: wire.TrainIns, context: Context) -> wire.State:
+    """This node's merged updates (FLoRA), kept in the node's state so that they survive
+    a new ClientApp process per message."""
+    merged_round, base_delta = wire.read_merged_base(context.state)
+    new_round, base_delta = client.merge_received(merged_round, base_delta, ins)
+    if new_round != merged_round:
+        wire.write_merged_base(context.state, new_round, base_delta)
+    return base_delta
 
 
 def train(msg: Message, context: Context) -> Message:
     ins = wire.decode_train_ins(msg.content)
-    res = client.train_round(ins)
+    res = client.train_round(ins, _merged_base(ins, context))
     return Message(wire.encode_train_res(res), reply_to=msg)
 
 
 def evaluate(msg: Message, context: Context) -> Message:
     ins = wire.decode_train_ins(msg.content)
-    n, metrics = client.evaluate_round(ins)
+    n, metrics = client.evaluate_round(ins, _merged_base(ins, context))
     return Message(wire.encode_eval_res(n, metrics), reply_to=msg)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from peft import PeftModel
 
+from fedpeft.aggregation import merge_stacks
 from fedpeft.config import (
     Config,
     DataConfig,
@@ -22,9 +23,15 @@ from fedpeft.config import (
     lora_from_json,
 )
 from fedpeft.data import client_rows
-from fedpeft.models import adapter_state, build_peft_model, load_adapter_state, load_tokenizer
+from fedpeft.models import (
+    adapter_state,
+    build_peft_model,
+    load_adapter_state,
+    load_tokenizer,
+    set_base_deltas,
+)
 from fedpeft.train import Encoded, encode, evaluate, train_local
-from fedpeft.wire import TrainIns, TrainRes
+from fedpeft.wire import State, TrainIns, TrainRes
 
 
 @dataclass(frozen=True)
@@ -50,10 +57,20 @@ def _cached_model(model: ModelConfig, lora: LoraConfig, num_labels: int) -> Peft
     return build_peft_model(model, lora, num_labels)
 
 
-def _installed_model(ins: TrainIns, cfg: Config) -> PeftModel:
+def _installed_model(ins: TrainIns, cfg: Config, base_delta: State) -> PeftModel:
     model = _cached_model(cfg.model, parse_lora(ins.lora_json), ins.num_labels)
+    set_base_deltas(model, base_delta)
     load_adapter_state(model, ins.adapters)
     return model
+
+
+def merge_received(merged_round: int, base_delta: State, ins: TrainIns) -> tuple[int, State]:
+    """Merge the stacked updates of the rounds after ``merged_round`` into this node's
+    dense Σ ΔW (FLoRA); a round received twice is merged once."""
+    fresh = sorted(t for t in ins.merges if t > merged_round)
+    if not fresh:
+        return merged_round, base_delta
+    return fresh[-1], merge_stacks(base_delta, [ins.merges[t] for t in fresh])
 
 
 @functools.lru_cache(maxsize=64)
@@ -77,11 +94,14 @@ def round_seed(seed: int, server_round: int, partition_id: int) -> int:
     return (seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**31)
 
 
-def train_round(ins: TrainIns) -> TrainRes:
-    """Train the received adapters on the partition the server named; return Δ."""
+def train_round(ins: TrainIns, base_delta: State | None = None) -> TrainRes:
+    """Train the received adapters on the partition the server named; return Δ.
+
+    ``base_delta``: the node's merged updates (module -> ΔW), added to the base weights.
+    """
     partition_id = ins.partition_id
     cfg = parse_config(ins.config_json)
-    model = _installed_model(ins, cfg)
+    model = _installed_model(ins, cfg, base_delta or {})
     data = client_data(cfg, partition_id)
     pad_id = load_tokenizer(cfg.model.name).pad_token_id
     result = train_local(
@@ -102,10 +122,10 @@ def train_round(ins: TrainIns) -> TrainRes:
     )
 
 
-def evaluate_round(ins: TrainIns) -> tuple[int, dict[str, float]]:
+def evaluate_round(ins: TrainIns, base_delta: State | None = None) -> tuple[int, dict[str, float]]:
     """Evaluate the received global adapters on this client's held-out split."""
     cfg = parse_config(ins.config_json)
-    model = _installed_model(ins, cfg)
+    model = _installed_model(ins, cfg, base_delta or {})
     data = client_data(cfg, ins.partition_id)
     if len(data.test) == 0:
         return 0, {}

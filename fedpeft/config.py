@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -58,6 +59,10 @@ class LoraConfig:
         layers_to_transform: transformer layer indices that get adapters (``null``: all).
         rank_pattern: per-module rank overrides, peft's regex-key format.
         train_head: whether the task head (classifier) is trained and exchanged.
+        scaling: the factor s(r) on B A of a module of rank r: ``standard``, alpha / r
+            (Hu et al., peft's default); ``rslora``, alpha / sqrt(r) (Kalajdzievski, 2023);
+            ``fixed``, alpha / ``r`` above for every module whatever its own rank, so that
+            in a fleet of mixed ranks one optimizer step moves each rank's product alike.
     """
 
     r: int = 8
@@ -67,9 +72,18 @@ class LoraConfig:
     layers_to_transform: tuple[int, ...] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     train_head: bool = True
+    scaling: str = "standard"
 
     def __hash__(self) -> int:  # rank_pattern is a dict; hash its canonical JSON
         return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
+
+    def scaling_for(self, rank: int) -> float:
+        """s(r): the factor LoRA applies to B A in a module of rank ``rank``."""
+        if self.scaling == "fixed":
+            return self.alpha / self.r
+        if self.scaling == "rslora":
+            return self.alpha / math.sqrt(rank)
+        return self.alpha / rank
 
 
 @dataclass(frozen=True)
@@ -386,9 +400,16 @@ def _check_model(m: ModelConfig) -> None:
     _require(m.max_length >= 8, "'model.max_length' should be at least 8.")
 
 
+LORA_SCALINGS = ("standard", "rslora", "fixed")
+
+
 def _check_lora(lo: LoraConfig) -> None:
     _require(lo.r >= 1, "'lora.r' should be a positive integer.")
     _require(0 < lo.alpha < float("inf"), "'lora.alpha' should be a positive number.")
+    _require(
+        lo.scaling in LORA_SCALINGS,
+        f"'lora.scaling' should be one of {list(LORA_SCALINGS)}, got {lo.scaling!r}.",
+    )
     _require(
         lo.target_modules is None or len(lo.target_modules) > 0,
         "'lora.target_modules' should list module names, or be null for the model's default.",

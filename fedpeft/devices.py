@@ -191,9 +191,9 @@ LAYER_CONTAINERS = {"bert": "layer", "gpt2": "h"}
 
 def lora_for_plan(lora: LoraConfig, plan: AdapterPlan, model_type: str) -> LoraConfig:
     """The ``lora`` section with this plan's layers and per-layer ranks (peft's
-    ``layers_to_transform`` and regex-keyed ``rank_pattern``)."""
+    ``layers_to_transform`` and regex-keyed ``rank_pattern``). Every adapted layer has its
+    rank in the pattern, so ``r`` is left as configured: the reference rank of
+    ``lora.scaling: fixed``."""
     container = LAYER_CONTAINERS.get(model_type, "layer")
     pattern = {rf"{container}\.{i}\..*": r for i, r in enumerate(plan.ranks) if r > 0}
-    return dataclasses.replace(
-        lora, r=max(plan.ranks), layers_to_transform=plan.layers, rank_pattern=pattern
-    )
+    return dataclasses.replace(lora, layers_to_transform=plan.layers, rank_pattern=pattern)

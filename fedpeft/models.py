@@ -165,8 +165,15 @@ def peft_lora_config(lora: LoraConfig, task: str) -> PeftLoraConfig:
         target_modules=list(lora.target_modules) if lora.target_modules else None,
         layers_to_transform=list(lora.layers_to_transform) if lora.layers_to_transform else None,
         rank_pattern=dict(lora.rank_pattern),
+        alpha_pattern=_fixed_alpha_pattern(lora) if lora.scaling == "fixed" else {},
+        use_rslora=lora.scaling == "rslora",
         task_type=task_type,
     )
+
+
+def _fixed_alpha_pattern(lora: LoraConfig) -> dict[str, float]:
+    """peft scales by alpha_i / r_i: alpha_i = alpha · r_i / r keeps alpha / r everywhere."""
+    return {key: lora.alpha * rank / lora.r for key, rank in lora.rank_pattern.items()}
 
 
 def build_peft_model(
@@ -209,6 +216,63 @@ def load_adapter_state(model: PeftModel, state: dict[str, np.ndarray]) -> None:
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ModelError(f"Adapter state has keys the model does not: {unexpected[:3]}.")
+
+
+def set_base_deltas(model: PeftModel, deltas: dict[str, np.ndarray]) -> None:
+    """Base weight of each named module := W0 + ΔW (FLoRA's merge; ΔW is out × in).
+
+    W0 is kept on the model the first time a module is changed, so a cached model that
+    serves several nodes (each with its own merged updates) is reset exactly, and modules
+    changed for a previous node but absent from ``deltas`` go back to W0.
+    """
+    originals: dict[str, torch.Tensor] = model.__dict__.setdefault("_fedpeft_w0", {})
+    for name in sorted(set(originals) | set(deltas)):
+        layer = model.get_submodule(name)
+        layer = getattr(layer, "base_layer", layer)
+        weight: torch.Tensor = layer.weight  # type: ignore[assignment]
+        w0 = originals.setdefault(name, weight.detach().clone())
+        delta = deltas.get(name)
+        with torch.no_grad():
+            if delta is None:
+                weight.copy_(w0)
+                continue
+            change = torch.from_numpy(np.ascontiguousarray(delta)).to(weight.dtype)
+            # GPT-2's Conv1D stores (in, out); nn.Linear (out, in) like ΔW
+            weight.copy_(w0 + (change if isinstance(layer, torch.nn.Linear) else change.T))
+
+
+def merged_adapter_model(
+    model: PeftModel, model_cfg: ModelConfig, num_labels: int, base_delta: dict[str, np.ndarray]
+) -> PeftModel:
+    """A fresh PEFT model whose adapter holds, exactly, the merged updates plus ``model``'s
+    current adapter: per module ΔW = U Σ Vᵀ as a LoRA of rank min(m, n) with B = U Σ,
+    A = Vᵀ and scaling 1 (so ``PeftModel.from_pretrained`` rebuilds what FLoRA trained)."""
+    current = adapter_state(model)
+    config = model.peft_config["default"]
+    total = dict(base_delta)
+    for module in base_delta:
+        a, b = current.get(f"{module}.lora_A.weight"), current.get(f"{module}.lora_B.weight")
+        if a is not None and b is not None:
+            scaling = _module_scaling(model, module)
+            total[module] = total[module] + scaling * (b @ a)
+    rank = min(min(d.shape) for d in total.values())
+    export: Any = copy.deepcopy(config)  # a peft LoraConfig
+    export.r, export.lora_alpha = rank, rank
+    export.target_modules = {m.removeprefix("base_model.model.") for m in total}
+    export.layers_to_transform, export.rank_pattern, export.alpha_pattern = None, {}, {}
+    merged: PeftModel = get_peft_model(load_base_model(model_cfg, num_labels), export)
+    state = {k: v for k, v in current.items() if ".lora_" not in k}  # the head
+    for module, delta in total.items():
+        u, s, vt = np.linalg.svd(delta.astype(np.float64), full_matrices=False)
+        state[f"{module}.lora_B.weight"] = (u[:, :rank] * s[:rank]).astype(np.float32)
+        state[f"{module}.lora_A.weight"] = vt[:rank].astype(np.float32)
+    load_adapter_state(merged, state)
+    return merged
+
+
+def _module_scaling(model: PeftModel, module: str) -> float:
+    layer = model.get_submodule(module)
+    return float(getattr(layer, "scaling", {}).get("default", 1.0))
 
 
 def _first_target(model: torch.nn.Module, targets: tuple[str, ...]) -> torch.nn.Module:

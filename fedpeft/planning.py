@@ -6,13 +6,14 @@ Glue between a run config, the real model's shape and :mod:`fedpeft.devices`; wi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fedpeft.config import Config, ConfigError, LoraConfig
 from fedpeft.data import load_dataset
 from fedpeft.devices import (
     AdapterPlan,
     DeviceProfile,
+    ModelShape,
     assign_profiles,
     estimate_memory_bytes,
     load_profile,
@@ -104,43 +105,106 @@ def format_plan(rows: list[PlanRow]) -> str:
 
 @dataclass(frozen=True)
 class FleetPlan:
-    """Each client's LoRA section and the global one that covers them all."""
+    """Each client's LoRA section and the global one that covers them all.
+
+    ``left_out`` maps a partition whose node declared a profile too small to train even
+    one layer to the reason: one weak device should not stop the whole federation, so
+    it takes no part (and has no entry in ``client_loras``).
+    """
 
     client_loras: dict[int, LoraConfig]
     global_lora: LoraConfig
     profile_names: dict[int, str]
+    left_out: dict[int, str] = field(default_factory=dict)
 
 
-def plan_clients(cfg: Config, num_labels: int) -> FleetPlan:
-    """Plans per partition: from the fleet's profiles, or ``cfg.lora`` for everyone."""
+def plan_clients(
+    cfg: Config, num_labels: int, declared: dict[int, DeviceProfile] | None = None
+) -> FleetPlan:
+    """Plans per partition. ``declared`` maps a partition id to the profile its node
+    declared (deployment); it overrides the fleet config's assignment for that partition.
+    Other partitions take their profile from ``fleet.profiles``/``fleet.mix``, or
+    ``cfg.lora`` as it is when the config has no fleet."""
     n = cfg.partition.num_clients
-    if not cfg.fleet.profiles:
+    declared = {p: prof for p, prof in (declared or {}).items() if 0 <= p < n}
+    if not cfg.fleet.profiles and not declared:
         return FleetPlan(
             {i: cfg.lora for i in range(n)}, cfg.lora, dict.fromkeys(range(n), "uniform")
         )
     shape = model_shape(cfg.model, cfg.lora, num_labels)
     model_type = _cached_base(cfg.model, num_labels).config.model_type
+    configured = _configured_plans(cfg, shape)  # partition -> (name, plan); {} without a fleet
+    left_out: dict[int, str] = {}
+    for pid, profile in sorted(declared.items()):
+        configured.pop(pid, None)
+        plan = _profile_plan(cfg, shape, profile)
+        if plan is None:
+            left_out[pid] = _too_small(cfg, profile)
+        else:
+            configured[pid] = (profile.name, plan)
+    uniform = [i for i in range(n) if i not in configured and i not in left_out]
+    plans = [plan for _, plan in configured.values()]
+    if uniform:
+        plans.append(_plan_of_lora(cfg.lora, shape.num_layers))
+    if not plans:
+        raise ConfigError(f"No client can train: {'; '.join(left_out.values())}")
+    loras = {p: lora_for_plan(cfg.lora, plan, model_type) for p, (_, plan) in configured.items()}
+    names = {p: name for p, (name, _) in configured.items()}
+    return FleetPlan(
+        client_loras=dict(sorted({**loras, **dict.fromkeys(uniform, cfg.lora)}.items())),
+        global_lora=lora_for_plan(cfg.lora, union_plan(plans), model_type),
+        profile_names=dict(sorted({**names, **dict.fromkeys(uniform, "uniform")}.items())),
+        left_out=left_out,
+    )
+
+
+def _profile_plan(cfg: Config, shape: ModelShape, profile: DeviceProfile) -> AdapterPlan | None:
+    """The planner's answer for one profile at this run's batch and sequence length."""
     batch, seq = cfg.train.batch_size, cfg.model.max_length
+    return plan_for_budget(shape, profile.memory_mb * 2**20, batch, seq, rank_cap(cfg, profile))
+
+
+def _too_small(cfg: Config, profile: DeviceProfile) -> str:
+    return (
+        f"Device profile '{profile.name}' ({profile.memory_mb:.0f} MiB) cannot train even one "
+        f"adapted layer of '{cfg.model.name}' at batch {cfg.train.batch_size} and length "
+        f"{cfg.model.max_length}."
+    )
+
+
+def _configured_plans(cfg: Config, shape: ModelShape) -> dict[int, tuple[str, AdapterPlan]]:
+    """Partition -> (profile name, plan) from the fleet config. A configured profile that
+    cannot train is the operator's own mistake, so it stops the run in one sentence."""
+    if not cfg.fleet.profiles:
+        return {}
     profiles = fleet_profiles(cfg)
     by_name = {}
     for name, profile in profiles.items():
-        plan = plan_for_budget(shape, profile.memory_mb * 2**20, batch, seq, rank_cap(cfg, profile))
+        plan = _profile_plan(cfg, shape, profile)
         if plan is None:
-            raise ConfigError(
-                f"Device profile '{name}' ({profile.memory_mb:.0f} MiB) cannot train even one "
-                f"adapted layer of '{cfg.model.name}' at batch {batch} and length {seq}."
-            )
+            raise ConfigError(_too_small(cfg, profile))
         by_name[name] = plan
     fleet = assign_profiles(profiles, cfg.fleet.mix, cfg.seed)
-    plans = {i: by_name[p.name] for i, p in enumerate(fleet)}
-    union = AdapterPlan(
-        depth=max(p.depth for p in plans.values()),
-        ranks=tuple(
-            max(p.ranks[layer] for p in plans.values()) for layer in range(shape.num_layers)
-        ),
-    )
-    return FleetPlan(
-        client_loras={i: lora_for_plan(cfg.lora, p, model_type) for i, p in plans.items()},
-        global_lora=lora_for_plan(cfg.lora, union, model_type),
-        profile_names={i: p.name for i, p in enumerate(fleet)},
+    return {i: (p.name, by_name[p.name]) for i, p in enumerate(fleet)}
+
+
+def _plan_of_lora(lora: LoraConfig, num_layers: int) -> AdapterPlan:
+    """``cfg.lora`` as a plan, so that the global adapter also covers the clients that use
+    it unchanged next to planned ones. A regex ``rank_pattern`` has no such form."""
+    if lora.rank_pattern:
+        raise ConfigError(
+            "Declared device profiles next to clients without one need 'fleet.profiles' or a "
+            "'lora' section without 'rank_pattern'."
+        )
+    layers = range(num_layers) if lora.layers_to_transform is None else lora.layers_to_transform
+    ranks = tuple(lora.r if i in layers else 0 for i in range(num_layers))
+    return AdapterPlan(depth=num_layers - min(layers, default=num_layers), ranks=ranks)
+
+
+def union_plan(plans: list[AdapterPlan]) -> AdapterPlan:
+    """The smallest plan that contains every plan: the global adapter must hold every
+    client's layers at its highest rank, or some client's update would have no place."""
+    return AdapterPlan(
+        depth=max(p.depth for p in plans),
+        ranks=tuple(max(ranks) for ranks in zip(*(p.ranks for p in plans), strict=True)),
     )

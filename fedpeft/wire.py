@@ -9,17 +9,22 @@ Only plain numeric arrays travel: never a pickle, never a base-model weight.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+from fedpeft.devices import DeviceProfile
 
 ADAPTERS = "adapters"
 UPDATE = "update"
 CONFIG = "fedpeft"
 METRICS = "metrics"
 NUM_EXAMPLES = "num-examples"  # the key Flower's own strategies weight by
+MERGE_PREFIX = "merge-"  # + round: one stacked product update to merge into the base (FLoRA)
+MERGED_BASE = "fedpeft-merged-base"  # node state: Σ of merged updates, dense per module
+MERGED_ROUND = "fedpeft-merged-round"  # node state: the last round merged
 
 State = dict[str, np.ndarray]
 
@@ -36,6 +41,8 @@ class TrainIns:
     adapters: State
     lora_json: str  # this client's LoRA section (its planned layers and ranks)
     partition_id: int  # the partition the server assigned to this node
+    # round -> stacked (B_s, A_s) per module this node has not merged yet (FLoRA only)
+    merges: dict[int, State] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,10 @@ def encode_train_ins(ins: TrainIns) -> RecordDict:
             "partition-id": ins.partition_id,
         }
     )
-    return RecordDict({ADAPTERS: state_to_record(ins.adapters), CONFIG: config})
+    content = RecordDict({ADAPTERS: state_to_record(ins.adapters), CONFIG: config})
+    for server_round, stack in ins.merges.items():
+        content[f"{MERGE_PREFIX}{server_round}"] = state_to_record(stack)
+    return content
 
 
 def decode_train_ins(content: RecordDict) -> TrainIns:
@@ -76,6 +86,11 @@ def decode_train_ins(content: RecordDict) -> TrainIns:
         adapters=record_to_state(content.array_records[ADAPTERS]),
         lora_json=str(config["lora-json"]),
         partition_id=int(config["partition-id"]),  # type: ignore[arg-type]
+        merges={
+            int(name.removeprefix(MERGE_PREFIX)): record_to_state(record)
+            for name, record in content.array_records.items()
+            if name.startswith(MERGE_PREFIX)
+        },
     )
 
 
@@ -147,6 +162,19 @@ def decode_eval_res(content: RecordDict) -> tuple[int, dict[str, float]]:
     return n, {k: _scalar(v) for k, v in record.items() if k != NUM_EXAMPLES}
 
 
+def read_merged_base(node_state: RecordDict) -> tuple[int, State]:
+    """The last round this node merged and the dense Σ ΔW per module (0, {} if none)."""
+    if MERGED_ROUND not in node_state.config_records:
+        return 0, {}
+    merged_round = int(node_state.config_records[MERGED_ROUND]["round"])  # type: ignore[arg-type]
+    return merged_round, record_to_state(node_state.array_records[MERGED_BASE])
+
+
+def write_merged_base(node_state: RecordDict, merged_round: int, base_delta: State) -> None:
+    node_state[MERGED_BASE] = state_to_record(base_delta)
+    node_state[MERGED_ROUND] = ConfigRecord({"round": merged_round})
+
+
 def encode_profile(node_config: dict[str, object]) -> RecordDict:
     """A node's answer to the server's query: its node config (partition, profile)."""
     values = {str(k): v for k, v in node_config.items() if isinstance(v, int | float | str | bool)}
@@ -155,6 +183,63 @@ def encode_profile(node_config: dict[str, object]) -> RecordDict:
 
 def decode_profile(content: RecordDict) -> dict[str, object]:
     return dict(content.config_records[CONFIG])
+
+
+# Node-config keys a SuperNode declares itself with (``--node-config "k=v ..."``).
+NODE_PARTITION = "partition-id"
+NODE_DEVICE = "device"
+NODE_MEMORY = "memory-mb"
+NODE_SPEED = "speed"
+NODE_UPLINK = "uplink-mbps"
+NODE_MAX_RANK = "max-rank"
+DECLARED_DEVICE = "declared"  # profile name of a node that declares a budget but no name
+
+
+def declared_partition(reply: dict[str, object]) -> int:
+    """The partition id a node declares, or -1 (the server then picks a free one)."""
+    value = reply.get(NODE_PARTITION, -1)
+    return value if isinstance(value, int) and not isinstance(value, bool) else -1
+
+
+def declared_profile(reply: dict[str, object]) -> DeviceProfile | None:
+    """The device profile a node declares in its node config, or ``None`` if it declares
+    none. ``memory-mb`` is what makes a declaration: without it the server would have no
+    budget to plan for, so other profile keys without it are malformed rather than
+    silently ignored. A malformed value raises :class:`UpdateRejected` (one sentence),
+    since a node's config is as untrusted as its updates."""
+    keys = (NODE_DEVICE, NODE_MEMORY, NODE_SPEED, NODE_UPLINK, NODE_MAX_RANK)
+    if NODE_MEMORY not in reply:
+        stray = [k for k in keys if k in reply]
+        if stray:
+            raise UpdateRejected(f"the node declares {stray} but no '{NODE_MEMORY}' budget")
+        return None
+    name = reply.get(NODE_DEVICE, DECLARED_DEVICE)
+    if not isinstance(name, str) or not name.strip():
+        raise UpdateRejected(f"'{NODE_DEVICE}' should be a non-empty string, got {name!r}")
+    max_rank = reply.get(NODE_MAX_RANK)
+    if max_rank is not None and (
+        not isinstance(max_rank, int) or isinstance(max_rank, bool) or max_rank < 1
+    ):
+        raise UpdateRejected(f"'{NODE_MAX_RANK}' should be a positive integer, got {max_rank!r}")
+    return DeviceProfile(
+        name=name.strip(),
+        memory_mb=_positive(reply, NODE_MEMORY, None),
+        speed=_positive(reply, NODE_SPEED, 1.0),
+        uplink_mbps=_positive(reply, NODE_UPLINK, 10.0),
+        max_rank=max_rank,
+    )
+
+
+def _positive(reply: dict[str, object], key: str, default: float | None) -> float:
+    value = reply.get(key, default)
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not np.isfinite(value)
+        or value <= 0
+    ):
+        raise UpdateRejected(f"'{key}' should be a positive number, got {value!r}")
+    return float(value)
 
 
 def record_bytes(content: RecordDict) -> int:

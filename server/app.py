@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import shlex
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,18 @@ from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedpeft import wire
-from fedpeft.config import Config, load_config
+from fedpeft.config import Config, LoraConfig, load_config
 from fedpeft.data import load_dataset
-from fedpeft.models import adapter_state, build_peft_model, load_adapter_state, load_tokenizer
-from fedpeft.planning import plan_clients
+from fedpeft.devices import DeviceProfile
+from fedpeft.models import (
+    adapter_state,
+    build_peft_model,
+    load_adapter_state,
+    load_tokenizer,
+    merged_adapter_model,
+    set_base_deltas,
+)
+from fedpeft.planning import FleetPlan, plan_clients
 from fedpeft.report import RunLog, save_adapter
 from fedpeft.train import encode, evaluate
 from server.strategy import AdapterFedAvg
@@ -27,8 +36,59 @@ from server.strategy import AdapterFedAvg
 log = logging.getLogger("fedpeft")
 
 
-def discover_nodes(grid: Grid, cfg: Config, wait_s: float = 120.0) -> dict[int, int]:
-    """Wait for the clients, then ask each (a ``query`` message) for its partition id."""
+@dataclass(frozen=True)
+class Discovery:
+    """What the query round learned: node id -> partition id, and partition id -> the
+    device profile its node declared (only nodes that declare one)."""
+
+    partitions: dict[int, int]
+    profiles: dict[int, DeviceProfile]
+
+
+def discover_nodes(grid: Grid, cfg: Config, wait_s: float = 120.0) -> Discovery:
+    """Wait for the clients, then ask each (a ``query`` message) for its node config: the
+    partition id and the device profile it declares. A node whose declaration is
+    malformed is left out with a warning: one misconfigured device must not stop the run."""
+    nodes = _wait_for_nodes(grid, cfg, wait_s)
+    empty = wire.encode_profile({})
+    replies = grid.send_and_receive(
+        [Message(empty, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes],
+        timeout=cfg.federation.timeout,
+    )
+    declared: dict[int, int] = {}
+    profiles: dict[int, DeviceProfile] = {}
+    for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            log.warning("node %d did not answer the query and takes no part", node)
+            continue
+        answer = read_declaration(node, wire.decode_profile(msg.content))
+        if answer is None:
+            continue
+        pid, profile = answer
+        declared[node] = pid
+        if profile is not None:
+            profiles[node] = profile
+    partitions = assign_partitions(declared, cfg.partition.num_clients)
+    return Discovery(partitions, {partitions[n]: p for n, p in profiles.items() if n in partitions})
+
+
+def read_declaration(
+    node: int, reply: dict[str, object]
+) -> tuple[int, DeviceProfile | None] | None:
+    """A node's declared partition id and device profile, or ``None`` (with a warning
+    that names the node and the reason) when its declaration is malformed."""
+    try:
+        profile = wire.declared_profile(reply)
+    except wire.UpdateRejected as err:
+        log.warning("node %d declares a malformed device profile and takes no part: %s", node, err)
+        return None
+    return wire.declared_partition(reply), profile
+
+
+def _wait_for_nodes(grid: Grid, cfg: Config, wait_s: float) -> list[int]:
+    """The connected nodes, once all ``partition.num_clients`` are there or ``wait_s`` has
+    passed; fewer than ``federation.min_clients`` ends the run in one sentence."""
     deadline = time.time() + wait_s
     nodes = list(grid.get_node_ids())
     while len(nodes) < cfg.partition.num_clients and time.time() < deadline:
@@ -39,21 +99,7 @@ def discover_nodes(grid: Grid, cfg: Config, wait_s: float = 120.0) -> dict[int, 
             f"Only {len(nodes)} clients connected within {wait_s:.0f} s; "
             f"'federation.min_clients' is {cfg.federation.min_clients}."
         )
-    empty = wire.encode_profile({})
-    replies = grid.send_and_receive(
-        [Message(empty, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes],
-        timeout=cfg.federation.timeout,
-    )
-    declared = {}
-    for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
-        if msg.has_error():
-            log.warning(
-                "node %d did not answer the query and takes no part", msg.metadata.src_node_id
-            )
-            continue
-        value = wire.decode_profile(msg.content).get("partition-id", -1)
-        declared[msg.metadata.src_node_id] = value if isinstance(value, int) else -1
-    return assign_partitions(declared, cfg.partition.num_clients)
+    return nodes
 
 
 def assign_partitions(declared: dict[int, int], num_clients: int) -> dict[int, int]:
@@ -101,6 +147,7 @@ class ServerEvaluator:
         )
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        set_base_deltas(self.model, self.strategy.base_delta)  # FLoRA's merged updates
         load_adapter_state(self.model, wire.record_to_state(arrays))
         metrics = self._evaluate()
         if server_round == 0:
@@ -122,7 +169,7 @@ class ServerEvaluator:
             "seconds": round(time.perf_counter() - stats.started, 3),
         }
         self.run_log.log_round(record)
-        save_adapter(self.model, self.run_log.out_dir / "adapter")
+        save_adapter(self._exported(), self.run_log.out_dir / "adapter")
         log.info(
             "round %d/%d: %s | clients %d | uplink %.2f MB | %.1f s",
             server_round, self.cfg.federation.rounds, _fmt(metrics), len(stats.clients),
@@ -130,19 +177,32 @@ class ServerEvaluator:
         )  # fmt: skip
         return MetricRecord(metrics) if metrics else None  # type: ignore[arg-type]
 
+    def _exported(self) -> Any:
+        """The model whose adapter is saved: the global adapter, or with merged updates
+        (FLoRA) an exact full-rank adapter of base + merged."""
+        if not self.strategy.base_delta:
+            return self.model
+        return merged_adapter_model(
+            self.model, self.cfg.model, self.strategy.num_labels, self.strategy.base_delta
+        )
+
 
 def _fmt(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "no server evaluation"
 
 
 def run_federation(grid: Grid, cfg: Config, out_dir: Path) -> dict[str, Any]:
-    """The whole run: plan, rounds, outputs. Returns the summary."""
+    """The whole run: discover the nodes, plan, rounds, outputs. Returns the summary.
+
+    Discovery comes first because nodes may declare their device profiles: the plans,
+    and the global adapter that must cover all of them, depend on who answered."""
     run_log = RunLog(out_dir, cfg)
     dataset = load_dataset(cfg.data, cfg.model.task, cfg.seed)
-    fleet = plan_clients(cfg, dataset.num_labels)
+    found = discover_nodes(grid, cfg)
+    fleet = plan_clients(cfg, dataset.num_labels, found.profiles)
+    partitions = _trainable_partitions(found.partitions, fleet, cfg)
     model = build_peft_model(cfg.model, fleet.global_lora, dataset.num_labels, init_seed=cfg.seed)
     test = encode(dataset.test, load_tokenizer(cfg.model.name), cfg.model.max_length)
-    partitions = discover_nodes(grid, cfg)
     strategy = AdapterFedAvg(cfg, dataset.num_labels, partitions, fleet)
     evaluator = ServerEvaluator(cfg, strategy, run_log, model, test)
     strategy.start(
@@ -160,10 +220,39 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path) -> dict[str, Any]:
             "test_examples": len(dataset.test),
             "adapter_parameters": int(sum(v.size for v in adapter_state(model).values())),
             "client_profiles": {str(p): name for p, name in fleet.profile_names.items()},
+            "client_plans": {str(p): _plan_summary(lo) for p, lo in fleet.client_loras.items()},
+            "left_out": {str(p): reason for p, reason in fleet.left_out.items()},
         }
     )
     run_log.write_plots()
     return summary
+
+
+def _trainable_partitions(
+    partitions: dict[int, int], fleet: FleetPlan, cfg: Config
+) -> dict[int, int]:
+    """Drop the nodes whose declared profile cannot train (with a warning naming them);
+    too few left ends the run in one sentence."""
+    kept = {}
+    for node, pid in partitions.items():
+        if pid in fleet.left_out:
+            log.warning("node %d (client %d) takes no part: %s", node, pid, fleet.left_out[pid])
+        else:
+            kept[node] = pid
+    if len(kept) < cfg.federation.min_clients:
+        raise RuntimeError(
+            f"Only {len(kept)} clients can train; 'federation.min_clients' is "
+            f"{cfg.federation.min_clients}."
+        )
+    return kept
+
+
+def _plan_summary(lora: LoraConfig) -> dict[str, Any]:
+    """A client's plan as ``summary.json`` shows it: adapted layers (null: all), its
+    highest rank, and the ranks per layer pattern (empty: ``r`` everywhere)."""
+    layers = None if lora.layers_to_transform is None else list(lora.layers_to_transform)
+    top = max(lora.rank_pattern.values(), default=lora.r)
+    return {"layers": layers, "max_rank": top, "rank_pattern": dict(lora.rank_pattern)}
 
 
 def make_server_app(cfg: Config, out_dir: Path) -> ServerApp:

@@ -18,7 +18,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedpeft import wire
-from fedpeft.aggregation import ClientUpdate, State, get_aggregator, server_step
+from fedpeft.aggregation import (
+    ClientUpdate,
+    MergesIntoBase,
+    State,
+    get_aggregator,
+    merge_stacks,
+    server_step,
+)
 from fedpeft.config import Config, lora_to_json
 from fedpeft.models import adapter_shapes
 from fedpeft.planning import FleetPlan
@@ -77,6 +84,11 @@ class AdapterFedAvg(FedAvg):
         self.stats: dict[int, RoundStats] = {}
         self._global: State = {}
         self._sent: dict[int, State] = {}  # node id -> the adapters it was sent this round
+        # FLoRA: each round's stacked update, kept until every node has merged it
+        self.stacks: dict[int, State] = {}
+        self.merged_round: dict[int, int] = {}  # node id -> last round it has merged
+        self._merges_sent: dict[int, int] = {}  # node id -> last round in its message
+        self.base_delta: State = {}  # module -> Σ of merged ΔW (what the evaluator adds)
         self.lora_json = {pid: lora_to_json(lo) for pid, lo in fleet.client_loras.items()}
         self.shapes = {
             pid: adapter_shapes(cfg.model, lora, num_labels)
@@ -103,8 +115,9 @@ class AdapterFedAvg(FedAvg):
         for node in nodes:
             pid = self.partitions[node]
             self._sent[node] = self.aggregator.cut(
-                self._global, self.shapes[pid], self.cfg.lora.alpha
+                self._global, self.shapes[pid], self.cfg.lora.scaling_for
             )
+            merges = self._unmerged(node)
             ins = wire.TrainIns(
                 server_round,
                 self.config_json,
@@ -112,11 +125,30 @@ class AdapterFedAvg(FedAvg):
                 self._sent[node],
                 self.lora_json[pid],
                 partition_id=pid,
+                merges=merges,
             )
+            self._merges_sent[node] = max(merges, default=self.merged_round.get(node, 0))
             content = wire.encode_train_ins(ins)
             stats.downlink_bytes += wire.record_bytes(content)
             messages.append(Message(content, dst_node_id=node, message_type=kind))
         return messages
+
+    def _unmerged(self, node: int) -> dict[int, State]:
+        """The stacked updates this node has not merged yet (FLoRA; else none)."""
+        done = self.merged_round.get(node, 0)
+        return {t: stack for t, stack in sorted(self.stacks.items()) if t > done}
+
+    def _keep_stack(self, server_round: int, updates: list[ClientUpdate]) -> None:
+        """FLoRA: remember this round's stacked update for the nodes and the evaluator;
+        forget the rounds that every node has merged."""
+        assert isinstance(self.aggregator, MergesIntoBase)
+        stack = self.aggregator.stack(self._global, updates, self.cfg.lora.scaling_for)
+        eta = self.cfg.federation.server_lr  # W += η ΔW_t, folded into B for the nodes too
+        stack = {k: v * np.float32(eta) if ".lora_B." in k else v for k, v in stack.items()}
+        self.stacks[server_round] = stack
+        self.base_delta = merge_stacks(self.base_delta, [stack])
+        everyone = min((self.merged_round.get(n, 0) for n in self.partitions), default=0)
+        self.stacks = {t: st for t, st in self.stacks.items() if t > everyone}
 
     # ------------------------------------------------------------------ train
     def configure_train(
@@ -135,7 +167,9 @@ class AdapterFedAvg(FedAvg):
         if not updates:
             log.warning("round %d: no valid update; the global adapters stay", server_round)
             return None, None
-        aggregate = self.aggregator.aggregate(self._global, updates, self.cfg.lora.alpha)
+        if isinstance(self.aggregator, MergesIntoBase):
+            self._keep_stack(server_round, updates)
+        aggregate = self.aggregator.aggregate(self._global, updates, self.cfg.lora.scaling_for)
         new_state = server_step(self._global, aggregate, self.cfg.federation.server_lr)
         return wire.state_to_record(new_state), MetricRecord(
             {"train-loss": stats.train_loss or 0.0}
@@ -158,6 +192,7 @@ class AdapterFedAvg(FedAvg):
             self._reject(stats, node, f"claims {res.num_examples} examples, more than {most}")
             return None
         client_id = self.partitions.get(node, -1)
+        self.merged_round[node] = self._merges_sent.get(node, 0)  # it merged what it got
         stats.clients.append(client_id)
         stats.add_loss(res.train_loss, res.num_examples)
         return ClientUpdate(client_id, res.update, res.num_examples, sent=self._sent[node])

@@ -89,7 +89,7 @@ def plain_loop(cfg: Config) -> dict[str, float]:
             res = client.train_round(ins)
             train_s += res.train_seconds
             updates.append(ClientUpdate(pid, res.update, res.num_examples, sent=state))
-        aggregate = aggregator.aggregate(state, updates, cfg.lora.alpha)
+        aggregate = aggregator.aggregate(state, updates, cfg.lora.scaling_for)
         state = server_step(state, aggregate, cfg.federation.server_lr)
     return {"wall": time.perf_counter() - start, "setup": setup, "train": train_s}
 

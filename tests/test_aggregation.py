@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedpeft.aggregation import AGGREGATORS, ClientUpdate, get_aggregator
+from fedpeft.aggregation import (
+    AGGREGATORS,
+    ClientUpdate,
+    MergesIntoBase,
+    get_aggregator,
+    merge_stacks,
+)
 from fedpeft.aggregation.fedit import aggregate_fedit
+from fedpeft.config import LoraConfig
 
 
 def test_weighted_mean_golden() -> None:
@@ -61,6 +68,7 @@ def test_server_step_scales_the_move() -> None:
 # ---------------------------------------------------------------- heterogeneous ranks
 
 ALPHA = 8.0
+SCALE = LoraConfig(alpha=ALPHA).scaling_for  # alpha / r
 M, N = 10, 7
 
 
@@ -96,9 +104,9 @@ def test_flexlora_aggregate_is_the_exact_weighted_product() -> None:
     clients = {1: _client(rng, 1), 2: _client(rng, 2)}  # stacked rank 3 <= global rank 4
     updates = []
     for rank, after in clients.items():
-        sent = flex.cut(glob, {k: v.shape for k, v in after.items()}, ALPHA)
+        sent = flex.cut(glob, {k: v.shape for k, v in after.items()}, SCALE)
         updates.append(_update(rank, float(rank), sent, after))
-    new = flex.aggregate(glob, updates, ALPHA)
+    new = flex.aggregate(glob, updates, SCALE)
     expected = (1 / 3) * _product(clients[1]) + (2 / 3) * _product(clients[2])
     np.testing.assert_allclose(_product(new), expected, atol=1e-5)
 
@@ -108,9 +116,9 @@ def test_flexlora_cut_is_the_best_lower_rank_approximation() -> None:
     flex = AGGREGATORS["flexlora"]
     glob = _global(4)
     after = _client(rng, 4)
-    full = flex.aggregate(glob, [_update(0, 1.0, glob, {**after})], ALPHA)
+    full = flex.aggregate(glob, [_update(0, 1.0, glob, {**after})], SCALE)
     for rank in (1, 2, 4):
-        cut = flex.cut(full, {"m.lora_A.weight": (rank, N), "m.lora_B.weight": (M, rank)}, ALPHA)
+        cut = flex.cut(full, {"m.lora_A.weight": (rank, N), "m.lora_B.weight": (M, rank)}, SCALE)
         u, s, vt = np.linalg.svd(_product(after))
         np.testing.assert_allclose(_product(cut), (u[:, :rank] * s[:rank]) @ vt[:rank], atol=1e-4)
 
@@ -121,11 +129,15 @@ def test_depth_heterogeneous_round_only_touches_owned_layers() -> None:
     glob["low.lora_A.weight"] = rng.normal(size=(2, N)).astype(np.float32)
     for name, agg in AGGREGATORS.items():
         shallow = {**_client(rng, 2, "high"), "classifier.weight": np.ones((2, N), np.float32)}
-        sent = agg.cut(glob, {k: v.shape for k, v in shallow.items()}, ALPHA)
-        new = agg.aggregate(glob, [_update(0, 1.0, sent, shallow)], ALPHA)
+        sent = agg.cut(glob, {k: v.shape for k, v in shallow.items()}, SCALE)
+        new = agg.aggregate(glob, [_update(0, 1.0, sent, shallow)], SCALE)
         for key in ("low.lora_A.weight", "low.lora_B.weight"):
             np.testing.assert_array_equal(new[key], glob[key], err_msg=name)
-        assert not np.allclose(new["high.lora_B.weight"], 0.0), name
+        if isinstance(agg, MergesIntoBase):  # FLoRA: the update is the stack, not the state
+            stack = agg.stack(glob, [_update(0, 1.0, sent, shallow)], SCALE)
+            assert sorted(stack) == ["high.lora_A.weight", "high.lora_B.weight"], name
+        else:
+            assert not np.allclose(new["high.lora_B.weight"], 0.0), name
         np.testing.assert_allclose(new["classifier.weight"], 1.0, err_msg=name)
 
 
@@ -144,10 +156,10 @@ def test_zero_pad_golden() -> None:
     }
     zp = AGGREGATORS["zero_pad"]
     ups = [
-        _update(0, 1.0, zp.cut(glob, {k: v.shape for k, v in small.items()}, ALPHA), small),
+        _update(0, 1.0, zp.cut(glob, {k: v.shape for k, v in small.items()}, SCALE), small),
         _update(1, 1.0, glob, big),
     ]
-    new = zp.aggregate(glob, ups, ALPHA)
+    new = zp.aggregate(glob, ups, SCALE)
     # padded mean: A = ([2, 0] + [1, 3]) / 2, B = ([4, 0] + [2, 6]) / 2
     np.testing.assert_allclose(new["m.lora_A.weight"].ravel(), [1.5, 1.5])
     np.testing.assert_allclose(new["m.lora_B.weight"].ravel(), [3.0, 3.0])
@@ -157,7 +169,7 @@ def _rank_r_global(rng: np.random.Generator, rank: int) -> dict[str, np.ndarray]
     """A non-zero global adapter in FlexLoRA's SVD form (as after any aggregation)."""
     flex = AGGREGATORS["flexlora"]
     start = _client(rng, rank)
-    return flex.aggregate(_global(rank), [_update(0, 1.0, _global(rank), start)], ALPHA)
+    return flex.aggregate(_global(rank), [_update(0, 1.0, _global(rank), start)], SCALE)
 
 
 def test_flexlora_low_rank_client_with_no_change_leaves_the_global_unchanged() -> None:
@@ -165,8 +177,8 @@ def test_flexlora_low_rank_client_with_no_change_leaves_the_global_unchanged() -
     rng = np.random.default_rng(4)
     flex = AGGREGATORS["flexlora"]
     glob = _rank_r_global(rng, 4)
-    sent = flex.cut(glob, {"m.lora_A.weight": (1, N), "m.lora_B.weight": (M, 1)}, ALPHA)
-    new = flex.aggregate(glob, [_update(0, 1.0, sent, dict(sent))], ALPHA)
+    sent = flex.cut(glob, {"m.lora_A.weight": (1, N), "m.lora_B.weight": (M, 1)}, SCALE)
+    new = flex.aggregate(glob, [_update(0, 1.0, sent, dict(sent))], SCALE)
     np.testing.assert_allclose(_product(new), _product(glob), atol=1e-5)
     assert np.linalg.matrix_rank(_product(new), tol=1e-6) == 4
 
@@ -178,11 +190,71 @@ def test_flexlora_adds_each_clients_exact_product_change() -> None:
     glob = _rank_r_global(rng, 4)
     updates, change = [], np.zeros((M, N))
     for cid, (rank, weight) in enumerate([(1, 2.0), (2, 1.0), (4, 1.0)]):
-        sent = flex.cut(glob, {"m.lora_A.weight": (rank, N), "m.lora_B.weight": (M, rank)}, ALPHA)
+        sent = flex.cut(glob, {"m.lora_A.weight": (rank, N), "m.lora_B.weight": (M, rank)}, SCALE)
         after = {k: v + 0.1 * rng.normal(size=v.shape).astype(np.float32) for k, v in sent.items()}
         updates.append(_update(cid, weight, sent, after))
         change += (weight / 4.0) * (_product(after) - _product(sent))
-    new = flex.aggregate(glob, updates, ALPHA)
+    new = flex.aggregate(glob, updates, SCALE)
     expected = _product(glob) + change  # rank up to 10; the global keeps its best rank 4
     u, s, vt = np.linalg.svd(expected)
     np.testing.assert_allclose(_product(new), (u[:, :4] * s[:4]) @ vt[:4], atol=1e-4)
+
+
+# ---------------------------------------------------------------- FLoRA (stacking)
+
+
+def test_flora_stack_is_the_exact_weighted_product_and_adapters_restart() -> None:
+    rng = np.random.default_rng(6)
+    flora = AGGREGATORS["flora"]
+    glob = _global(4, modules=("low", "high"))
+    glob["high.lora_A.weight"] = rng.normal(size=(4, N)).astype(np.float32)  # the restart A
+    clients = [(1, 3.0, ("high",)), (2, 1.0, ("low", "high")), (4, 4.0, ("high",))]
+    updates, expected = [], {"low": np.zeros((M, N)), "high": np.zeros((M, N))}
+    owners = {"low": 1.0, "high": 8.0}  # Σ weights of the clients that own each module
+    for cid, (rank, weight, modules) in enumerate(clients):
+        after = {k: v for m in modules for k, v in _client(rng, rank, m).items()}
+        sent = flora.cut(glob, {k: v.shape for k, v in after.items()}, SCALE)
+        updates.append(_update(cid, weight, sent, after))
+        for m in modules:
+            expected[m] += (weight / owners[m]) * _product(after, m)
+    stack = flora.stack(glob, updates, SCALE)
+    assert stack["high.lora_A.weight"].shape == (1 + 2 + 4, N)  # nothing truncated
+    for m in ("low", "high"):
+        merged = merge_stacks({}, [stack])[m]
+        np.testing.assert_allclose(merged, expected[m], rtol=1e-5, atol=1e-5)
+    new = flora.aggregate(glob, updates, SCALE)
+    for key in ("high.lora_A.weight", "high.lora_B.weight", "low.lora_B.weight"):
+        np.testing.assert_array_equal(new[key], glob[key])  # every round restarts from here
+
+
+def test_merge_stacks_accumulates_rounds() -> None:
+    b, a = np.ones((M, 1), np.float32), np.full((1, N), 2.0, np.float32)
+    stack = {"m.lora_B.weight": b, "m.lora_A.weight": a}
+    merged = merge_stacks(merge_stacks({}, [stack]), [stack, stack], scale=0.5)
+    np.testing.assert_allclose(merged["m"], 2.0 + 0.5 * 2 * 2.0)
+
+
+@pytest.mark.parametrize("rule", ["standard", "rslora", "fixed"])
+def test_flexlora_is_exact_under_every_scaling_rule(rule: str) -> None:
+    """Σ p_k s(r_k) B_k A_k is aggregated exactly, and each cut is the best rank-r
+    approximation under s(r), whatever the rule."""
+    scale = LoraConfig(r=4, alpha=ALPHA, scaling=rule).scaling_for
+
+    def product(state: dict[str, np.ndarray]) -> np.ndarray:
+        a, b = state["m.lora_A.weight"], state["m.lora_B.weight"]
+        return scale(a.shape[0]) * b.astype(np.float64) @ a
+
+    rng = np.random.default_rng(7)
+    flex = AGGREGATORS["flexlora"]
+    glob = _global(4)
+    clients = {1: _client(rng, 1), 2: _client(rng, 2)}
+    updates = [
+        _update(r, float(r), flex.cut(glob, {k: v.shape for k, v in c.items()}, scale), c)
+        for r, c in clients.items()
+    ]
+    new = flex.aggregate(glob, updates, scale)
+    expected = (1 / 3) * product(clients[1]) + (2 / 3) * product(clients[2])
+    np.testing.assert_allclose(product(new), expected, atol=1e-5)
+    u, s, vt = np.linalg.svd(expected)
+    cut = flex.cut(new, {"m.lora_A.weight": (2, N), "m.lora_B.weight": (M, 2)}, scale)
+    np.testing.assert_allclose(product(cut), (u[:, :2] * s[:2]) @ vt[:2], atol=1e-5)

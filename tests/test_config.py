@@ -38,6 +38,7 @@ def test_defaults_are_valid() -> None:
         ({"lora": {"r": 2.5}}, "'lora.r' should be int"),
         ({"train": {"lr": "fast"}}, "'train.lr' should be float"),
         ({"lora": {"train_head": 1}}, "'lora.train_head' should be bool"),
+        ({"lora": {"scaling": "sqrt"}}, "'lora.scaling' should be one of"),
         ({"lora": {"target_modules": "query"}}, "'lora.target_modules' should be a list"),
         ({"lora": {"rank_pattern": {"query": "x"}}}, "'lora.rank_pattern.query' should be int"),
         (

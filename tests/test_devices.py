@@ -111,3 +111,150 @@ def test_lora_for_plan_gives_peft_the_ranks() -> None:
     ranks = {k.split(".lora_")[0]: v.shape for k, v in state.items() if "lora_A" in k}
     assert {s[0] for k, s in ranks.items() if ".layer.0." in k} == {2}
     assert {s[0] for k, s in ranks.items() if ".layer.1." in k} == {4}
+
+
+# ---------------------------------------------------------------- declared device profiles
+def _tiny_cfg(*overrides: str):  # type: ignore[no-untyped-def]
+    from fedpeft.config import load_config
+
+    tiny = [
+        "model.name=tiny-bert", "model.max_length=32", "lora.r=4",
+        "data.synthetic_samples=200", "partition.num_clients=2", "partition.scheme=iid",
+    ]  # fmt: skip
+    return load_config("configs/quickstart.yaml", [*tiny, *overrides])
+
+
+def test_a_node_declares_its_profile_in_its_node_config() -> None:
+    from fedpeft import wire
+    from fedpeft.devices import DeviceProfile
+
+    reply = {"partition-id": 0, "device": "phone", "memory-mb": 150, "speed": 0.5,
+             "uplink-mbps": 5, "max-rank": 2}  # fmt: skip
+    assert wire.declared_profile(reply) == DeviceProfile("phone", 150.0, 0.5, 5.0, 2)
+    assert wire.declared_partition(reply) == 0
+    # only the budget: defaults for the rest, as in a profile YAML
+    assert wire.declared_profile({"memory-mb": 64.5}) == DeviceProfile("declared", 64.5)
+    # Flower's simulation node config declares no profile
+    assert wire.declared_profile({"partition-id": 1, "num-partitions": 2}) is None
+    assert wire.declared_partition({"partition-id": "1"}) == -1
+    assert wire.declared_partition({}) == -1
+
+
+@pytest.mark.parametrize(
+    ("reply", "fragment"),
+    [
+        ({"memory-mb": -5}, "'memory-mb' should be a positive number"),
+        ({"memory-mb": "150"}, "'memory-mb' should be a positive number"),
+        ({"memory-mb": True}, "'memory-mb' should be a positive number"),
+        ({"memory-mb": float("nan")}, "'memory-mb' should be a positive number"),
+        ({"memory-mb": 150, "speed": 0}, "'speed' should be a positive number"),
+        ({"memory-mb": 150, "uplink-mbps": "fast"}, "'uplink-mbps' should be a positive"),
+        ({"memory-mb": 150, "max-rank": 0}, "'max-rank' should be a positive integer"),
+        ({"memory-mb": 150, "max-rank": 2.5}, "'max-rank' should be a positive integer"),
+        ({"memory-mb": 150, "device": 3}, "'device' should be a non-empty string"),
+        ({"device": "phone", "speed": 0.5}, "but no 'memory-mb' budget"),
+    ],
+)
+def test_a_malformed_declaration_is_one_sentence(reply: dict[str, object], fragment: str) -> None:
+    from fedpeft import wire
+
+    with pytest.raises(wire.UpdateRejected, match=fragment) as info:
+        wire.declared_profile(reply)
+    assert str(info.value).count(". ") == 0 and "\n" not in str(info.value)
+
+
+def _shapes_cover(big: dict[str, tuple[int, ...]], small: dict[str, tuple[int, ...]]) -> bool:
+    return set(small) <= set(big) and all(
+        all(b >= s for b, s in zip(big[k], small[k], strict=True)) for k in small
+    )
+
+
+def _top_rank(lora: LoraConfig) -> int:
+    return max(lora.rank_pattern.values(), default=lora.r)
+
+
+def test_declared_profiles_next_to_uniform_clients() -> None:
+    from fedpeft.devices import DeviceProfile
+    from fedpeft.models import adapter_shapes
+    from fedpeft.planning import plan_clients
+
+    cfg = _tiny_cfg()
+    fleet = plan_clients(cfg, 2, {0: DeviceProfile("phone", 5, max_rank=2)})
+    assert fleet.profile_names == {0: "phone", 1: "uniform"}
+    phone, uniform = fleet.client_loras[0], fleet.client_loras[1]
+    assert phone.layers_to_transform == (1,) and _top_rank(phone) == 2  # top layer, capped
+    assert uniform == cfg.lora  # an undeclared client keeps the config's lora as it is
+    glob = adapter_shapes(cfg.model, fleet.global_lora, 2)
+    for lora in (phone, uniform):
+        assert _shapes_cover(glob, adapter_shapes(cfg.model, lora, 2))
+    assert plan_clients(cfg, 2).global_lora == cfg.lora  # nothing declared: as before
+
+
+def test_a_declared_profile_overrides_the_fleet_config(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from fedpeft.devices import DeviceProfile
+    from fedpeft.models import adapter_shapes
+    from fedpeft.planning import plan_clients
+
+    (tmp_path / "small.yaml").write_text("name: small\nmemory_mb: 5\nmax_rank: 1\n")
+    cfg = _tiny_cfg(f"fleet.profiles=['{tmp_path / 'small.yaml'}']", "fleet.mix={small: 2}")
+    assert plan_clients(cfg, 2).profile_names == {0: "small", 1: "small"}
+    fleet = plan_clients(cfg, 2, {1: DeviceProfile("workstation", 64)})
+    assert fleet.profile_names == {0: "small", 1: "workstation"}
+    small, big = fleet.client_loras[0], fleet.client_loras[1]
+    assert (small.layers_to_transform, _top_rank(small)) == ((1,), 1)
+    assert big.layers_to_transform == (0, 1) and _top_rank(big) == 16  # the fleet's max_rank
+    # the global adapter holds the declared (highest) ranks on every layer
+    glob = adapter_shapes(cfg.model, fleet.global_lora, 2)
+    assert glob == adapter_shapes(cfg.model, big, 2)
+    assert _shapes_cover(glob, adapter_shapes(cfg.model, small, 2))
+
+
+def test_a_declared_profile_too_small_leaves_only_that_node_out() -> None:
+    from fedpeft.config import ConfigError
+    from fedpeft.devices import DeviceProfile
+    from fedpeft.planning import plan_clients
+
+    cfg = _tiny_cfg()
+    fleet = plan_clients(cfg, 2, {0: DeviceProfile("toaster", 1), 1: DeviceProfile("pc", 64)})
+    assert set(fleet.client_loras) == {1} and set(fleet.left_out) == {0}
+    assert "'toaster' (1 MiB) cannot train even one adapted layer" in fleet.left_out[0]
+    with pytest.raises(ConfigError, match="No client can train"):
+        plan_clients(cfg, 2, {0: DeviceProfile("toaster", 1), 1: DeviceProfile("kettle", 2)})
+
+
+def test_the_server_leaves_a_malformed_declaration_out_with_a_warning(caplog) -> None:  # type: ignore[no-untyped-def]
+    from fedpeft.devices import DeviceProfile
+    from server.app import read_declaration
+
+    assert read_declaration(7, {"partition-id": 1, "memory-mb": 64}) == (
+        1,
+        DeviceProfile("declared", 64.0),
+    )
+    assert read_declaration(8, {"partition-id": 0}) == (0, None)
+    with caplog.at_level("WARNING", logger="fedpeft"):
+        assert read_declaration(9, {"partition-id": 0, "memory-mb": 0}) is None
+    assert "node 9 declares a malformed device profile" in caplog.text
+    assert "'memory-mb' should be a positive number, got 0" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [
+        ("standard", {2: 8.0, 4: 4.0}),
+        ("rslora", {2: 16 / 2**0.5, 4: 8.0}),
+        ("fixed", {2: 2.0, 4: 2.0}),
+    ],
+)
+def test_lora_scaling_rule_is_what_peft_applies(rule: str, expected: dict[int, float]) -> None:
+    """Each adapted module of a mixed-rank plan is scaled by s(r) of ``lora.scaling``
+    (fixed: alpha / lora.r = 16 / 8 at every rank)."""
+    from fedpeft.devices import lora_for_plan
+
+    base = LoraConfig(r=8, alpha=16, target_modules=("query", "value"), scaling=rule)
+    lora = lora_for_plan(base, AdapterPlan(2, (2, 4)), "bert")
+    model = build_peft_model(ModelConfig(name="tiny-bert"), lora, 2)
+    for name, module in model.named_modules():
+        if name.endswith(("query", "value")) and hasattr(module, "scaling"):
+            rank = module.r["default"]
+            assert module.scaling["default"] == pytest.approx(expected[rank]), name
+            assert base.scaling_for(rank) == pytest.approx(expected[rank])

@@ -10,28 +10,20 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-FLWR = str(Path(sys.executable).parent / "flwr")
 TINY = (
     "model.name=tiny-bert model.max_length=32 lora.r=4 data.synthetic_samples=200 "
     "partition.num_clients=2 partition.scheme=iid federation.rounds=1 train.local_steps=2"
 )
-
-
-def _flwr(args: list[str], env: dict[str, str], timeout: float = 120) -> str:
-    proc = subprocess.run(
-        [FLWR, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
 
 
 def _superlink_pids(flwr_home: Path) -> list[int]:
@@ -40,46 +32,29 @@ def _superlink_pids(flwr_home: Path) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def test_flwr_run_completes(tmp_path: Path) -> None:
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+def test_flwr_run_completes(tmp_path: Path, flwr_cli: Callable[..., Any]) -> None:
+    flwr = flwr_cli("local", ":local:")
+    flwr.env.update(
+        {
+            # private ports, so a SuperLink of another run is never reused
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "39491",
+            "FLWR_LOCAL_CONTROL_API_PORT": "39493",
+        }
     )
-    env = {
-        **os.environ,
-        # flwr starts `flower-superlink` by name: it must be this environment's
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "FLWR_HOME": str(home),
-        # private ports, so a SuperLink of another run is never reused
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "39491",
-        "FLWR_LOCAL_CONTROL_API_PORT": "39493",
-    }
     out_dir = tmp_path / "out"
     run_config = f"config='{ROOT / 'configs' / 'quickstart.yaml'}' out='{out_dir}' set='{TINY}'"
     try:
         federation = "num-supernodes=2 client-resources-num-cpus=1"
-        args = ["run", ".", "local", "--format", "json", "--run-config", run_config]
-        started = json.loads(_flwr([*args, "--federation-config", federation], env))
-        assert started["success"], started
-        status = ""
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            listing = json.loads(
-                _flwr(["ls", "local", "--run-id", str(started["run-id"]), "--format", "json"], env)
-            )
-            status = listing["runs"][0]["status"]
-            if status.startswith("finished"):
-                break
-            time.sleep(3)
+        run_id = flwr.run(run_config, "--federation-config", federation)
+        status, listing = flwr.final_status(run_id, wait_s=240)
         assert status == "finished:completed", listing
     finally:
-        for pid in _superlink_pids(home):
+        for pid in _superlink_pids(flwr.home):
             os.kill(pid, signal.SIGTERM)
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1] and sorted(rows[0]["clients"]) == [0, 1]
     assert (out_dir / "adapter" / "adapter_model.safetensors").is_file()
     deadline = time.time() + 20
-    while _superlink_pids(home) and time.time() < deadline:
+    while _superlink_pids(flwr.home) and time.time() < deadline:
         time.sleep(0.5)
-    assert not _superlink_pids(home), "the local SuperLink outlived the test"
+    assert not _superlink_pids(flwr.home), "the local SuperLink outlived the test"

@@ -53,6 +53,7 @@ def tapped_client_app(log_path: Path) -> ClientApp:
             ins = wire.decode_train_ins(msg.content)
             entry["round"], entry["partition"] = ins.server_round, ins.partition_id
             entry["node_partition"] = context.node_config["partition-id"]
+        entry["in_records"] = sorted(msg.content.array_records)
         entry["in_bytes"] = wire.record_bytes(msg.content)
         entry["out_bytes"] = wire.record_bytes(reply.content)
         entry["in_arrays"] = {
@@ -251,3 +252,40 @@ def test_mixed_fleet_trains_end_to_end(tmp_path: Path, aggregator: str) -> None:
     assert all(".layer.1." in k or "classifier" in k for k in small_plan)
     ranks = {v[0] for k, v in max(plans, key=len).items() if "lora_A" in k}
     assert ranks == {4, 8}  # lower layer at half the top rank
+
+
+def test_flora_merges_into_every_base_and_exports_an_exact_adapter(tmp_path: Path) -> None:
+    """FLoRA on a mixed fleet: from round 2 each train message carries the previous
+    round's stacked update, nodes merge it, and the saved adapter (full-rank export of
+    base + merged) reproduces the server's last evaluation."""
+    from peft import PeftModel
+
+    small, large = tmp_path / "small.yaml", tmp_path / "large.yaml"
+    small.write_text("name: small\nmemory_mb: 4.6\n")
+    large.write_text("name: large\nmemory_mb: 64\n")
+    raw = {
+        **TINY,
+        "partition": {"num_clients": 3, "scheme": "iid"},
+        "federation": {"rounds": 3, "min_clients": 2, "aggregator": "flora", "client_eval": True},
+        "fleet": {"profiles": [str(small), str(large)], "mix": {"small": 1, "large": 2}},
+    }
+    tap = tmp_path / "tap.jsonl"
+    cfg = config_from_dict(raw)
+    simulate(cfg, tmp_path / "run", client_app=tapped_client_app(tap))
+    trains = [e for e in _read_jsonl(tap) if e["type"] == "train"]
+    for e in trains:
+        merges = [r for r in e["in_records"] if r.startswith("merge-")]
+        assert merges == ([] if e["round"] == 1 else [f"merge-{e['round'] - 1}"]), e
+    rows = _read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert all(sorted(r["clients"]) == [0, 1, 2] and r["rejected"] == [] for r in rows)
+    assert rows[0]["downlink_bytes"] < rows[1]["downlink_bytes"]  # the stack travels down
+
+    ds = load_dataset(cfg.data, cfg.model.task, cfg.seed)
+    loaded = PeftModel.from_pretrained(
+        load_base_model(cfg.model, ds.num_labels), str(tmp_path / "run" / "adapter")
+    )
+    tok = load_tokenizer(cfg.model.name)
+    test = encode(ds.test, tok, cfg.model.max_length)
+    metrics = evaluate(loaded, test, 64, tok.pad_token_id, "classification")
+    assert metrics["loss"] == pytest.approx(rows[-1]["loss"], abs=1e-4)
+    assert metrics["accuracy"] == pytest.approx(rows[-1]["accuracy"], abs=1e-6)

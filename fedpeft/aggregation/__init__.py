@@ -5,21 +5,26 @@ round's updates (:class:`~fedpeft.aggregation.base.Aggregator`). Build by name f
 :data:`AGGREGATORS`; add one by registering it here.
 
 - ``flexlora``: exact product aggregation, SVD re-factorized per rank (heterogeneous ranks).
+- ``flora``: FLoRA, the stacked exact product merged into every client's base weights
+  (exact; the stack grows with the clients). Aggregators with ``merges_into_base`` also
+  implement :class:`MergesIntoBase`.
 - ``zero_pad``: HetLoRA, zero-padded factor averaging (baseline, inexact).
 - ``fedit``: FedAvg of the factors (baseline, inexact for the product).
 """
 
 from __future__ import annotations
 
-from fedpeft.aggregation.base import Aggregator, ClientUpdate, State, server_step
+from fedpeft.aggregation.base import Aggregator, ClientUpdate, MergesIntoBase, State, server_step
 from fedpeft.aggregation.fedit import FedIT, aggregate_fedit
 from fedpeft.aggregation.flexlora import FlexLoRA
+from fedpeft.aggregation.flora import FLoRA, merge_stacks
 from fedpeft.aggregation.zero_pad import ZeroPad
 
 AGGREGATORS: dict[str, Aggregator] = {
     "fedit": FedIT(),
     "zero_pad": ZeroPad(),
     "flexlora": FlexLoRA(),
+    "flora": FLoRA(),
 }
 
 
@@ -33,8 +38,10 @@ __all__ = [
     "AGGREGATORS",
     "Aggregator",
     "ClientUpdate",
+    "MergesIntoBase",
     "State",
     "aggregate_fedit",
     "get_aggregator",
+    "merge_stacks",
     "server_step",
 ]

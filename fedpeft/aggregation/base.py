@@ -3,17 +3,19 @@
 State keys follow peft: ``<module>.lora_A.weight`` (r × n) and ``<module>.lora_B.weight``
 (m × r) for each adapted module, plus task-head tensors that every client shares in the
 same shape. A client of rank r_k gets the first r_k components of a module's global
-factors (its *cut*) and applies them with scaling alpha / r_k.
+factors (its *cut*) and applies them with scaling s(r_k) (``lora.scaling``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 State = dict[str, np.ndarray]
+Scaling = Callable[[int], float]  # s(r): the LoRA factor on B A at rank r (LoraConfig.scaling_for)
 LORA_A, LORA_B = ".lora_A.", ".lora_B."
 
 
@@ -41,12 +43,29 @@ class ClientUpdate:
 class Aggregator(Protocol):
     """How the global adapters are cut for a client and rebuilt from the replies."""
 
-    def cut(self, global_state: State, shapes: dict[str, tuple[int, ...]], alpha: float) -> State:
+    def cut(
+        self, global_state: State, shapes: dict[str, tuple[int, ...]], scaling: Scaling
+    ) -> State:
         """The client's adapters, for the tensor shapes of its plan."""
         ...
 
-    def aggregate(self, global_state: State, updates: list[ClientUpdate], alpha: float) -> State:
+    def aggregate(
+        self, global_state: State, updates: list[ClientUpdate], scaling: Scaling
+    ) -> State:
         """The new global state; modules no client trained keep their value."""
+        ...
+
+
+@runtime_checkable
+class MergesIntoBase(Protocol):
+    """An aggregator whose round update is merged into every client's base weights
+    (FLoRA) instead of living in the exchanged adapters."""
+
+    merges_into_base: bool
+
+    def stack(self, global_state: State, updates: list[ClientUpdate], scaling: Scaling) -> State:
+        """The round's exact product update as low-rank factors under LoRA keys, with the
+        weights and scalings folded into B (ΔW = B A per module)."""
         ...
 
 

@@ -11,16 +11,20 @@ that sent it, so layers trained by no client keep their previous value.
 
 from __future__ import annotations
 
-from fedpeft.aggregation.base import ClientUpdate, State, average_deltas, truncate
+from fedpeft.aggregation.base import ClientUpdate, Scaling, State, average_deltas, truncate
 
 
 class FedIT:
-    def cut(self, global_state: State, shapes: dict[str, tuple[int, ...]], alpha: float) -> State:
+    def cut(
+        self, global_state: State, shapes: dict[str, tuple[int, ...]], scaling: Scaling
+    ) -> State:
         return truncate(global_state, shapes)
 
-    def aggregate(self, global_state: State, updates: list[ClientUpdate], alpha: float) -> State:
+    def aggregate(
+        self, global_state: State, updates: list[ClientUpdate], scaling: Scaling
+    ) -> State:
         return average_deltas(global_state, updates, list(global_state))
 
 
 def aggregate_fedit(global_state: State, updates: list[ClientUpdate]) -> State:
-    return FedIT().aggregate(global_state, updates, alpha=1.0)
+    return FedIT().aggregate(global_state, updates, scaling=lambda r: 1.0)

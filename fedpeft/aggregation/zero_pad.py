@@ -5,7 +5,7 @@ server averages the *full* factors zero-padded to the global rank,
     B' = Σ_k p_k [B_k, 0],   A' = Σ_k p_k [A_k; 0],
 
 so components beyond a client's rank are pulled toward zero by every smaller client.
-Inexact for the product (cross terms), and each rank is applied with its own alpha / r_k.
+Inexact for the product (cross terms), and each rank is applied with its own s(r_k).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 
 from fedpeft.aggregation.base import (
     ClientUpdate,
+    Scaling,
     State,
     average_deltas,
     module_of,
@@ -23,10 +24,14 @@ from fedpeft.aggregation.base import (
 
 
 class ZeroPad:
-    def cut(self, global_state: State, shapes: dict[str, tuple[int, ...]], alpha: float) -> State:
+    def cut(
+        self, global_state: State, shapes: dict[str, tuple[int, ...]], scaling: Scaling
+    ) -> State:
         return truncate(global_state, shapes)
 
-    def aggregate(self, global_state: State, updates: list[ClientUpdate], alpha: float) -> State:
+    def aggregate(
+        self, global_state: State, updates: list[ClientUpdate], scaling: Scaling
+    ) -> State:
         lora = [k for k in global_state if module_of(k) is not None]
         head = [k for k in global_state if module_of(k) is None]
         new = average_deltas(global_state, updates, head)
