@@ -4,10 +4,14 @@ MiniLM on ../shared/data/mr, 10 clients, Dirichlet(0.5), the local recipe of
 configs/mr.yaml. The mixed fleet (configs/devices/bench/) has phones (depth 2, ranks
 1-2), single-board computers (depth 4, ranks 2-4), tablets (all 6 layers, ranks 4-8) and
 laptops (all 6 layers, ranks 8-16), planned from their memory budgets. Prints accuracy
-(mean of the last 3 rounds), total uplink bytes and wall time per run, and each
+(mean of the last 3 rounds), total uplink and downlink bytes and wall time per run, and each
 profile's plan with its estimated and measured training-step memory.
 
-    python simulations/bench_hetero.py [--rounds N] [--aggregators flexlora zero_pad fedit]
+    python simulations/bench_hetero.py [--rounds N] [--aggregators flexlora flora zero_pad fedit]
+        [--scaling fixed|standard|rslora] [--no-homogeneous]
+
+``--scaling`` is the mixed fleet's ``lora.scaling``. The homogeneous fleet has one rank
+(r = 8 = lora.r), where every rule gives the same alpha / 8.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ def run(name: str, overrides: list[str], out: Path) -> dict[str, float]:
     return {
         "accuracy": last3,
         "uplink": summary["uplink_bytes_total"],
+        "downlink": summary["downlink_bytes_total"],
         "minutes": (time.time() - start) / 60,
     }
 
@@ -50,7 +55,11 @@ def run(name: str, overrides: list[str], out: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--aggregators", nargs="+", default=["flexlora", "zero_pad", "fedit"])
+    parser.add_argument(
+        "--aggregators", nargs="+", default=["flexlora", "flora", "zero_pad", "fedit"]
+    )
+    parser.add_argument("--scaling", default="fixed", choices=["fixed", "standard", "rslora"])
+    parser.add_argument("--no-homogeneous", action="store_true", help="skip the reference run")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench_hetero"))
     args = parser.parse_args()
     os.chdir(ROOT)
@@ -59,16 +68,22 @@ def main() -> None:
     rounds = f"federation.rounds={args.rounds}"
 
     print(format_plan(plan_fleet(load_config(ROOT / "configs" / "mr.yaml", FLEET), measure=True)))
-    results = {"homogeneous r=8 (fedit)": run("homogeneous", [rounds], out)}
+    results = {}
+    if not args.no_homogeneous:
+        results["homogeneous r=8 (fedit)"] = run("homogeneous", [rounds], out)
+    scaling = f"lora.scaling={args.scaling}"
     for agg in args.aggregators:
-        results[f"mixed fleet ({agg})"] = run(
-            agg, [rounds, f"federation.aggregator={agg}", *FLEET], out
+        results[f"mixed fleet ({agg}, {args.scaling})"] = run(
+            f"{agg}-{args.scaling}", [rounds, f"federation.aggregator={agg}", scaling, *FLEET], out
         )
 
     print(f"\n{args.rounds} rounds, 10 clients, mr")
-    print(f"{'run':<28}{'accuracy (last 3)':>18}{'uplink MB':>11}{'minutes':>9}")
+    print(f"{'run':<36}{'accuracy (last 3)':>18}{'uplink MB':>11}{'downlink MB':>13}{'minutes':>9}")
     for name, r in results.items():
-        print(f"{name:<28}{r['accuracy']:>18.4f}{r['uplink'] / 1e6:>11.1f}{r['minutes']:>9.1f}")
+        print(
+            f"{name:<36}{r['accuracy']:>18.4f}{r['uplink'] / 1e6:>11.1f}"
+            f"{r['downlink'] / 1e6:>13.1f}{r['minutes']:>9.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -80,3 +80,23 @@ def test_aggregate_svd_picks_an_exact_route(ranks: list[int]) -> None:
     terms = _terms(ranks, m=12, n=9)
     np.testing.assert_allclose(aggregate_svd(terms).dense(), _dense_sum(terms), atol=1e-9)
     np.testing.assert_allclose(svd_accumulated(terms).dense(), _dense_sum(terms), atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("ranks", "limit", "groups"),
+    [([2, 3, 4], 5, [[2, 3], [4]]), ([8, 1], 4, [[8], [1]]), ([1] * 5, 9, [[1] * 5])],
+)
+def test_accumulation_chunks_respect_the_rank_limit(
+    ranks: list[int], limit: int, groups: list[list[int]]
+) -> None:
+    from fedpeft.aggregation.lowrank import _rank_chunks
+
+    chunks = _rank_chunks(_terms(ranks), limit)
+    assert [[t.lora_a.shape[0] for t in c] for c in chunks] == groups
+
+
+def test_accumulated_route_is_exact_across_many_chunks() -> None:
+    from fedpeft.aggregation.lowrank import svd_accumulated
+
+    terms = _terms([3] * 20, m=7, n=6)  # stacked rank 60, chunks of rank <= 6
+    np.testing.assert_allclose(svd_accumulated(terms).dense(), _dense_sum(terms), atol=1e-9)
