@@ -59,10 +59,12 @@ class LoraConfig:
         layers_to_transform: transformer layer indices that get adapters (``null``: all).
         rank_pattern: per-module rank overrides, peft's regex-key format.
         train_head: whether the task head (classifier) is trained and exchanged.
-        scaling: the factor s(r) on B A of a module of rank r: ``standard``, alpha / r
-            (Hu et al., peft's default); ``rslora``, alpha / sqrt(r) (Kalajdzievski, 2023);
-            ``fixed``, alpha / ``r`` above for every module whatever its own rank, so that
-            in a fleet of mixed ranks one optimizer step moves each rank's product alike.
+        scaling: the factor s(r) on B A of a module of rank r: ``fixed`` (default),
+            alpha / ``r`` above for every module whatever its own rank, so that in a fleet
+            of mixed ranks an optimizer step moves each client's product alike (with one
+            rank everywhere it is alpha / r); ``standard``, alpha / r_module (Hu et al.,
+            peft's default; a rank-1 phone then moves 16× as far as a rank-16 laptop);
+            ``rslora``, alpha / sqrt(r_module) (Kalajdzievski, 2023).
     """
 
     r: int = 8
@@ -72,7 +74,7 @@ class LoraConfig:
     layers_to_transform: tuple[int, ...] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     train_head: bool = True
-    scaling: str = "standard"
+    scaling: str = "fixed"
 
     def __hash__(self) -> int:  # rank_pattern is a dict; hash its canonical JSON
         return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))

@@ -68,7 +68,7 @@ def test_server_step_scales_the_move() -> None:
 # ---------------------------------------------------------------- heterogeneous ranks
 
 ALPHA = 8.0
-SCALE = LoraConfig(alpha=ALPHA).scaling_for  # alpha / r
+SCALE = LoraConfig(alpha=ALPHA, scaling="standard").scaling_for  # alpha / r
 M, N = 10, 7
 
 

@@ -93,6 +93,16 @@ def truncate(global_state: State, shapes: dict[str, tuple[int, ...]]) -> State:
     return out
 
 
+class LeadingCut:
+    """A client gets the leading r_k components of the global factors as they are (the
+    cut of FedIT, HetLoRA and FLoRA; FlexLoRA also rescales B)."""
+
+    def cut(
+        self, global_state: State, shapes: dict[str, tuple[int, ...]], scaling: Scaling
+    ) -> State:
+        return truncate(global_state, shapes)
+
+
 def pad_to(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     padded = np.zeros(shape, dtype=np.float64)
     padded[tuple(slice(0, s) for s in value.shape)] = value

@@ -11,15 +11,10 @@ that sent it, so layers trained by no client keep their previous value.
 
 from __future__ import annotations
 
-from fedpeft.aggregation.base import ClientUpdate, Scaling, State, average_deltas, truncate
+from fedpeft.aggregation.base import ClientUpdate, LeadingCut, Scaling, State, average_deltas
 
 
-class FedIT:
-    def cut(
-        self, global_state: State, shapes: dict[str, tuple[int, ...]], scaling: Scaling
-    ) -> State:
-        return truncate(global_state, shapes)
-
+class FedIT(LeadingCut):
     def aggregate(
         self, global_state: State, updates: list[ClientUpdate], scaling: Scaling
     ) -> State:

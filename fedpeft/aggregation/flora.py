@@ -22,23 +22,18 @@ import numpy as np
 
 from fedpeft.aggregation.base import (
     ClientUpdate,
+    LeadingCut,
     Scaling,
     State,
     average_deltas,
     lora_keys,
     module_of,
-    truncate,
 )
 from fedpeft.aggregation.lowrank import LowRankTerm, stack_terms
 
 
-class FLoRA:
+class FLoRA(LeadingCut):
     merges_into_base = True
-
-    def cut(
-        self, global_state: State, shapes: dict[str, tuple[int, ...]], scaling: Scaling
-    ) -> State:
-        return truncate(global_state, shapes)
 
     def aggregate(
         self, global_state: State, updates: list[ClientUpdate], scaling: Scaling

@@ -14,21 +14,16 @@ import numpy as np
 
 from fedpeft.aggregation.base import (
     ClientUpdate,
+    LeadingCut,
     Scaling,
     State,
     average_deltas,
     module_of,
-    truncate,
     weighted_mean,
 )
 
 
-class ZeroPad:
-    def cut(
-        self, global_state: State, shapes: dict[str, tuple[int, ...]], scaling: Scaling
-    ) -> State:
-        return truncate(global_state, shapes)
-
+class ZeroPad(LeadingCut):
     def aggregate(
         self, global_state: State, updates: list[ClientUpdate], scaling: Scaling
     ) -> State:
