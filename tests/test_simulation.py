@@ -220,7 +220,7 @@ def test_cli_user_mistakes_are_one_sentence(tmp_path: Path, args: list[str], fra
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("aggregator", ["flexlora", "zero_pad"])
+@pytest.mark.parametrize("aggregator", ["flexlora", "zero_pad"])  # flora: its own test
 def test_mixed_fleet_trains_end_to_end(tmp_path: Path, aggregator: str) -> None:
     """Two device profiles: the small one gets LoRA on the top layer only, the large one
     on both layers at higher rank; both train, each message carries only its own plan."""
@@ -252,14 +252,29 @@ def test_mixed_fleet_trains_end_to_end(tmp_path: Path, aggregator: str) -> None:
     assert all(".layer.1." in k or "classifier" in k for k in small_plan)
     ranks = {v[0] for k, v in max(plans, key=len).items() if "lora_A" in k}
     assert ranks == {4, 8}  # lower layer at half the top rank
+    _assert_saved_adapter_reproduces(config_from_dict(raw), tmp_path / "run", rows[-1])
+
+
+def _assert_saved_adapter_reproduces(cfg: Config, out: Path, last: dict[str, Any]) -> None:
+    """``PeftModel.from_pretrained`` on DIR/adapter gives the model the server evaluated
+    (ranks, per-layer scaling and, for FLoRA, the merged updates)."""
+    from peft import PeftModel
+
+    ds = load_dataset(cfg.data, cfg.model.task, cfg.seed)
+    loaded = PeftModel.from_pretrained(
+        load_base_model(cfg.model, ds.num_labels), str(out / "adapter")
+    )
+    tok = load_tokenizer(cfg.model.name)
+    test = encode(ds.test, tok, cfg.model.max_length)
+    metrics = evaluate(loaded, test, 64, tok.pad_token_id, "classification")
+    assert metrics["loss"] == pytest.approx(last["loss"], abs=1e-4)
+    assert metrics["accuracy"] == pytest.approx(last["accuracy"], abs=1e-6)
 
 
 def test_flora_merges_into_every_base_and_exports_an_exact_adapter(tmp_path: Path) -> None:
     """FLoRA on a mixed fleet: from round 2 each train message carries the previous
     round's stacked update, nodes merge it, and the saved adapter (full-rank export of
     base + merged) reproduces the server's last evaluation."""
-    from peft import PeftModel
-
     small, large = tmp_path / "small.yaml", tmp_path / "large.yaml"
     small.write_text("name: small\nmemory_mb: 4.6\n")
     large.write_text("name: large\nmemory_mb: 64\n")
@@ -279,13 +294,4 @@ def test_flora_merges_into_every_base_and_exports_an_exact_adapter(tmp_path: Pat
     rows = _read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert all(sorted(r["clients"]) == [0, 1, 2] and r["rejected"] == [] for r in rows)
     assert rows[0]["downlink_bytes"] < rows[1]["downlink_bytes"]  # the stack travels down
-
-    ds = load_dataset(cfg.data, cfg.model.task, cfg.seed)
-    loaded = PeftModel.from_pretrained(
-        load_base_model(cfg.model, ds.num_labels), str(tmp_path / "run" / "adapter")
-    )
-    tok = load_tokenizer(cfg.model.name)
-    test = encode(ds.test, tok, cfg.model.max_length)
-    metrics = evaluate(loaded, test, 64, tok.pad_token_id, "classification")
-    assert metrics["loss"] == pytest.approx(rows[-1]["loss"], abs=1e-4)
-    assert metrics["accuracy"] == pytest.approx(rows[-1]["accuracy"], abs=1e-6)
+    _assert_saved_adapter_reproduces(cfg, tmp_path / "run", rows[-1])
