@@ -8,7 +8,7 @@ laptops (all 6 layers, ranks 8-16), planned from their memory budgets. Prints ac
 profile's plan with its estimated and measured training-step memory.
 
     python simulations/bench_hetero.py [--rounds N] [--aggregators flexlora flora zero_pad fedit]
-        [--scaling fixed|standard|rslora] [--no-homogeneous]
+        [--scaling fixed|standard|rslora] [--no-homogeneous] [--seed N]
 
 ``--scaling`` is the mixed fleet's ``lora.scaling``. The homogeneous fleet has one rank
 (r = 8 = lora.r), where every rule gives the same alpha / 8.
@@ -54,30 +54,35 @@ def run(name: str, overrides: list[str], out: Path) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument(
         "--aggregators", nargs="+", default=["flexlora", "flora", "zero_pad", "fedit"]
     )
     parser.add_argument("--scaling", default="fixed", choices=["fixed", "standard", "rslora"])
     parser.add_argument("--no-homogeneous", action="store_true", help="skip the reference run")
+    parser.add_argument("--seed", type=int, default=0, help="partitions, init, sampling, batches")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench_hetero"))
     args = parser.parse_args()
     os.chdir(ROOT)
     setup_logging(verbose=False)
     out = Path(args.out)
     rounds = f"federation.rounds={args.rounds}"
+    seed = f"seed={args.seed}"
+    out = out / f"seed{args.seed}"
 
     print(format_plan(plan_fleet(load_config(ROOT / "configs" / "mr.yaml", FLEET), measure=True)))
     results = {}
     if not args.no_homogeneous:
-        results["homogeneous r=8 (fedit)"] = run("homogeneous", [rounds], out)
+        results["homogeneous r=8 (fedit)"] = run("homogeneous", [rounds, seed], out)
     scaling = f"lora.scaling={args.scaling}"
     for agg in args.aggregators:
         results[f"mixed fleet ({agg}, {args.scaling})"] = run(
-            f"{agg}-{args.scaling}", [rounds, f"federation.aggregator={agg}", scaling, *FLEET], out
+            f"{agg}-{args.scaling}",
+            [rounds, seed, f"federation.aggregator={agg}", scaling, *FLEET],
+            out,
         )
 
-    print(f"\n{args.rounds} rounds, 10 clients, mr")
+    print(f"\n{args.rounds} rounds, 10 clients, mr, seed {args.seed}")
     print(f"{'run':<36}{'accuracy (last 3)':>18}{'uplink MB':>11}{'downlink MB':>13}{'minutes':>9}")
     for name, r in results.items():
         print(
