@@ -3,13 +3,14 @@
 Two routes to the SVD of Σ_k p_k s_k B_k A_k, timed in one run on the same factors:
 
 - QR route: stack the factors, QR both, SVD of the small core (never the m x n matrix);
-- dense route: accumulate the m x n sum one client at a time, then its SVD.
+- accumulated route: add up the m x n sum in chunks of stacked rank <= min(m, n) (one
+  GEMM each), then its SVD.
 
 ``fedpeft`` (``aggregate_svd``) takes the QR route when the stacked rank R = Σ r_k is below
-min(m, n) and the dense one otherwise. Cases: MiniLM-sized adapters (12 modules of
+min(m, n) and the accumulated one otherwise. Cases: MiniLM-sized adapters (12 modules of
 384 x 384, rank 8) from 100 and 1,000 clients, where R exceeds 384; and one 2048 x 2048
 module (a 1B-parameter model's projection) from 10 and 100 clients of rank 8, where R
-is far below the matrix size. Prints seconds, the ratio dense / QR, milliseconds per
+is far below the matrix size. Prints seconds, the ratio accumulated / QR, milliseconds per
 client (linear scaling shows as a flat column) and peak numpy memory (tracemalloc).
 
     python simulations/bench_aggregate.py
@@ -42,7 +43,7 @@ RANK, ALPHA = 8, 16.0
 Route = Callable[[list[LowRankTerm]], ThinSVD]
 ROUTES: dict[str, Route] = {
     "qr": lambda terms: svd_of_product(*stack_terms(terms)),
-    "dense": svd_accumulated,
+    "accumulated": svd_accumulated,
     "fedpeft": aggregate_svd,
 }
 
@@ -80,16 +81,16 @@ def main() -> None:
     rng = np.random.default_rng(0)
     cases = [(12, 384, 100), (12, 384, 1000), (1, 2048, 10), (1, 2048, 100)]
     print(f"rank {RANK} per client; best of {args.repeats}; seconds for all modules of a round")
-    head = f"{'modules x dim':>14}{'clients':>8}{'R':>6}{'qr s':>8}{'dense s':>9}{'dense/qr':>9}{'fedpeft s':>10}{'qr ms/client':>13}{'qr MiB':>8}{'dense MiB':>10}"
+    head = f"{'modules x dim':>14}{'clients':>8}{'R':>6}{'qr s':>8}{'accum s':>9}{'accum/qr':>9}{'fedpeft s':>10}{'qr ms/client':>13}{'qr MiB':>8}{'accum MiB':>10}"
     print(head)
     for n_modules, dim, k in cases:
         modules = [client_terms(k, dim, rng) for _ in range(n_modules)]
-        (qr_s, qr_mib), (dense_s, dense_mib), (auto_s, _) = (
-            timed(ROUTES[name], modules, args.repeats) for name in ("qr", "dense", "fedpeft")
+        (qr_s, qr_mib), (acc_s, acc_mib), (auto_s, _) = (
+            timed(ROUTES[name], modules, args.repeats) for name in ("qr", "accumulated", "fedpeft")
         )
         print(
-            f"{f'{n_modules} x {dim}':>14}{k:>8}{k * RANK:>6}{qr_s:>8.3f}{dense_s:>9.3f}"
-            f"{dense_s / qr_s:>9.2f}{auto_s:>10.3f}{1e3 * qr_s / k:>13.3f}{qr_mib:>8.1f}{dense_mib:>10.1f}"
+            f"{f'{n_modules} x {dim}':>14}{k:>8}{k * RANK:>6}{qr_s:>8.3f}{acc_s:>9.3f}"
+            f"{acc_s / qr_s:>9.2f}{auto_s:>10.3f}{1e3 * qr_s / k:>13.3f}{qr_mib:>8.1f}{acc_mib:>10.1f}"
         )
 
 
