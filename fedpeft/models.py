@@ -242,32 +242,46 @@ def set_base_deltas(model: PeftModel, deltas: dict[str, np.ndarray]) -> None:
 
 
 def merged_adapter_model(
-    model: PeftModel, model_cfg: ModelConfig, num_labels: int, base_delta: dict[str, np.ndarray]
+    model: PeftModel,
+    model_cfg: ModelConfig,
+    num_labels: int,
+    base_delta: dict[str, np.ndarray],
+    reuse: PeftModel | None = None,
 ) -> PeftModel:
-    """A fresh PEFT model whose adapter holds, exactly, the merged updates plus ``model``'s
+    """A PEFT model whose adapter holds, exactly, the merged updates plus ``model``'s
     current adapter: per module ΔW = U Σ Vᵀ as a LoRA of rank min(m, n) with B = U Σ,
-    A = Vᵀ and scaling 1 (so ``PeftModel.from_pretrained`` rebuilds what FLoRA trained)."""
+    A = Vᵀ and scaling 1 (so ``PeftModel.from_pretrained`` rebuilds what FLoRA trained).
+
+    ``reuse``: the model this returned last round; it is refilled rather than rebuilt
+    (a base-model copy per round) while the merged modules stay the same.
+    """
     current = adapter_state(model)
-    config = model.peft_config["default"]
     total = dict(base_delta)
     for module in base_delta:
         a, b = current.get(f"{module}.lora_A.weight"), current.get(f"{module}.lora_B.weight")
         if a is not None and b is not None:
-            scaling = _module_scaling(model, module)
-            total[module] = total[module] + scaling * (b @ a)
+            total[module] = total[module] + _module_scaling(model, module) * (b @ a)
     rank = min(min(d.shape) for d in total.values())
-    export: Any = copy.deepcopy(config)  # a peft LoraConfig
-    export.r, export.lora_alpha = rank, rank
-    export.target_modules = {m.removeprefix("base_model.model.") for m in total}
-    export.layers_to_transform, export.rank_pattern, export.alpha_pattern = None, {}, {}
-    merged: PeftModel = get_peft_model(load_base_model(model_cfg, num_labels), export)
+    targets = {m.removeprefix("base_model.model.") for m in total}
+    if reuse is not None and _target_modules(reuse) == targets:
+        export = reuse
+    else:
+        config: Any = copy.deepcopy(model.peft_config["default"])  # a peft LoraConfig
+        config.r, config.lora_alpha, config.target_modules = rank, rank, targets
+        config.layers_to_transform, config.rank_pattern, config.alpha_pattern = None, {}, {}
+        export = get_peft_model(load_base_model(model_cfg, num_labels), config)
     state = {k: v for k, v in current.items() if ".lora_" not in k}  # the head
     for module, delta in total.items():
         u, s, vt = np.linalg.svd(delta.astype(np.float64), full_matrices=False)
         state[f"{module}.lora_B.weight"] = (u[:, :rank] * s[:rank]).astype(np.float32)
         state[f"{module}.lora_A.weight"] = vt[:rank].astype(np.float32)
-    load_adapter_state(merged, state)
-    return merged
+    load_adapter_state(export, state)
+    return export
+
+
+def _target_modules(model: PeftModel) -> set[str]:
+    config: Any = model.peft_config["default"]
+    return set(config.target_modules or ())
 
 
 def _module_scaling(model: PeftModel, module: str) -> float:

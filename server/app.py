@@ -134,6 +134,7 @@ class ServerEvaluator:
         self.test = test
         self.pad_id = load_tokenizer(cfg.model.name).pad_token_id
         self.initial: dict[str, float] = {}
+        self._export: Any = None  # FLoRA's export model, refilled every round
 
     def _evaluate(self) -> dict[str, float]:
         if not self.cfg.federation.server_eval:
@@ -182,9 +183,14 @@ class ServerEvaluator:
         (FLoRA) an exact full-rank adapter of base + merged."""
         if not self.strategy.base_delta:
             return self.model
-        return merged_adapter_model(
-            self.model, self.cfg.model, self.strategy.num_labels, self.strategy.base_delta
+        self._export = merged_adapter_model(
+            self.model,
+            self.cfg.model,
+            self.strategy.num_labels,
+            self.strategy.base_delta,
+            reuse=self._export,
         )
+        return self._export
 
 
 def _fmt(metrics: dict[str, float]) -> str:
