@@ -21,7 +21,9 @@ count the tensors of each size a block saves for backward; they were fitted to
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from fedpeft.config import LoraConfig
 
@@ -133,6 +135,20 @@ def uplink_seconds(profile: DeviceProfile, payload_bytes: int) -> float:
     return 8 * payload_bytes / (profile.uplink_mbps * 1e6)
 
 
+def is_positive_number(value: object) -> TypeGuard[int | float]:
+    """A finite number > 0 (a bool is not a number here, though Python says it is)."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def is_positive_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def load_profile(path: str) -> DeviceProfile:
     """Read a device profile YAML; a bad file ends in one sentence."""
     import yaml
@@ -157,12 +173,12 @@ def load_profile(path: str) -> DeviceProfile:
             f"Device profile '{path}' should have keys name, memory_mb (and speed, uplink_mbps)."
         )
     numbers = [raw.get("memory_mb"), raw.get("speed", 1.0), raw.get("uplink_mbps", 10.0)]
-    if not all(isinstance(v, int | float) and v > 0 for v in numbers):
+    if not all(is_positive_number(v) for v in numbers):
         raise ConfigError(
             f"Device profile '{path}': memory_mb, speed and uplink_mbps should be positive numbers."
         )
     max_rank = raw.get("max_rank")
-    if max_rank is not None and (not isinstance(max_rank, int) or max_rank < 1):
+    if max_rank is not None and not is_positive_int(max_rank):
         raise ConfigError(f"Device profile '{path}': max_rank should be a positive integer.")
     memory_mb, speed, uplink_mbps = map(float, numbers)
     return DeviceProfile(str(raw["name"]), memory_mb, speed, uplink_mbps, max_rank)

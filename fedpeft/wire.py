@@ -15,7 +15,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from fedpeft.devices import DeviceProfile
+from fedpeft.devices import DeviceProfile, is_positive_int, is_positive_number
 
 ADAPTERS = "adapters"
 UPDATE = "update"
@@ -217,9 +217,7 @@ def declared_profile(reply: dict[str, object]) -> DeviceProfile | None:
     if not isinstance(name, str) or not name.strip():
         raise UpdateRejected(f"'{NODE_DEVICE}' should be a non-empty string, got {name!r}")
     max_rank = reply.get(NODE_MAX_RANK)
-    if max_rank is not None and (
-        not isinstance(max_rank, int) or isinstance(max_rank, bool) or max_rank < 1
-    ):
+    if max_rank is not None and not is_positive_int(max_rank):
         raise UpdateRejected(f"'{NODE_MAX_RANK}' should be a positive integer, got {max_rank!r}")
     return DeviceProfile(
         name=name.strip(),
@@ -232,12 +230,7 @@ def declared_profile(reply: dict[str, object]) -> DeviceProfile | None:
 
 def _positive(reply: dict[str, object], key: str, default: float | None) -> float:
     value = reply.get(key, default)
-    if (
-        not isinstance(value, int | float)
-        or isinstance(value, bool)
-        or not np.isfinite(value)
-        or value <= 0
-    ):
+    if not is_positive_number(value):
         raise UpdateRejected(f"'{key}' should be a positive number, got {value!r}")
     return float(value)
 
