@@ -26,6 +26,7 @@ from fedpeft.aggregation import (
     merge_stacks,
     server_step,
 )
+from fedpeft.aggregation.base import LORA_B
 from fedpeft.config import Config, lora_to_json
 from fedpeft.models import adapter_shapes
 from fedpeft.planning import FleetPlan
@@ -144,7 +145,7 @@ class AdapterFedAvg(FedAvg):
         assert isinstance(self.aggregator, MergesIntoBase)
         stack = self.aggregator.stack(self._global, updates, self.cfg.lora.scaling_for)
         eta = self.cfg.federation.server_lr  # W += η ΔW_t, folded into B for the nodes too
-        stack = {k: v * np.float32(eta) if ".lora_B." in k else v for k, v in stack.items()}
+        stack = {k: v * np.float32(eta) if LORA_B in k else v for k, v in stack.items()}
         self.stacks[server_round] = stack
         self.base_delta = merge_stacks(self.base_delta, [stack])
         everyone = min((self.merged_round.get(n, 0) for n in self.partitions), default=0)

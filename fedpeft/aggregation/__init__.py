@@ -6,8 +6,7 @@ round's updates (:class:`~fedpeft.aggregation.base.Aggregator`). Build by name f
 
 - ``flexlora``: exact product aggregation, SVD re-factorized per rank (heterogeneous ranks).
 - ``flora``: FLoRA, the stacked exact product merged into every client's base weights
-  (exact; the stack grows with the clients). Aggregators with ``merges_into_base`` also
-  implement :class:`MergesIntoBase`.
+  (exact; the stack grows with the clients); it also implements :class:`MergesIntoBase`.
 - ``zero_pad``: HetLoRA, zero-padded factor averaging (baseline, inexact).
 - ``fedit``: FedAvg of the factors (baseline, inexact for the product).
 """

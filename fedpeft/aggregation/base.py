@@ -61,8 +61,6 @@ class MergesIntoBase(Protocol):
     """An aggregator whose round update is merged into every client's base weights
     (FLoRA) instead of living in the exchanged adapters."""
 
-    merges_into_base: bool
-
     def stack(self, global_state: State, updates: list[ClientUpdate], scaling: Scaling) -> State:
         """The round's exact product update as low-rank factors under LoRA keys, with the
         weights and scalings folded into B (ΔW = B A per module)."""
@@ -101,6 +99,14 @@ class LeadingCut:
         self, global_state: State, shapes: dict[str, tuple[int, ...]], scaling: Scaling
     ) -> State:
         return truncate(global_state, shapes)
+
+
+def owner_shares(updates: list[ClientUpdate], key: str) -> list[tuple[ClientUpdate, float]]:
+    """The clients that sent ``key``, each with p_k = w_k / Σ_j w_j over them (a layer is
+    averaged over the clients that own it)."""
+    owners = [u for u in updates if key in u.delta]
+    total = sum(u.weight for u in owners)
+    return [(u, u.weight / total) for u in owners]
 
 
 def pad_to(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

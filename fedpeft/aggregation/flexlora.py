@@ -31,12 +31,14 @@ from __future__ import annotations
 import numpy as np
 
 from fedpeft.aggregation.base import (
+    LORA_B,
     ClientUpdate,
     Scaling,
     State,
     average_deltas,
     lora_keys,
     module_of,
+    owner_shares,
     truncate,
 )
 from fedpeft.aggregation.lowrank import LowRankTerm, aggregate_svd, refactor
@@ -48,7 +50,7 @@ class FlexLoRA:
     ) -> State:
         out = truncate(global_state, shapes)
         for key, shape in shapes.items():
-            if ".lora_B." in key:
+            if LORA_B in key:
                 ratio = scaling(global_state[key].shape[1]) / scaling(shape[1])  # s_g / s_r
                 out[key] = (out[key] * ratio).astype(np.float32)
         return out
@@ -77,14 +79,13 @@ def product_update_terms(
     """Low-rank terms whose sum is W + Σ_k p_k (s_k B'_k A'_k − s_k B_k A_k) for one module
     (empty when no client trained it)."""
     key_a, key_b = lora_keys(module)
-    owners = [u for u in updates if key_a in u.delta]
+    owners = owner_shares(updates, key_a)
     if not owners:
         return []
-    total = sum(u.weight for u in owners)
     rank = global_state[key_a].shape[0]
     terms, global_share = [], 1.0
-    for u in owners:
-        p, after = u.weight / total, u.adapters()
+    for u, p in owners:
+        after = u.adapters()
         r = after[key_a].shape[0]
         terms.append(LowRankTerm(p, scaling(r), after[key_b], after[key_a]))
         if r == rank:  # its cut was the whole global product: p_k W cancels with W's share

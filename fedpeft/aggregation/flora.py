@@ -28,13 +28,12 @@ from fedpeft.aggregation.base import (
     average_deltas,
     lora_keys,
     module_of,
+    owner_shares,
 )
 from fedpeft.aggregation.lowrank import LowRankTerm, stack_terms
 
 
 class FLoRA(LeadingCut):
-    merges_into_base = True
-
     def aggregate(
         self, global_state: State, updates: list[ClientUpdate], scaling: Scaling
     ) -> State:
@@ -49,13 +48,11 @@ class FLoRA(LeadingCut):
         out: State = {}
         for module in modules:
             key_a, key_b = lora_keys(module)
-            owners = [(u, u.adapters()) for u in updates if key_a in u.delta]
+            owners = [(p, u.adapters()) for u, p in owner_shares(updates, key_a)]
             if not owners:
                 continue
-            total = sum(u.weight for u, _ in owners)
             terms = [
-                LowRankTerm(u.weight / total, scaling(a[key_a].shape[0]), a[key_b], a[key_a])
-                for u, a in owners
+                LowRankTerm(p, scaling(a[key_a].shape[0]), a[key_b], a[key_a]) for p, a in owners
             ]
             b_s, a_s = stack_terms(terms)
             out[key_b], out[key_a] = b_s.astype(np.float32), a_s.astype(np.float32)
