@@ -53,6 +53,10 @@ def _merged_base(ins: wire.TrainIns, context: Context) -> wire.State:
 def train(msg: Message, context: Context) -> Message:
     ins = wire.decode_train_ins(msg.content)
     res = client.train_round(ins, _merged_base(ins, context))
+    cfg = client.parse_config(ins.config_json)
+    if cfg.compression.density is not None:
+        res, residual = client.compress_update(res, cfg, wire.read_residual(context.state))
+        wire.write_residual(context.state, residual)
     return Message(wire.encode_train_res(res), reply_to=msg)
 
 

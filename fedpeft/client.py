@@ -7,12 +7,15 @@ benchmark calls the same function in a plain loop.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
 from peft import PeftModel
 
 from fedpeft.aggregation import merge_stacks
+from fedpeft.compression.codec import dense
+from fedpeft.compression.compeft import compress
 from fedpeft.config import (
     Config,
     DataConfig,
@@ -120,6 +123,22 @@ def train_round(ins: TrainIns, base_delta: State | None = None) -> TrainRes:
         train_loss=result.loss,
         train_seconds=result.seconds,
     )
+
+
+def compress_update(res: TrainRes, cfg: Config, residual: State) -> tuple[TrainRes, State]:
+    """ComPEFT-compress Δ (plus the error-feedback residual); returns the reply and the
+    residual to keep ({} without error feedback). ``update`` becomes what is sent."""
+    comp = cfg.compression
+    if comp.density is None:
+        return res, {}
+    fits = residual.keys() == res.update.keys() and all(
+        residual[k].shape == v.shape for k, v in res.update.items()
+    )
+    sent, new_residual = compress(
+        res.update, residual if fits else {}, comp.density, comp.scale, comp.alpha
+    )
+    res = dataclasses.replace(res, update=dense(sent), compressed=sent)
+    return res, new_residual if comp.error_feedback else {}
 
 
 def evaluate_round(ins: TrainIns, base_delta: State | None = None) -> tuple[int, dict[str, float]]:

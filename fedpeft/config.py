@@ -208,6 +208,29 @@ class FleetConfig:
 
 
 @dataclass(frozen=True)
+class CompressionConfig:
+    """ComPEFT compression of the updates on the wire (:mod:`fedpeft.compression`).
+
+    Args:
+        density: share of each update tensor's entries sent (top-k by magnitude), as
+            sign x one scale; ``null`` sends fp32 updates.
+        scale: ``compeft`` (alpha x std of the tensor, ComPEFT) or ``stc`` (mean magnitude
+            of the kept entries, STC).
+        alpha: the ComPEFT scale's multiplier.
+        error_feedback: keep what was not sent in the client's state and add it to the
+            next round's update.
+        downlink: also compress the server -> client adapters, as the change against what
+            that client last received.
+    """
+
+    density: float | None = None
+    scale: Literal["compeft", "stc"] = "compeft"
+    alpha: float = 1.0
+    error_feedback: bool = True
+    downlink: bool = False
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     """Flower's simulation runtime (Ray backend).
 
@@ -231,6 +254,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -483,6 +507,18 @@ def _check_fleet(f: FleetConfig, num_clients: int) -> None:
         )
 
 
+def _check_compression(c: CompressionConfig) -> None:
+    _require(
+        c.density is None or 0.0 < c.density <= 1.0,
+        "'compression.density' should be in (0, 1], or null for fp32 updates.",
+    )
+    _require(0 < c.alpha < float("inf"), "'compression.alpha' should be a positive number.")
+    _require(
+        c.density is not None or not c.downlink,
+        "'compression.downlink' needs 'compression.density'.",
+    )
+
+
 def _check_simulation(s: SimulationConfig) -> None:
     _require(s.client_cpus > 0, "'simulation.client_cpus' should be positive.")
 
@@ -496,4 +532,5 @@ def _validate(cfg: Config) -> None:
     _check_train(cfg.train)
     _check_federation(cfg.federation, cfg.partition.num_clients)
     _check_fleet(cfg.fleet, cfg.partition.num_clients)
+    _check_compression(cfg.compression)
     _check_simulation(cfg.simulation)

@@ -50,6 +50,10 @@ def save_adapter(model: PeftModel, directory: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _ratio(num: float, den: float) -> float | None:
+    return round(num / den, 4) if den else None
+
+
 class RunLog:
     """Appends round records and writes the summary and plots of one run."""
 
@@ -79,12 +83,39 @@ class RunLog:
             "uplink_bytes_total": sum(r["uplink_bytes"] for r in self.rounds),
             "downlink_bytes_total": sum(r["downlink_bytes"] for r in self.rounds),
             "rejected_total": sum(len(r["rejected"]) for r in self.rounds),
+            **self._compression_summary(),
             "wall_seconds": round(time.time() - self.started, 2),
             **extra,
             "config": self.cfg.to_dict(),
         }
         atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
+
+    def _compression_summary(self) -> dict[str, Any]:
+        """Uplink totals against fp32 adapters and against the information bound (runs
+        with compression only)."""
+        if not self.rounds or "uplink_fp32_bytes" not in self.rounds[0]:
+            return {}
+        total = {
+            k: sum(r[k] for r in self.rounds)
+            for k in (
+                "uplink_bytes",
+                "uplink_fp32_bytes",
+                "uplink_payload_bytes",
+                "uplink_bound_bytes",
+            )
+        }
+        return {
+            "compression": {
+                "uplink_fp32_bytes_total": total["uplink_fp32_bytes"],
+                "uplink_ratio_vs_fp32": _ratio(total["uplink_fp32_bytes"], total["uplink_bytes"]),
+                "payload_bytes_total": total["uplink_payload_bytes"],
+                "bound_bytes_total": total["uplink_bound_bytes"],
+                "payload_over_bound": _ratio(
+                    total["uplink_payload_bytes"], total["uplink_bound_bytes"]
+                ),
+            }
+        }
 
     def write_plots(self) -> list[Path]:
         if not self.rounds:

@@ -15,6 +15,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+from fedpeft.compression import codec
+from fedpeft.compression.compeft import Ternary
+from fedpeft.compression.rice import CodecError
 from fedpeft.devices import DeviceProfile, is_positive_int, is_positive_number
 
 ADAPTERS = "adapters"
@@ -25,6 +28,11 @@ NUM_EXAMPLES = "num-examples"  # the key Flower's own strategies weight by
 MERGE_PREFIX = "merge-"  # + round: one stacked product update to merge into the base (FLoRA)
 MERGED_BASE = "fedpeft-merged-base"  # node state: Σ of merged updates, dense per module
 MERGED_ROUND = "fedpeft-merged-round"  # node state: the last round merged
+# A compressed update (ComPEFT): the bitstream and scales, and its integer header
+PACKED = "update-compeft"
+PACKED_HEADER = "compeft"
+PACKED_HEADER_KEYS = ("shapes", "ndims", "kept", "rice", "nbytes")
+RESIDUAL = "fedpeft-residual"  # node state: the error-feedback residual of the last update
 
 State = dict[str, np.ndarray]
 
@@ -47,10 +55,14 @@ class TrainIns:
 
 @dataclass(frozen=True)
 class TrainRes:
+    """A client's reply. With ``compressed`` set, the wire carries it (ComPEFT) and
+    ``update`` is its dense form, exactly what the server decodes."""
+
     update: State
     num_examples: int
     train_loss: float
     train_seconds: float
+    compressed: dict[str, Ternary] | None = None
 
 
 def state_to_record(state: State) -> ArrayRecord:
@@ -102,24 +114,64 @@ def encode_train_res(res: TrainRes) -> RecordDict:
             "train-seconds": res.train_seconds,
         }
     )
-    return RecordDict({UPDATE: state_to_record(res.update), METRICS: metrics})
+    if res.compressed is None:
+        return RecordDict({UPDATE: state_to_record(res.update), METRICS: metrics})
+    packed = codec.pack(res.compressed)
+    arrays = ArrayRecord(
+        OrderedDict((("stream", Array(packed.stream)), ("scales", Array(packed.scales))))
+    )
+    header = ConfigRecord({k: getattr(packed, k) for k in PACKED_HEADER_KEYS})
+    return RecordDict({PACKED: arrays, PACKED_HEADER: header, METRICS: metrics})
 
 
 def decode_train_res(content: RecordDict, expected: State) -> TrainRes:
-    """Decode and validate a reply against the adapters the client was sent."""
-    if UPDATE not in content.array_records or METRICS not in content.metric_records:
-        raise UpdateRejected(f"reply lacks the '{UPDATE}' arrays or the '{METRICS}' record")
+    """Decode and validate a reply (fp32 or compressed) against the adapters sent."""
+    if METRICS not in content.metric_records:
+        raise UpdateRejected(f"reply lacks the '{METRICS}' record")
     metrics = content.metric_records[METRICS]
     num_examples = metrics.get(NUM_EXAMPLES)
     if not isinstance(num_examples, int) or num_examples < 1:
         raise UpdateRejected(f"'{NUM_EXAMPLES}' should be a positive integer, got {num_examples!r}")
-    update = _validated_update(content.array_records[UPDATE], expected)
+    compressed = None
+    if UPDATE in content.array_records:
+        update = _validated_update(content.array_records[UPDATE], expected)
+    elif PACKED in content.array_records and PACKED_HEADER in content.config_records:
+        compressed = _unpacked(content, expected)
+        update = codec.dense(compressed)
+    else:
+        raise UpdateRejected(f"reply lacks the '{UPDATE}' or '{PACKED}' arrays")
     return TrainRes(
         update=update,
         num_examples=num_examples,
         train_loss=_scalar(metrics.get("train-loss")),
         train_seconds=_scalar(metrics.get("train-seconds", 0.0)),
+        compressed=compressed,
     )
+
+
+def _unpacked(content: RecordDict, expected: State) -> dict[str, Ternary]:
+    """A compressed update's tensors; any malformed part is an :class:`UpdateRejected`."""
+    arrays, header = content.array_records[PACKED], content.config_records[PACKED_HEADER]
+    if sorted(arrays) != ["scales", "stream"]:
+        raise UpdateRejected(f"'{PACKED}' should hold 'stream' and 'scales', got {sorted(arrays)}")
+    ints: dict[str, list[int]] = {}
+    for key in PACKED_HEADER_KEYS:
+        value = header.get(key)
+        if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            raise UpdateRejected(f"compression header '{key}' should be a list of integers")
+        ints[key] = [int(v) for v in value]
+    stream, scales = arrays["stream"], arrays["scales"]
+    if stream.dtype != "uint8" or scales.dtype != "float32":
+        raise UpdateRejected(
+            f"stream/scales should be uint8/float32, got {stream.dtype}/{scales.dtype}"
+        )
+    packed = codec.Packed(stream=stream.numpy().ravel(), scales=scales.numpy().ravel(), **ints)
+    try:
+        return codec.unpack(packed, {k: v.shape for k, v in expected.items()})
+    except CodecError as err:
+        raise UpdateRejected(f"compressed update: {err}") from None
 
 
 def _scalar(value: object) -> float:
@@ -173,6 +225,17 @@ def read_merged_base(node_state: RecordDict) -> tuple[int, State]:
 def write_merged_base(node_state: RecordDict, merged_round: int, base_delta: State) -> None:
     node_state[MERGED_BASE] = state_to_record(base_delta)
     node_state[MERGED_ROUND] = ConfigRecord({"round": merged_round})
+
+
+def read_residual(node_state: RecordDict) -> State:
+    """The error-feedback residual this node kept from its last update ({} if none)."""
+    if RESIDUAL not in node_state.array_records:
+        return {}
+    return record_to_state(node_state.array_records[RESIDUAL])
+
+
+def write_residual(node_state: RecordDict, residual: State) -> None:
+    node_state[RESIDUAL] = state_to_record(residual)
 
 
 def encode_profile(node_config: dict[str, object]) -> RecordDict:

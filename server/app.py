@@ -31,7 +31,7 @@ from fedpeft.models import (
 from fedpeft.planning import FleetPlan, plan_clients
 from fedpeft.report import RunLog, save_adapter
 from fedpeft.train import encode, evaluate
-from server.strategy import AdapterFedAvg
+from server.strategy import AdapterFedAvg, RoundStats
 
 log = logging.getLogger("fedpeft")
 
@@ -164,6 +164,7 @@ class ServerEvaluator:
             "client_eval": stats.client_eval or None,
             "uplink_bytes": stats.uplink_bytes,
             "downlink_bytes": stats.downlink_bytes,
+            **(_compression_figures(stats) if self.cfg.compression.density is not None else {}),
             "clients": stats.clients,
             "rejected": stats.rejected,
             "epsilon": None,
@@ -191,6 +192,14 @@ class ServerEvaluator:
             reuse=self._export,
         )
         return self._export
+
+
+def _compression_figures(stats: RoundStats) -> dict[str, Any]:
+    return {
+        "uplink_fp32_bytes": stats.uplink_fp32_bytes,
+        "uplink_payload_bytes": stats.uplink_payload_bytes,
+        "uplink_bound_bytes": round(stats.uplink_bound_bytes),
+    }
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -7,6 +7,7 @@ the round loop is Flower's own ``Strategy.start``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable
@@ -27,6 +28,7 @@ from fedpeft.aggregation import (
     server_step,
 )
 from fedpeft.aggregation.base import LORA_B
+from fedpeft.compression import codec
 from fedpeft.config import Config, lora_to_json
 from fedpeft.models import adapter_shapes
 from fedpeft.planning import FleetPlan
@@ -41,6 +43,11 @@ class RoundStats:
     started: float = field(default_factory=time.perf_counter)
     uplink_bytes: int = 0
     downlink_bytes: int = 0
+    # what the accepted updates would have cost as fp32 arrays, and (compressed) their
+    # payload (bitstreams + scales) against its information bound, in bytes
+    uplink_fp32_bytes: int = 0
+    uplink_payload_bytes: int = 0
+    uplink_bound_bytes: float = 0.0
     clients: list[int] = field(default_factory=list)  # partition ids, stable across runs
     rejected: list[dict[str, object]] = field(default_factory=list)
     train_loss: float | None = None
@@ -52,6 +59,16 @@ class RoundStats:
         total = self._examples + examples
         self.train_loss = ((self.train_loss or 0.0) * self._examples + loss * examples) / total
         self._examples = total
+
+
+def _count_compression(stats: RoundStats, res: wire.TrainRes, sent_bytes: int) -> None:
+    if res.compressed is None:
+        stats.uplink_fp32_bytes += sent_bytes
+        return
+    fp32 = dataclasses.replace(res, compressed=None)
+    stats.uplink_fp32_bytes += wire.record_bytes(wire.encode_train_res(fp32))
+    stats.uplink_payload_bytes += codec.payload_bytes(codec.pack(res.compressed))
+    stats.uplink_bound_bytes += codec.bound_bytes(res.compressed)
 
 
 def _last_line(text: str | None, limit: int = 300) -> str:
@@ -182,12 +199,14 @@ class AdapterFedAvg(FedAvg):
         if msg.has_error():
             self._reject(stats, node, f"client error: {_last_line(msg.error.reason)}")
             return None
-        stats.uplink_bytes += wire.record_bytes(msg.content)
+        sent_bytes = wire.record_bytes(msg.content)
+        stats.uplink_bytes += sent_bytes
         try:
             res = wire.decode_train_res(msg.content, self._sent[node])
         except wire.UpdateRejected as err:
             self._reject(stats, node, str(err))
             return None
+        _count_compression(stats, res, sent_bytes)
         most = self.cfg.train.local_steps * self.cfg.train.batch_size
         if res.num_examples > most:  # the weight a client claims is bounded by the protocol
             self._reject(stats, node, f"claims {res.num_examples} examples, more than {most}")
