@@ -48,6 +48,7 @@ class RoundStats:
     uplink_fp32_bytes: int = 0
     uplink_payload_bytes: int = 0
     uplink_bound_bytes: float = 0.0
+    uplink_kept_values: int = 0
     clients: list[int] = field(default_factory=list)  # partition ids, stable across runs
     rejected: list[dict[str, object]] = field(default_factory=list)
     train_loss: float | None = None
@@ -69,6 +70,7 @@ def _count_compression(stats: RoundStats, res: wire.TrainRes, sent_bytes: int) -
     stats.uplink_fp32_bytes += wire.record_bytes(wire.encode_train_res(fp32))
     stats.uplink_payload_bytes += codec.payload_bytes(codec.pack(res.compressed))
     stats.uplink_bound_bytes += codec.bound_bytes(res.compressed)
+    stats.uplink_kept_values += sum(t.sparse.positions.size for t in res.compressed.values())
 
 
 def _last_line(text: str | None, limit: int = 300) -> str:
