@@ -50,8 +50,20 @@ def _merged_base(ins: wire.TrainIns, context: Context) -> wire.State:
     return base_delta
 
 
-def train(msg: Message, context: Context) -> Message:
+def _received(msg: Message, context: Context) -> wire.TrainIns:
+    """The message's instruction with the adapters in full (downlink compression: this
+    node's view plus the change), the new view kept in the node's state."""
     ins = wire.decode_train_ins(msg.content)
+    if not client.parse_config(ins.config_json).compression.downlink:
+        return ins
+    view_number, view = wire.read_view(context.state)
+    ins = client.received_adapters(ins, view_number, view)
+    wire.write_view(context.state, ins.view, ins.adapters)
+    return ins
+
+
+def train(msg: Message, context: Context) -> Message:
+    ins = _received(msg, context)
     res = client.train_round(ins, _merged_base(ins, context))
     cfg = client.parse_config(ins.config_json)
     if cfg.compression.density is not None:
@@ -61,7 +73,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def evaluate(msg: Message, context: Context) -> Message:
-    ins = wire.decode_train_ins(msg.content)
+    ins = _received(msg, context)
     n, metrics = client.evaluate_round(ins, _merged_base(ins, context))
     return Message(wire.encode_eval_res(n, metrics), reply_to=msg)
 

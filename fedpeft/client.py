@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from peft import PeftModel
 
 from fedpeft.aggregation import merge_stacks
-from fedpeft.compression.codec import dense
-from fedpeft.compression.compeft import compress
+from fedpeft.compression.codec import dense, unpack
+from fedpeft.compression.compeft import apply_change, compress
+from fedpeft.compression.rice import CodecError
 from fedpeft.config import (
     Config,
     DataConfig,
@@ -123,6 +124,28 @@ def train_round(ins: TrainIns, base_delta: State | None = None) -> TrainRes:
         train_loss=result.loss,
         train_seconds=result.seconds,
     )
+
+
+class StaleView(ValueError):
+    """A downlink change against adapters this node does not hold."""
+
+
+def received_adapters(ins: TrainIns, view_number: int, view: State) -> TrainIns:
+    """The message with its adapters in full: as sent, or (downlink compression) this
+    node's view plus the compressed change. A change against another view than the one
+    held (the node lost its state) raises :class:`StaleView`; the server then resends
+    the fp32 adapters."""
+    if ins.downlink is None:
+        return ins
+    if view_number != ins.base_view or not view:
+        raise StaleView(
+            f"the downlink change is against view {ins.base_view}, this node holds {view_number}"
+        )
+    try:
+        change = unpack(ins.downlink, {k: v.shape for k, v in view.items()})
+    except CodecError as err:
+        raise StaleView(f"the downlink change does not decode: {err}") from None
+    return dataclasses.replace(ins, adapters=apply_change(view, change), downlink=None)
 
 
 def compress_update(res: TrainRes, cfg: Config, residual: State) -> tuple[TrainRes, State]:

@@ -533,4 +533,9 @@ def _validate(cfg: Config) -> None:
     _check_federation(cfg.federation, cfg.partition.num_clients)
     _check_fleet(cfg.fleet, cfg.partition.num_clients)
     _check_compression(cfg.compression)
+    _require(
+        not (cfg.compression.downlink and cfg.federation.aggregator == "flora"),
+        "'compression.downlink' does not apply to 'flora': its adapters restart every round "
+        "and its merged updates are sent in full.",
+    )
     _check_simulation(cfg.simulation)

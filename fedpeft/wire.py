@@ -33,6 +33,8 @@ PACKED = "update-compeft"
 PACKED_HEADER = "compeft"
 PACKED_HEADER_KEYS = ("shapes", "ndims", "kept", "rice", "nbytes")
 RESIDUAL = "fedpeft-residual"  # node state: the error-feedback residual of the last update
+VIEW = "fedpeft-view"  # node state: the adapters it last received (downlink compression)
+VIEW_NUMBER = "fedpeft-view-number"  # node state: which view they are
 
 State = dict[str, np.ndarray]
 
@@ -51,6 +53,11 @@ class TrainIns:
     partition_id: int  # the partition the server assigned to this node
     # round -> stacked (B_s, A_s) per module this node has not merged yet (FLoRA only)
     merges: dict[int, State] = field(default_factory=dict)
+    # Downlink compression: the adapters as a compressed change against the node's view
+    # number ``base_view`` (``adapters`` is then empty); the result becomes view ``view``.
+    downlink: codec.Packed | None = None
+    base_view: int = -1
+    view: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,9 +88,15 @@ def encode_train_ins(ins: TrainIns) -> RecordDict:
             "num-labels": ins.num_labels,
             "lora-json": ins.lora_json,
             "partition-id": ins.partition_id,
+            "base-view": ins.base_view,
+            "view": ins.view,
         }
     )
-    content = RecordDict({ADAPTERS: state_to_record(ins.adapters), CONFIG: config})
+    content = RecordDict({CONFIG: config})
+    if ins.downlink is None:
+        content[ADAPTERS] = state_to_record(ins.adapters)
+    else:
+        content[PACKED], content[PACKED_HEADER] = _packed_records(ins.downlink)
     for server_round, stack in ins.merges.items():
         content[f"{MERGE_PREFIX}{server_round}"] = state_to_record(stack)
     return content
@@ -91,11 +104,12 @@ def encode_train_ins(ins: TrainIns) -> RecordDict:
 
 def decode_train_ins(content: RecordDict) -> TrainIns:
     config = content.config_records[CONFIG]
+    full = ADAPTERS in content.array_records
     return TrainIns(
         server_round=int(config["server-round"]),  # type: ignore[arg-type]
         config_json=str(config["config-json"]),
         num_labels=int(config["num-labels"]),  # type: ignore[arg-type]
-        adapters=record_to_state(content.array_records[ADAPTERS]),
+        adapters=record_to_state(content.array_records[ADAPTERS]) if full else {},
         lora_json=str(config["lora-json"]),
         partition_id=int(config["partition-id"]),  # type: ignore[arg-type]
         merges={
@@ -103,6 +117,9 @@ def decode_train_ins(content: RecordDict) -> TrainIns:
             for name, record in content.array_records.items()
             if name.startswith(MERGE_PREFIX)
         },
+        downlink=None if full else _packed_from(content),
+        base_view=int(config.get("base-view", -1)),  # type: ignore[arg-type]
+        view=int(config.get("view", 0)),  # type: ignore[arg-type]
     )
 
 
@@ -116,12 +133,15 @@ def encode_train_res(res: TrainRes) -> RecordDict:
     )
     if res.compressed is None:
         return RecordDict({UPDATE: state_to_record(res.update), METRICS: metrics})
-    packed = codec.pack(res.compressed)
+    arrays, header = _packed_records(codec.pack(res.compressed))
+    return RecordDict({PACKED: arrays, PACKED_HEADER: header, METRICS: metrics})
+
+
+def _packed_records(packed: codec.Packed) -> tuple[ArrayRecord, ConfigRecord]:
     arrays = ArrayRecord(
         OrderedDict((("stream", Array(packed.stream)), ("scales", Array(packed.scales))))
     )
-    header = ConfigRecord({k: getattr(packed, k) for k in PACKED_HEADER_KEYS})
-    return RecordDict({PACKED: arrays, PACKED_HEADER: header, METRICS: metrics})
+    return arrays, ConfigRecord({k: getattr(packed, k) for k in PACKED_HEADER_KEYS})
 
 
 def decode_train_res(content: RecordDict, expected: State) -> TrainRes:
@@ -151,6 +171,17 @@ def decode_train_res(content: RecordDict, expected: State) -> TrainRes:
 
 def _unpacked(content: RecordDict, expected: State) -> dict[str, Ternary]:
     """A compressed update's tensors; any malformed part is an :class:`UpdateRejected`."""
+    packed = _packed_from(content)
+    try:
+        return codec.unpack(packed, {k: v.shape for k, v in expected.items()})
+    except CodecError as err:
+        raise UpdateRejected(f"compressed update: {err}") from None
+
+
+def _packed_from(content: RecordDict) -> codec.Packed:
+    """The compressed payload of a message, its records checked for type (not content)."""
+    if PACKED not in content.array_records or PACKED_HEADER not in content.config_records:
+        raise UpdateRejected(f"the message lacks the '{PACKED}' payload or its header")
     arrays, header = content.array_records[PACKED], content.config_records[PACKED_HEADER]
     if sorted(arrays) != ["scales", "stream"]:
         raise UpdateRejected(f"'{PACKED}' should hold 'stream' and 'scales', got {sorted(arrays)}")
@@ -167,11 +198,7 @@ def _unpacked(content: RecordDict, expected: State) -> dict[str, Ternary]:
         raise UpdateRejected(
             f"stream/scales should be uint8/float32, got {stream.dtype}/{scales.dtype}"
         )
-    packed = codec.Packed(stream=stream.numpy().ravel(), scales=scales.numpy().ravel(), **ints)
-    try:
-        return codec.unpack(packed, {k: v.shape for k, v in expected.items()})
-    except CodecError as err:
-        raise UpdateRejected(f"compressed update: {err}") from None
+    return codec.Packed(stream=stream.numpy().ravel(), scales=scales.numpy().ravel(), **ints)
 
 
 def _scalar(value: object) -> float:
@@ -236,6 +263,20 @@ def read_residual(node_state: RecordDict) -> State:
 
 def write_residual(node_state: RecordDict, residual: State) -> None:
     node_state[RESIDUAL] = state_to_record(residual)
+
+
+def read_view(node_state: RecordDict) -> tuple[int, State]:
+    """The adapters this node last received (downlink compression) and their view
+    number; (-1, {}) if it holds none."""
+    if VIEW not in node_state.array_records:
+        return -1, {}
+    number = int(node_state.config_records[VIEW_NUMBER]["view"])  # type: ignore[arg-type]
+    return number, record_to_state(node_state.array_records[VIEW])
+
+
+def write_view(node_state: RecordDict, number: int, adapters: State) -> None:
+    node_state[VIEW] = state_to_record(adapters)
+    node_state[VIEW_NUMBER] = ConfigRecord({"view": number})
 
 
 def encode_profile(node_config: dict[str, object]) -> RecordDict:

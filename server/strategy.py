@@ -29,6 +29,7 @@ from fedpeft.aggregation import (
 )
 from fedpeft.aggregation.base import LORA_B
 from fedpeft.compression import codec
+from fedpeft.compression.compeft import apply_change, downlink_change
 from fedpeft.config import Config, lora_to_json
 from fedpeft.models import adapter_shapes
 from fedpeft.planning import FleetPlan
@@ -74,8 +75,10 @@ def _count_compression(stats: RoundStats, res: wire.TrainRes, sent_bytes: int) -
 
 
 def _last_line(text: str | None, limit: int = 300) -> str:
-    """The final line of a client's traceback: the exception and its message."""
-    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip().strip("'>")]
+    """The final line of a client's traceback: the exception and its message (without
+    the ``'>`` of the exception repr Flower wraps it in)."""
+    lines = [ln.strip().removesuffix("'>") for ln in str(text).splitlines()]
+    lines = [ln for ln in lines if ln]
     return (lines[-1] if lines else str(text))[:limit]
 
 
@@ -104,6 +107,9 @@ class AdapterFedAvg(FedAvg):
         self.stats: dict[int, RoundStats] = {}
         self._global: State = {}
         self._sent: dict[int, State] = {}  # node id -> the adapters it was sent this round
+        # downlink compression: node id -> the adapters it holds, and their view number
+        self._views: dict[int, State] = {}
+        self._view_numbers: dict[int, int] = {}
         # FLoRA: each round's stacked update, kept until every node has merged it
         self.stacks: dict[int, State] = {}
         self.merged_round: dict[int, int] = {}  # node id -> last round it has merged
@@ -134,24 +140,45 @@ class AdapterFedAvg(FedAvg):
         messages = []
         for node in nodes:
             pid = self.partitions[node]
-            self._sent[node] = self.aggregator.cut(
-                self._global, self.shapes[pid], self.cfg.lora.scaling_for
-            )
+            target = self.aggregator.cut(self._global, self.shapes[pid], self.cfg.lora.scaling_for)
             merges = self._unmerged(node)
             ins = wire.TrainIns(
                 server_round,
                 self.config_json,
                 self.num_labels,
-                self._sent[node],
+                target,
                 self.lora_json[pid],
                 partition_id=pid,
                 merges=merges,
             )
+            ins = self._compressed_downlink(node, ins)
+            self._sent[node] = ins.adapters if ins.downlink is None else self._views[node]
             self._merges_sent[node] = max(merges, default=self.merged_round.get(node, 0))
             content = wire.encode_train_ins(ins)
             stats.downlink_bytes += wire.record_bytes(content)
             messages.append(Message(content, dst_node_id=node, message_type=kind))
         return messages
+
+    def _compressed_downlink(self, node: int, ins: wire.TrainIns) -> wire.TrainIns:
+        """With ``compression.downlink``: send a node that holds a view of the adapters
+        only the compressed change to them, and remember the view it will then hold. A
+        node without one (first message, or after an error) gets the fp32 adapters."""
+        comp = self.cfg.compression
+        if not comp.downlink or comp.density is None:
+            return ins
+        number = self._view_numbers.get(node, -1)
+        if node not in self._views:
+            self._views[node] = ins.adapters
+            self._view_numbers[node] = number + 1
+            return dataclasses.replace(ins, view=number + 1)
+        change = downlink_change(
+            ins.adapters, self._views[node], comp.density, comp.scale, comp.alpha
+        )
+        self._views[node] = apply_change(self._views[node], change)
+        self._view_numbers[node] = number + 1
+        return dataclasses.replace(
+            ins, adapters={}, downlink=codec.pack(change), base_view=number, view=number + 1
+        )
 
     def _unmerged(self, node: int) -> dict[int, State]:
         """The stacked updates this node has not merged yet (FLoRA; else none)."""
@@ -224,6 +251,7 @@ class AdapterFedAvg(FedAvg):
             self._reject(stats, node, f"no reply within {self.cfg.federation.timeout:g} s")
 
     def _reject(self, stats: RoundStats, node: int, reason: str) -> None:
+        self._views.pop(node, None)  # its view is unknown now: the next message is fp32
         client_id = self.partitions.get(node, -1)
         log.warning("rejected the update of client %d (node %d): %s", client_id, node, reason)
         stats.rejected.append({"client": client_id, "node": node, "reason": reason})

@@ -166,3 +166,21 @@ def test_empty_and_full_density():
         back = codec.unpack(codec.pack({"w": t}), {"w": (2, 3)})["w"]
         assert back.dense().tobytes() == t.dense().tobytes()
     assert isinstance(t, Ternary)
+
+
+def test_downlink_change_is_applied_identically_on_both_sides():
+    rng = np.random.default_rng(1)
+    view = _update(rng, [(4, 32), (32, 4)])
+    target = {k: v + rng.standard_normal(v.shape).astype(np.float32) for k, v in view.items()}
+    from fedpeft.compression.compeft import apply_change, downlink_change
+
+    change = downlink_change(target, view, density=0.2)
+    server_view = apply_change(view, change)
+    packed = codec.pack(change)
+    client_view = apply_change(view, codec.unpack(packed, {k: v.shape for k, v in view.items()}))
+    assert all(server_view[k].tobytes() == client_view[k].tobytes() for k in view)
+    # repeated changes converge to the target: what is not sent now is sent later
+    for _ in range(60):
+        server_view = apply_change(server_view, downlink_change(target, server_view, 0.2, "stc"))
+    for k in view:
+        assert np.abs(server_view[k] - target[k]).max() < 0.05 * np.abs(target[k] - view[k]).max()

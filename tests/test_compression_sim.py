@@ -70,7 +70,9 @@ def corrupting_client_app(log_path: Path, bad_partition: int) -> ClientApp:
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("compressed")
     log_path = out / "tap.jsonl"
-    simulate(config_from_dict(COMPRESSED), out / "run", client_app=corrupting_client_app(log_path, 0))
+    simulate(
+        config_from_dict(COMPRESSED), out / "run", client_app=corrupting_client_app(log_path, 0)
+    )
     log = [json.loads(x) for x in log_path.read_text().splitlines()]
     rows = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((out / "run" / "summary.json").read_text())
@@ -111,3 +113,61 @@ def test_byte_accounting_against_fp32_and_the_bound(run: dict[str, Any]) -> None
     assert rows[0]["uplink_bytes"] == sum(b for (r, _), b in sent.items() if r == 1)
     assert comp["uplink_ratio_vs_fp32"] > 4  # tiny tensors: framing weighs more than at scale
     assert 1.0 <= comp["payload_over_bound"] < 1.25
+
+
+def forgetful_client_app(log_path: Path, forget: tuple[int, int]) -> ClientApp:
+    """Logs what each train message carried; partition ``forget[0]`` loses its node state
+    just before round ``forget[1]``, as a restarted device would."""
+
+    def tap(msg: Message, context: Context, call_next: Any) -> Message:
+        if msg.metadata.message_type != "train":
+            return call_next(msg, context)
+        ins = wire.decode_train_ins(msg.content)
+        if (ins.partition_id, ins.server_round) == forget:
+            for key in list(context.state.keys()):
+                del context.state[key]
+        entry = {
+            "round": ins.server_round, "partition": ins.partition_id,
+            "records": sorted(msg.content.array_records), "bytes": wire.record_bytes(msg.content),
+            "error": True,
+        }  # fmt: skip
+        try:  # a ClientApp exception reaches the server as an error reply
+            reply = call_next(msg, context)
+            entry["error"] = False
+            return reply
+        finally:
+            entry["view"] = wire.read_view(context.state)[0]
+            with log_path.open("a") as fh:
+                fh.write(json.dumps(entry) + "\n")
+
+    return make_client_app(mods=[tap])
+
+
+def test_downlink_changes_and_recovery_after_lost_state(tmp_path: Path) -> None:
+    raw = {
+        **COMPRESSED,
+        "federation": {"rounds": 4, "min_clients": 2},
+        "compression": {"density": 0.1, "downlink": True},
+    }
+    log_path = tmp_path / "tap.jsonl"
+    simulate(
+        config_from_dict(raw), tmp_path / "run", client_app=forgetful_client_app(log_path, (1, 3))
+    )
+    log = {
+        (e["partition"], e["round"]): e for e in map(json.loads, log_path.read_text().splitlines())
+    }
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    n_params = json.loads((tmp_path / "run" / "summary.json").read_text())["adapter_parameters"]
+    for p in (0, 2):  # fp32 adapters once, then compressed changes only
+        assert log[(p, 1)]["records"] == [wire.ADAPTERS]
+        assert [log[(p, r)]["records"] for r in (2, 3, 4)] == [[wire.PACKED]] * 3
+        assert [log[(p, r)]["view"] for r in (1, 2, 3, 4)] == [0, 1, 2, 3]
+        # the run config travels in every message; the adapters' bytes shrink ~10x
+        assert log[(p, 1)]["bytes"] - log[(p, 2)]["bytes"] > 0.8 * 4 * n_params
+    # the node that lost its view fails round 3 with a reason, then gets fp32 adapters again
+    assert log[(1, 3)]["error"] and not log[(1, 4)]["error"]
+    assert log[(1, 4)]["records"] == [wire.ADAPTERS]
+    (rejected,) = rows[2]["rejected"]
+    assert rejected["client"] == 1 and "against view 1, this node holds -1" in rejected["reason"]
+    assert sorted(rows[3]["clients"]) == [0, 1, 2] and rows[3]["rejected"] == []
+    assert rows[0]["downlink_bytes"] - rows[1]["downlink_bytes"] > 3 * 0.8 * 4 * n_params

@@ -88,3 +88,19 @@ def compress(
         sent[key] = ternarize(target, density, scale, alpha)
         new_residual[key] = (target - sent[key].dense()).astype(np.float32)
     return sent, new_residual
+
+
+def downlink_change(
+    target: State, view: State, density: float, scale: ScaleRule = "compeft", alpha: float = 1.0
+) -> dict[str, Ternary]:
+    """The server's compressed message for adapters ``target`` to a client that holds
+    ``view``: the change, ternarized per tensor. No residual is kept: the next message is
+    again the change against the view the client then holds, so what is not sent now is
+    sent later (error feedback by construction)."""
+    return {k: ternarize(target[k] - view[k], density, scale, alpha) for k in target}
+
+
+def apply_change(view: State, change: dict[str, Ternary]) -> State:
+    """The adapters a client holds after a downlink change; the server computes the same
+    float32 sums, so both sides agree bit for bit."""
+    return {k: (view[k] + change[k].dense()).astype(np.float32) for k in view}
