@@ -103,6 +103,9 @@ class RunLog:
                 "uplink_fp32_bytes",
                 "uplink_payload_bytes",
                 "uplink_bound_bytes",
+                "uplink_kept_values",
+                "downlink_bytes",
+                "downlink_fp32_bytes",
             )
         }
         return {
@@ -113,6 +116,14 @@ class RunLog:
                 "bound_bytes_total": total["uplink_bound_bytes"],
                 "payload_over_bound": _ratio(
                     total["uplink_payload_bytes"], total["uplink_bound_bytes"]
+                ),
+                "kept_values_total": total["uplink_kept_values"],
+                "bits_per_kept_value": _ratio(
+                    8 * total["uplink_payload_bytes"], total["uplink_kept_values"]
+                ),
+                "downlink_fp32_bytes_total": total["downlink_fp32_bytes"],
+                "downlink_ratio_vs_fp32": _ratio(
+                    total["downlink_fp32_bytes"], total["downlink_bytes"]
                 ),
             }
         }

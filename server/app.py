@@ -200,6 +200,7 @@ def _compression_figures(stats: RoundStats) -> dict[str, Any]:
         "uplink_payload_bytes": stats.uplink_payload_bytes,
         "uplink_bound_bytes": round(stats.uplink_bound_bytes),
         "uplink_kept_values": stats.uplink_kept_values,
+        "downlink_fp32_bytes": stats.downlink_fp32_bytes,
     }
 
 

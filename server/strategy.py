@@ -50,6 +50,7 @@ class RoundStats:
     uplink_payload_bytes: int = 0
     uplink_bound_bytes: float = 0.0
     uplink_kept_values: int = 0
+    downlink_fp32_bytes: int = 0  # what the messages would have cost with fp32 adapters
     clients: list[int] = field(default_factory=list)  # partition ids, stable across runs
     rejected: list[dict[str, object]] = field(default_factory=list)
     train_loss: float | None = None
@@ -151,11 +152,15 @@ class AdapterFedAvg(FedAvg):
                 partition_id=pid,
                 merges=merges,
             )
+            full = ins
             ins = self._compressed_downlink(node, ins)
             self._sent[node] = ins.adapters if ins.downlink is None else self._views[node]
             self._merges_sent[node] = max(merges, default=self.merged_round.get(node, 0))
             content = wire.encode_train_ins(ins)
             stats.downlink_bytes += wire.record_bytes(content)
+            stats.downlink_fp32_bytes += wire.record_bytes(
+                content if ins is full else wire.encode_train_ins(full)
+            )
             messages.append(Message(content, dst_node_id=node, message_type=kind))
         return messages
 

@@ -113,6 +113,9 @@ def test_byte_accounting_against_fp32_and_the_bound(run: dict[str, Any]) -> None
     assert rows[0]["uplink_bytes"] == sum(b for (r, _), b in sent.items() if r == 1)
     assert comp["uplink_ratio_vs_fp32"] > 4  # tiny tensors: framing weighs more than at scale
     assert 1.0 <= comp["payload_over_bound"] < 1.25
+    assert 1 < comp["bits_per_kept_value"] < 32
+    assert comp["kept_values_total"] == sum(r["uplink_kept_values"] for r in rows)
+    assert comp["downlink_ratio_vs_fp32"] == 1.0  # downlink compression is off here
 
 
 def forgetful_client_app(log_path: Path, forget: tuple[int, int]) -> ClientApp:
@@ -171,3 +174,6 @@ def test_downlink_changes_and_recovery_after_lost_state(tmp_path: Path) -> None:
     assert rejected["client"] == 1 and "against view 1, this node holds -1" in rejected["reason"]
     assert sorted(rows[3]["clients"]) == [0, 1, 2] and rows[3]["rejected"] == []
     assert rows[0]["downlink_bytes"] - rows[1]["downlink_bytes"] > 3 * 0.8 * 4 * n_params
+    comp = json.loads((tmp_path / "run" / "summary.json").read_text())["compression"]
+    assert comp["downlink_fp32_bytes_total"] == sum(r["downlink_fp32_bytes"] for r in rows)
+    assert comp["downlink_ratio_vs_fp32"] > 1.5  # tiny model: the run config weighs most
