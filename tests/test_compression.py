@@ -184,3 +184,29 @@ def test_downlink_change_is_applied_identically_on_both_sides():
         server_view = apply_change(server_view, downlink_change(target, server_view, 0.2, "stc"))
     for k in view:
         assert np.abs(server_view[k] - target[k]).max() < 0.05 * np.abs(target[k] - view[k]).max()
+
+
+small_ints = st.lists(st.integers(-3, 3000), min_size=0, max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    small_ints, small_ints, small_ints, small_ints, small_ints,
+    st.binary(max_size=200), st.lists(st.floats(allow_nan=True, width=32), max_size=3),
+)  # fmt: skip
+def test_payload_fuzz_never_crashes(shapes, ndims, kept, params, nbytes, data, scales):
+    packed = codec.Packed(
+        stream=np.frombuffer(data, np.uint8),
+        scales=np.asarray(scales, np.float32),
+        shapes=shapes,
+        ndims=ndims,
+        kept=kept,
+        rice=params,
+        nbytes=nbytes,
+    )
+    expected = {"a": (4, 30), "b": (30, 4)}
+    try:
+        out = codec.unpack(packed, expected)
+    except CodecError:
+        return
+    assert {k: t.dense().shape for k, t in out.items()} == expected
