@@ -64,11 +64,10 @@ def _received(msg: Message, context: Context) -> wire.TrainIns:
 
 def train(msg: Message, context: Context) -> Message:
     ins = _received(msg, context)
-    res = client.train_round(ins, _merged_base(ins, context))
-    cfg = client.parse_config(ins.config_json)
-    if cfg.compression.density is not None:
-        res, residual = client.compress_update(res, cfg, wire.read_residual(context.state))
-        wire.write_residual(context.state, residual)
+    kept = client.Kept(wire.read_residual(context.state), wire.read_history(context.state))
+    res, kept = client.client_round(ins, _merged_base(ins, context), kept)
+    wire.write_residual(context.state, kept.residual)
+    wire.write_history(context.state, kept.history)
     return Message(wire.encode_train_res(res), reply_to=msg)
 
 

@@ -11,11 +11,12 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 from peft import PeftModel
 
 from fedpeft.aggregation import merge_stacks
 from fedpeft.compression.codec import dense, unpack
-from fedpeft.compression.compeft import apply_change, compress
+from fedpeft.compression.compeft import apply_change, compress, rescaled
 from fedpeft.compression.rice import CodecError
 from fedpeft.config import (
     Config,
@@ -34,7 +35,10 @@ from fedpeft.models import (
     load_tokenizer,
     set_base_deltas,
 )
-from fedpeft.train import Encoded, encode, evaluate, train_local
+from fedpeft.privacy.accounting import Entry, add_steps, epsilon, noise_for_budget
+from fedpeft.privacy.dpsgd import sample_rate, train_local_dp
+from fedpeft.privacy.mechanisms import clip, gaussian_noise, global_norm
+from fedpeft.train import Encoded, TrainResult, encode, evaluate, train_local
 from fedpeft.wire import State, TrainIns, TrainRes
 
 
@@ -98,8 +102,11 @@ def round_seed(seed: int, server_round: int, partition_id: int) -> int:
     return (seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**31)
 
 
-def train_round(ins: TrainIns, base_delta: State | None = None) -> TrainRes:
-    """Train the received adapters on the partition the server named; return Δ.
+def train_round(
+    ins: TrainIns, base_delta: State | None = None, history: list[Entry] | None = None
+) -> tuple[TrainRes, list[Entry]]:
+    """Train the received adapters on the partition the server named; return Δ and the
+    record-level accountant history (``privacy.mode: record``: DP-SGD, else unchanged).
 
     ``base_delta``: the node's merged updates (module -> ΔW), added to the base weights.
     """
@@ -108,22 +115,129 @@ def train_round(ins: TrainIns, base_delta: State | None = None) -> TrainRes:
     model = _installed_model(ins, cfg, base_delta or {})
     data = client_data(cfg, partition_id)
     pad_id = load_tokenizer(cfg.model.name).pad_token_id
-    result = train_local(
-        model,
-        data.train,
-        cfg.train,
-        pad_id,
-        cfg.model.task,
-        seed=round_seed(cfg.seed, ins.server_round, partition_id),
-    )
+    seed = round_seed(cfg.seed, ins.server_round, partition_id)
+    history = list(history or [])
+    if cfg.privacy.mode == "record":
+        result, history = _train_dp(model, data.train, cfg, pad_id, seed, history)
+    else:
+        result = train_local(model, data.train, cfg.train, pad_id, cfg.model.task, seed=seed)
     after = adapter_state(model)
     delta = {k: after[k] - ins.adapters[k] for k in ins.adapters}
-    return TrainRes(
+    res = TrainRes(
         update=delta,
         num_examples=result.num_examples,
         train_loss=result.loss,
         train_seconds=result.seconds,
     )
+    return res, history
+
+
+class BudgetSpent(RuntimeError):
+    """This node's privacy budget does not allow another round."""
+
+
+def _train_dp(
+    model: PeftModel, data: Encoded, cfg: Config, pad_id: int, seed: int, history: list[Entry]
+) -> tuple[TrainResult, list[Entry]]:
+    priv, train = cfg.privacy, cfg.train
+    q = sample_rate(len(data), train.batch_size)
+    z = record_noise(cfg, len(data))
+    if priv.epsilon is not None:
+        after = epsilon(add_steps(history, z, q, train.local_steps), priv.delta, priv.accountant)
+        if after > priv.epsilon * (1 + 1e-3):  # Opacus's search for z stops within 0.01 of ε
+            raise BudgetSpent(f"another round would spend ε = {after:.3g} > {priv.epsilon:g}")
+    return train_local_dp(
+        model, data, steps=train.local_steps, batch_size=train.batch_size, lr=train.lr,
+        noise_multiplier=z, clip_norm=priv.clip_norm, pad_id=pad_id, task=cfg.model.task,
+        seed=seed, history=history, accountant=priv.accountant,
+    )  # fmt: skip
+
+
+def record_noise(cfg: Config, num_examples: int) -> float:
+    """z of record-level DP-SGD: configured, or what spends ε over every round's steps."""
+    priv, train = cfg.privacy, cfg.train
+    if priv.noise_multiplier is not None:
+        return priv.noise_multiplier
+    assert priv.epsilon is not None  # config rule
+    q = sample_rate(num_examples, train.batch_size)
+    steps = cfg.federation.rounds * train.local_steps
+    return noise_for_budget(priv.epsilon, priv.delta, q, steps, priv.accountant)
+
+
+def local_noise(cfg: Config) -> float:
+    """σ of local DP (noise std over C): configured, or what spends ε over the rounds.
+    Updates clipped to C are at most 2C apart, so the accountant sees σ / 2."""
+    priv = cfg.privacy
+    if priv.noise_multiplier is not None:
+        return priv.noise_multiplier
+    assert priv.epsilon is not None
+    return 2 * noise_for_budget(
+        priv.epsilon, priv.delta, 1.0, cfg.federation.rounds, priv.accountant
+    )
+
+
+@dataclass
+class Kept:
+    """What a node keeps between rounds and never sends: the error-feedback residual and
+    its privacy accountant's history."""
+
+    residual: State = dataclasses.field(default_factory=dict)
+    history: list[Entry] = dataclasses.field(default_factory=list)
+
+
+def client_round(
+    ins: TrainIns, base_delta: State, kept: Kept, rng: np.random.Generator | None = None
+) -> tuple[TrainRes, Kept]:
+    """One round as DESIGN.md orders the client's stages: train (DP-SGD for ``record``)
+    → clip (``user``, ``local``) → local noise (``local``) → compress → clip what is sent."""
+    cfg = parse_config(ins.config_json)
+    priv = cfg.privacy
+    res, history = train_round(ins, base_delta, kept.history)
+    update = res.update
+    if priv.mode in ("user", "local"):
+        update, _ = clip(update, priv.clip_norm)
+    if priv.mode == "local":
+        if priv.epsilon is not None:
+            after = epsilon(
+                add_steps(history, local_noise(cfg) / 2, 1.0, 1), priv.delta, priv.accountant
+            )
+            if after > priv.epsilon * (1 + 1e-3):
+                raise BudgetSpent(f"another round would spend ε = {after:.3g} > {priv.epsilon:g}")
+        rng = rng or np.random.default_rng(_noise_seed(cfg, ins))
+        update = gaussian_noise(update, local_noise(cfg) * priv.clip_norm, rng)
+        history = add_steps(history, local_noise(cfg) / 2, 1.0, 1)
+    res = dataclasses.replace(res, update=update)
+    residual: State = {}
+    if cfg.compression.density is not None:
+        res, residual = compress_update(res, cfg, kept.residual)
+    if priv.mode in ("user", "local") and res.compressed is not None:
+        res, residual = _reclip_sent(res, residual, priv.clip_norm)
+    if priv.mode != "none" and history:
+        res = dataclasses.replace(res, epsilon=epsilon(history, priv.delta, priv.accountant))
+    return res, Kept(residual=residual, history=history)
+
+
+def _noise_seed(cfg: Config, ins: TrainIns) -> int | None:
+    seed = cfg.privacy.noise_seed
+    return None if seed is None else round_seed(seed, ins.server_round, ins.partition_id)
+
+
+def _reclip_sent(res: TrainRes, residual: State, clip_norm: float) -> tuple[TrainRes, State]:
+    """Ternarizing can lengthen a clipped update (every kept entry gets one magnitude):
+    scale the per-tensor scales so that what is sent has norm ≤ C again, and keep the
+    difference in the residual (with error feedback)."""
+    assert res.compressed is not None
+    norm = global_norm(res.update)
+    if norm <= clip_norm:
+        return res, residual
+    factor = clip_norm / norm * (1 - 1e-6)
+    sent = {k: rescaled(t, factor) for k, t in res.compressed.items()}
+    sent_dense = dense(sent)
+    if residual:
+        residual = {
+            k: (residual[k] + res.update[k] - sent_dense[k]).astype(np.float32) for k in residual
+        }
+    return dataclasses.replace(res, update=sent_dense, compressed=sent), residual
 
 
 class StaleView(ValueError):

@@ -231,6 +231,36 @@ class CompressionConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy (:mod:`fedpeft.privacy`); ``mode: none`` by default.
+
+    Args:
+        mode: ``none``; ``record`` (DP-SGD with Opacus on each client: per-example
+            clipping to ``clip_norm``, ε per client over all its rounds); ``user``
+            (DP-FedAvg: each client's update clipped to ``clip_norm``, Gaussian noise on
+            the server's sum, ε per round of sampling); ``local`` (each client clips and
+            adds the noise itself before sending, for an untrusted server).
+        epsilon: the privacy budget ε. Without ``noise_multiplier`` the noise is computed
+            up front to spend exactly it over the configured rounds; with one, it caps
+            the run (``user``: the run stops after the last affordable round).
+        delta: δ of (ε, δ)-DP.
+        noise_multiplier: z, the noise std over the clipping norm; ``null``: from ε.
+        clip_norm: C, the clipping norm (per example for ``record``, per update otherwise).
+        accountant: Opacus accountant, ``rdp`` or ``prv``.
+        noise_seed: seed of the ``user``/``local`` noise, for reproducible experiments
+            only (noise anyone can regenerate protects nothing); ``null``: OS entropy.
+    """
+
+    mode: Literal["none", "record", "user", "local"] = "none"
+    epsilon: float | None = None
+    delta: float = 1e-5
+    noise_multiplier: float | None = None
+    clip_norm: float = 1.0
+    accountant: Literal["rdp", "prv"] = "rdp"
+    noise_seed: int | None = None
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     """Flower's simulation runtime (Ray backend).
 
@@ -255,6 +285,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -519,6 +550,35 @@ def _check_compression(c: CompressionConfig) -> None:
     )
 
 
+def _check_privacy(cfg: Config) -> None:
+    p = cfg.privacy
+    if p.mode == "none":
+        return
+    _require(
+        p.epsilon is not None or p.noise_multiplier is not None,
+        f"'privacy.mode: {p.mode}' needs 'privacy.epsilon' or 'privacy.noise_multiplier'.",
+    )
+    _require(p.epsilon is None or p.epsilon > 0, "'privacy.epsilon' should be positive.")
+    _require(0 < p.delta < 1, "'privacy.delta' should be in (0, 1).")
+    _require(
+        p.noise_multiplier is None or p.noise_multiplier > 0,
+        "'privacy.noise_multiplier' should be positive.",
+    )
+    _require(0 < p.clip_norm < float("inf"), "'privacy.clip_norm' should be a positive number.")
+    if p.mode == "record":
+        _require(
+            cfg.train.logit_adjustment == 0,
+            "'privacy.mode: record' needs 'train.logit_adjustment: 0' (the logit-adjusted "
+            "loss uses the client's label counts, which DP-SGD does not protect).",
+        )
+    if p.mode == "user":
+        _require(
+            cfg.federation.aggregator == "fedit" and not cfg.fleet.profiles,
+            "'privacy.mode: user' needs 'federation.aggregator: fedit' and one LoRA shape for "
+            "all clients (no 'fleet'): DP-FedAvg noises one uniform average.",
+        )
+
+
 def _check_simulation(s: SimulationConfig) -> None:
     _require(s.client_cpus > 0, "'simulation.client_cpus' should be positive.")
 
@@ -533,6 +593,7 @@ def _validate(cfg: Config) -> None:
     _check_federation(cfg.federation, cfg.partition.num_clients)
     _check_fleet(cfg.fleet, cfg.partition.num_clients)
     _check_compression(cfg.compression)
+    _check_privacy(cfg)
     _require(
         not (cfg.compression.downlink and cfg.federation.aggregator == "flora"),
         "'compression.downlink' does not apply to 'flora': its adapters restart every round "

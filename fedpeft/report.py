@@ -148,6 +148,11 @@ class RunLog:
             "downlink": [r["downlink_bytes"] / 1e6 for r in self.rounds],
         }
         paths.append(self._plot(plt, rounds, mb, "MB per round", name="bytes"))
+        spent = [r for r in self.rounds if r.get("epsilon") is not None]
+        if spent:
+            eps = {"ε spent": [r["epsilon"] for r in spent]}
+            xs = [r["round"] for r in spent]
+            paths.append(self._plot(plt, xs, eps, f"ε (δ = {spent[0]['delta']:g})", name="epsilon"))
         return paths
 
     def _plot(

@@ -19,6 +19,7 @@ from fedpeft.compression import codec
 from fedpeft.compression.compeft import Ternary
 from fedpeft.compression.rice import CodecError
 from fedpeft.devices import DeviceProfile, is_positive_int, is_positive_number
+from fedpeft.privacy.accounting import Entry, from_lists, to_lists
 
 ADAPTERS = "adapters"
 UPDATE = "update"
@@ -33,6 +34,7 @@ PACKED = "update-compeft"
 PACKED_HEADER = "compeft"
 PACKED_HEADER_KEYS = ("shapes", "ndims", "kept", "rice", "nbytes")
 RESIDUAL = "fedpeft-residual"  # node state: the error-feedback residual of the last update
+HISTORY = "fedpeft-accountant"  # node state: its privacy accountant's history
 VIEW = "fedpeft-view"  # node state: the adapters it last received (downlink compression)
 VIEW_NUMBER = "fedpeft-view-number"  # node state: which view they are
 
@@ -70,6 +72,7 @@ class TrainRes:
     train_loss: float
     train_seconds: float
     compressed: dict[str, Ternary] | None = None
+    epsilon: float | None = None  # record-level or local DP: this node's ε so far
 
 
 def state_to_record(state: State) -> ArrayRecord:
@@ -129,6 +132,7 @@ def encode_train_res(res: TrainRes) -> RecordDict:
             NUM_EXAMPLES: res.num_examples,
             "train-loss": res.train_loss,
             "train-seconds": res.train_seconds,
+            **({} if res.epsilon is None else {"epsilon": res.epsilon}),
         }
     )
     if res.compressed is None:
@@ -166,6 +170,7 @@ def decode_train_res(content: RecordDict, expected: State) -> TrainRes:
         train_loss=_scalar(metrics.get("train-loss")),
         train_seconds=_scalar(metrics.get("train-seconds", 0.0)),
         compressed=compressed,
+        epsilon=None if "epsilon" not in metrics else _scalar(metrics["epsilon"]),
     )
 
 
@@ -263,6 +268,19 @@ def read_residual(node_state: RecordDict) -> State:
 
 def write_residual(node_state: RecordDict, residual: State) -> None:
     node_state[RESIDUAL] = state_to_record(residual)
+
+
+def read_history(node_state: RecordDict) -> list[Entry]:
+    """This node's privacy accountant history ([] if none)."""
+    if HISTORY not in node_state.config_records:
+        return []
+    record = node_state.config_records[HISTORY]
+    return from_lists(record["noise"], record["rate"], record["steps"])  # type: ignore[arg-type]
+
+
+def write_history(node_state: RecordDict, history: list[Entry]) -> None:
+    if history:
+        node_state[HISTORY] = ConfigRecord(to_lists(history))  # type: ignore[arg-type]
 
 
 def read_view(node_state: RecordDict) -> tuple[int, State]:

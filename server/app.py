@@ -29,9 +29,10 @@ from fedpeft.models import (
     set_base_deltas,
 )
 from fedpeft.planning import FleetPlan, plan_clients
+from fedpeft.privacy.accounting import affordable_steps
 from fedpeft.report import RunLog, save_adapter
 from fedpeft.train import encode, evaluate
-from server.strategy import AdapterFedAvg, RoundStats
+from server.strategy import AdapterFedAvg, RoundStats, sample_size
 
 log = logging.getLogger("fedpeft")
 
@@ -167,7 +168,8 @@ class ServerEvaluator:
             **(_compression_figures(stats) if self.cfg.compression.density is not None else {}),
             "clients": stats.clients,
             "rejected": stats.rejected,
-            "epsilon": None,
+            "epsilon": stats.epsilon,
+            **({"delta": self.cfg.privacy.delta} if self.cfg.privacy.mode != "none" else {}),
             "seconds": round(time.perf_counter() - stats.started, 3),
         }
         self.run_log.log_round(record)
@@ -192,6 +194,56 @@ class ServerEvaluator:
             reuse=self._export,
         )
         return self._export
+
+
+def affordable_rounds(cfg: Config, strategy: AdapterFedAvg) -> int:
+    """User-level DP with a fixed z and a budget ε: the rounds the budget affords (ε
+    depends only on z, q and the number of rounds, so this is known before round 1)."""
+    priv = cfg.privacy
+    if priv.mode != "user" or priv.epsilon is None or priv.noise_multiplier is None:
+        return cfg.federation.rounds
+    nodes = len(strategy.partitions)
+    q = sample_size(cfg, nodes, cfg.federation.fraction_train) / nodes
+    rounds = affordable_steps(
+        strategy.user_noise, q, priv.epsilon, priv.delta, cfg.federation.rounds, priv.accountant
+    )
+    if rounds == 0:
+        raise RuntimeError(
+            f"The privacy budget ε = {priv.epsilon:g} does not afford one round at "
+            f"noise multiplier {strategy.user_noise:g}; raise one of them."
+        )
+    if rounds < cfg.federation.rounds:
+        log.warning(
+            "privacy budget ε = %g affords %d of %d rounds; the run stops after round %d",
+            priv.epsilon, rounds, cfg.federation.rounds, rounds,
+        )  # fmt: skip
+    return rounds
+
+
+def _privacy_summary(cfg: Config, strategy: AdapterFedAvg, rounds: int) -> dict[str, Any]:
+    priv = cfg.privacy
+    if priv.mode == "none":
+        return {}
+    spent = [s.epsilon for s in strategy.stats.values() if s.epsilon is not None]
+    return {
+        "privacy": {
+            "mode": priv.mode,
+            "accountant": priv.accountant,
+            "epsilon": spent[-1] if spent else 0.0,
+            "delta": priv.delta,
+            "epsilon_budget": priv.epsilon,
+            "noise_multiplier": strategy.user_noise
+            if priv.mode == "user"
+            else priv.noise_multiplier,
+            "clip_norm": priv.clip_norm,
+            "rounds_run": rounds,
+            "epsilon_is": {
+                "user": "the server's accountant over the rounds, q = sampled / clients",
+                "record": "the largest ε any client reported for its DP-SGD steps so far",
+                "local": "the largest ε any client reported for its local noise so far",
+            }[priv.mode],
+        }
+    }
 
 
 def _compression_figures(stats: RoundStats) -> dict[str, Any]:
@@ -222,10 +274,11 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path) -> dict[str, Any]:
     test = encode(dataset.test, load_tokenizer(cfg.model.name), cfg.model.max_length)
     strategy = AdapterFedAvg(cfg, dataset.num_labels, partitions, fleet)
     evaluator = ServerEvaluator(cfg, strategy, run_log, model, test)
+    rounds = affordable_rounds(cfg, strategy)
     strategy.start(
         grid=grid,
         initial_arrays=wire.state_to_record(adapter_state(model)),
-        num_rounds=cfg.federation.rounds,
+        num_rounds=rounds,
         timeout=cfg.federation.timeout,
         evaluate_fn=evaluator,
     )
@@ -239,6 +292,7 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path) -> dict[str, Any]:
             "client_profiles": {str(p): name for p, name in fleet.profile_names.items()},
             "client_plans": {str(p): _plan_summary(lo) for p, lo in fleet.client_loras.items()},
             "left_out": {str(p): reason for p, reason in fleet.left_out.items()},
+            **_privacy_summary(cfg, strategy, rounds),
         }
     )
     run_log.write_plots()

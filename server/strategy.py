@@ -33,6 +33,8 @@ from fedpeft.compression.compeft import apply_change, downlink_change
 from fedpeft.config import Config, lora_to_json
 from fedpeft.models import adapter_shapes
 from fedpeft.planning import FleetPlan
+from fedpeft.privacy.accounting import Entry, add_steps, epsilon, noise_for_budget
+from fedpeft.privacy.mechanisms import clip, dp_fedavg
 
 log = logging.getLogger("fedpeft")
 
@@ -51,6 +53,7 @@ class RoundStats:
     uplink_bound_bytes: float = 0.0
     uplink_kept_values: int = 0
     downlink_fp32_bytes: int = 0  # what the messages would have cost with fp32 adapters
+    epsilon: float | None = None  # ε spent so far (DP runs)
     clients: list[int] = field(default_factory=list)  # partition ids, stable across runs
     rejected: list[dict[str, object]] = field(default_factory=list)
     train_loss: float | None = None
@@ -62,6 +65,22 @@ class RoundStats:
         total = self._examples + examples
         self.train_loss = ((self.train_loss or 0.0) * self._examples + loss * examples) / total
         self._examples = total
+
+
+def sample_size(cfg: Config, num_nodes: int, fraction: float) -> int:
+    """Nodes sampled per round: ``fraction`` of them, at least ``min_clients``."""
+    return min(num_nodes, max(cfg.federation.min_clients, round(fraction * num_nodes)))
+
+
+def user_noise(cfg: Config, num_nodes: int) -> float:
+    """z of DP-FedAvg: configured, or what spends ε over the configured rounds at
+    q = sampled / nodes."""
+    priv = cfg.privacy
+    if priv.noise_multiplier is not None:
+        return priv.noise_multiplier
+    assert priv.epsilon is not None  # config rule
+    q = sample_size(cfg, num_nodes, cfg.federation.fraction_train) / num_nodes
+    return noise_for_budget(priv.epsilon, priv.delta, q, cfg.federation.rounds, priv.accountant)
 
 
 def _count_compression(stats: RoundStats, res: wire.TrainRes, sent_bytes: int) -> None:
@@ -116,6 +135,12 @@ class AdapterFedAvg(FedAvg):
         self.merged_round: dict[int, int] = {}  # node id -> last round it has merged
         self._merges_sent: dict[int, int] = {}  # node id -> last round in its message
         self.base_delta: State = {}  # module -> Σ of merged ΔW (what the evaluator adds)
+        # differential privacy: the server's accountant (user level) or the largest ε a
+        # client reported (record level, local); the user-level noise's source
+        self.history: list[Entry] = []
+        self.client_epsilon: dict[int, float] = {}
+        self.noise_rng = np.random.default_rng(cfg.privacy.noise_seed)
+        self.user_noise = user_noise(cfg, len(partitions)) if cfg.privacy.mode == "user" else 0.0
         self.lora_json = {pid: lora_to_json(lo) for pid, lo in fleet.client_loras.items()}
         self.shapes = {
             pid: adapter_shapes(cfg.model, lora, num_labels)
@@ -126,7 +151,7 @@ class AdapterFedAvg(FedAvg):
     def sample(self, server_round: int, fraction: float) -> list[int]:
         """Seeded choice of nodes, made on partition ids so it repeats across runs."""
         by_partition = sorted(self.partitions, key=lambda n: self.partitions[n])
-        k = max(self.cfg.federation.min_clients, round(fraction * len(by_partition)))
+        k = sample_size(self.cfg, len(by_partition), fraction)
         rng = np.random.default_rng([self.cfg.seed, server_round])
         chosen = rng.choice(len(by_partition), size=min(k, len(by_partition)), replace=False)
         return [by_partition[i] for i in sorted(chosen)]
@@ -221,11 +246,46 @@ class AdapterFedAvg(FedAvg):
             return None, None
         if isinstance(self.aggregator, MergesIntoBase):
             self._keep_stack(server_round, updates)
-        aggregate = self.aggregator.aggregate(self._global, updates, self.cfg.lora.scaling_for)
-        new_state = server_step(self._global, aggregate, self.cfg.federation.server_lr)
+        if self.cfg.privacy.mode == "user":
+            new_state = self._dp_fedavg(server_round, updates)
+        else:
+            aggregate = self.aggregator.aggregate(self._global, updates, self.cfg.lora.scaling_for)
+            new_state = server_step(self._global, aggregate, self.cfg.federation.server_lr)
+        self._account(stats)
         return wire.state_to_record(new_state), MetricRecord(
             {"train-loss": stats.train_loss or 0.0}
         )
+
+    def _bounded(self, res: wire.TrainRes) -> wire.TrainRes:
+        """User-level and local DP: the decoded update clipped to C again, so that a client
+        that did not clip (or whose compression lengthened it) cannot exceed the bound."""
+        if self.cfg.privacy.mode not in ("user", "local"):
+            return res
+        update, _ = clip(res.update, self.cfg.privacy.clip_norm)
+        return dataclasses.replace(res, update=update)
+
+    def _dp_fedavg(self, server_round: int, updates: list[ClientUpdate]) -> State:
+        """DP-FedAvg: uniform sum of the clipped updates plus N(0, (zC)²), over m sampled."""
+        sampled = sample_size(self.cfg, len(self.partitions), self.cfg.federation.fraction_train)
+        return dp_fedavg(
+            self._global,
+            [u.delta for u in updates],
+            self.cfg.privacy.clip_norm,
+            self.user_noise,
+            sampled,
+            self.noise_rng,
+        )
+
+    def _account(self, stats: RoundStats) -> None:
+        """ε after this round: the server's accountant steps once (user level), or the
+        largest ε any client has reported (record level, local)."""
+        priv = self.cfg.privacy
+        if priv.mode == "user":
+            q = sample_size(self.cfg, len(self.partitions), self.cfg.federation.fraction_train)
+            self.history = add_steps(self.history, self.user_noise, q / len(self.partitions), 1)
+            stats.epsilon = epsilon(self.history, priv.delta, priv.accountant)
+        elif priv.mode != "none":
+            stats.epsilon = max(self.client_epsilon.values(), default=0.0)
 
     def _accept(self, msg: Message, stats: RoundStats) -> ClientUpdate | None:
         """Validate one reply; a bad one is recorded with its reason and left out."""
@@ -246,6 +306,9 @@ class AdapterFedAvg(FedAvg):
             self._reject(stats, node, f"claims {res.num_examples} examples, more than {most}")
             return None
         client_id = self.partitions.get(node, -1)
+        res = self._bounded(res)
+        if res.epsilon is not None:
+            self.client_epsilon[client_id] = res.epsilon
         self.merged_round[node] = self._merges_sent.get(node, 0)  # it merged what it got
         stats.clients.append(client_id)
         stats.add_loss(res.train_loss, res.num_examples)

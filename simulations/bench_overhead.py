@@ -86,7 +86,7 @@ def plain_loop(cfg: Config) -> dict[str, float]:
             ins = wire.TrainIns(
                 server_round, config_json, dataset.num_labels, state, lora_json, pid
             )
-            res = client.train_round(ins)
+            res, _ = client.train_round(ins)
             train_s += res.train_seconds
             updates.append(ClientUpdate(pid, res.update, res.num_examples, sent=state))
         aggregate = aggregator.aggregate(state, updates, cfg.lora.scaling_for)

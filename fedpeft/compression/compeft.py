@@ -46,6 +46,11 @@ class Ternary:
         return out.reshape(self.shape)
 
 
+def rescaled(t: Ternary, factor: float) -> Ternary:
+    """The same positions and signs with the scale times ``factor``."""
+    return Ternary(shape=t.shape, sparse=t.sparse, scale=float(np.float32(t.scale * factor)))
+
+
 def kept_count(size: int, density: float) -> int:
     """k = ⌈density · d⌉, at least one entry of a non-empty tensor."""
     return min(size, max(1, math.ceil(density * size))) if size else 0

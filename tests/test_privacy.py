@@ -1,0 +1,150 @@
+"""Differential privacy: Opacus DP-SGD on peft adapters, accounting against Opacus,
+clipping and noise of whole updates, and DP together with compression."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from fedpeft.compression.codec import dense
+from fedpeft.compression.compeft import compress
+from fedpeft.config import DataConfig, LoraConfig, ModelConfig
+from fedpeft.data import load_dataset
+from fedpeft.models import adapter_state, build_peft_model, load_tokenizer
+from fedpeft.privacy import accounting
+from fedpeft.privacy.accounting import Entry
+from fedpeft.privacy.dpsgd import train_local_dp
+from fedpeft.privacy.mechanisms import clip, gaussian_noise, global_norm
+from fedpeft.train import encode, evaluate
+
+
+def _tiny(seed: int = 0):
+    mc = ModelConfig(name="tiny-bert", max_length=32)
+    ds = load_dataset(DataConfig(synthetic_samples=300, synthetic_classes=2), "classification", 0)
+    tok = load_tokenizer(mc.name)
+    return build_peft_model(mc, LoraConfig(r=4), ds.num_labels), encode(ds.train, tok, 32), tok
+
+
+def test_dpsgd_trains_the_adapters_and_records_every_step() -> None:
+    """The known silent failure of Opacus + peft: hooks on no module, nothing changes."""
+    model, data, tok = _tiny()
+    before = adapter_state(model)
+    loss0 = evaluate(model, data, 64, tok.pad_token_id, "classification")["loss"]
+    result, history = train_local_dp(
+        model, data, steps=40, batch_size=32, lr=5e-3, noise_multiplier=0.5, clip_norm=1.0,
+        pad_id=tok.pad_token_id, task="classification", seed=0, history=[],
+    )  # fmt: skip
+    after = adapter_state(model)
+    for part in ("lora_A", "lora_B", "classifier"):
+        assert any(not np.array_equal(before[k], after[k]) for k in before if part in k), part
+    assert evaluate(model, data, 64, tok.pad_token_id, "classification")["loss"] < loss0
+    q = 1 / math.ceil(len(data) / 32)
+    assert history == [Entry(0.5, q, 40)] and result.steps == 40
+    # the cached model is left without Opacus hooks or per-sample gradients
+    assert not any(
+        hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters()
+    )
+    assert not any(m._forward_hooks for m in model.modules() if "lora_A" in type(m).__name__)
+    # a second round composes onto the first history
+    _, history = train_local_dp(
+        model, data, steps=10, batch_size=32, lr=5e-3, noise_multiplier=0.5, clip_norm=1.0,
+        pad_id=tok.pad_token_id, task="classification", seed=1, history=history,
+    )  # fmt: skip
+    assert history == [Entry(0.5, q, 50)]
+
+
+def test_make_private_needs_the_model_in_training_mode() -> None:
+    """Pins the trap: from_pretrained leaves the model in eval mode; Opacus 1.6 refuses
+    it (older releases trained the head silently without per-sample gradients), which is
+    why train_local_dp calls model.train() first."""
+    import torch
+    from opacus import PrivacyEngine
+    from opacus.validators.errors import UnsupportedModuleError
+    from torch.utils.data import DataLoader
+
+    model, _, _ = _tiny()
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(UnsupportedModuleError, match="training mode"):
+        PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(params, lr=0.1),
+            data_loader=DataLoader([(torch.tensor(0),)] * 8, batch_size=4),
+            noise_multiplier=1.0, max_grad_norm=1.0, wrap_model=False,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["rdp", "prv"])
+def test_epsilon_equals_opacus_accountant(kind: str) -> None:
+    history = [Entry(1.1, 0.01, 500), Entry(0.8, 0.02, 300)]
+    ours = accounting.epsilon(history, 1e-5, kind)
+    theirs = RDPAccountant() if kind == "rdp" else PRVAccountant()
+    for _ in range(500):
+        theirs.step(noise_multiplier=1.1, sample_rate=0.01)
+    for _ in range(300):
+        theirs.step(noise_multiplier=0.8, sample_rate=0.02)
+    assert ours == pytest.approx(theirs.get_epsilon(delta=1e-5), rel=1e-9)
+    # the node state's plain lists give back the same history
+    assert accounting.from_lists(**accounting.to_lists(history)) == history  # type: ignore[arg-type]
+
+
+def test_noise_for_a_budget_spends_that_budget() -> None:
+    z = accounting.noise_for_budget(3.0, 1e-5, 0.05, 200, "rdp")
+    assert z == get_noise_multiplier(
+        target_epsilon=3.0, target_delta=1e-5, sample_rate=0.05, steps=200
+    )
+    assert 2.95 < accounting.epsilon([Entry(z, 0.05, 200)], 1e-5) <= 3.0
+    # and the affordable rounds of a fixed z stop right before the budget
+    n = accounting.affordable_steps(1.0, 0.1, 2.0, 1e-5, 1000, "rdp")
+    assert accounting.epsilon([Entry(1.0, 0.1, n)], 1e-5) <= 2.0
+    assert accounting.epsilon([Entry(1.0, 0.1, n + 1)], 1e-5) > 2.0
+
+
+def test_clipping_never_exceeds_the_norm() -> None:
+    rng = np.random.default_rng(0)
+    for scale in (1e-3, 1.0, 1e3):
+        update = {"a": rng.standard_normal((8, 16)).astype(np.float32) * scale,
+                  "b": rng.standard_normal((16, 8)).astype(np.float32) * scale}  # fmt: skip
+        clipped, norm = clip(update, 0.5)
+        assert global_norm(clipped) <= 0.5
+        if norm <= 0.5:
+            assert clipped is update
+        else:  # direction kept
+            ratio = clipped["a"] / update["a"]
+            np.testing.assert_allclose(ratio, ratio.flat[0], rtol=1e-5)
+
+
+def test_gaussian_noise_has_the_configured_std() -> None:
+    rng = np.random.default_rng(7)
+    zero = {"w": np.zeros((400, 250), np.float32)}
+    noisy = gaussian_noise(zero, 0.3, rng)["w"].astype(np.float64)
+    n = noisy.size  # 100k draws: the sample std is within 1% of 0.3 with overwhelming odds
+    assert abs(noisy.mean()) < 4 * 0.3 / math.sqrt(n)
+    assert noisy.std() == pytest.approx(0.3, rel=0.01)
+
+
+def test_a_compressed_update_over_the_clip_norm_is_brought_back_to_it() -> None:
+    """clip → compress → re-clip: one magnitude per tensor lengthens a clipped update."""
+    import dataclasses
+
+    from fedpeft.client import _reclip_sent
+    from fedpeft.wire import TrainRes
+
+    rng = np.random.default_rng(3)
+    # a heavy-tailed update: the mean |top-k| scale makes the ternary vector longer
+    update = {"w": (rng.standard_t(1.5, size=(64, 64))).astype(np.float32)}
+    clipped, _ = clip(update, 1.0)
+    sent, residual = compress(clipped, {}, density=0.3, scale="compeft", alpha=3.0)
+    res = TrainRes(
+        update=dense(sent), num_examples=1, train_loss=0.0, train_seconds=0.0, compressed=sent
+    )
+    assert global_norm(res.update) > 1.0  # the case this guards against
+    res2, residual2 = _reclip_sent(res, residual, 1.0)
+    assert global_norm(res2.update) <= 1.0
+    assert global_norm(dense(res2.compressed)) <= 1.0
+    # error feedback keeps exactly what was not sent
+    np.testing.assert_allclose(res2.update["w"] + residual2["w"], clipped["w"], atol=1e-5)
+    assert dataclasses.replace(res2).compressed is res2.compressed
