@@ -118,7 +118,8 @@ def train_round(
     seed = round_seed(cfg.seed, ins.server_round, partition_id)
     history = list(history or [])
     if cfg.privacy.mode == "record":
-        result, history = _train_dp(model, data.train, cfg, pad_id, seed, history)
+        noise_seed = _noise_seed(cfg, ins)
+        result, history = _train_dp(model, data.train, cfg, pad_id, noise_seed, history)
     else:
         result = train_local(model, data.train, cfg.train, pad_id, cfg.model.task, seed=seed)
     after = adapter_state(model)
@@ -137,7 +138,12 @@ class BudgetSpent(RuntimeError):
 
 
 def _train_dp(
-    model: PeftModel, data: Encoded, cfg: Config, pad_id: int, seed: int, history: list[Entry]
+    model: PeftModel,
+    data: Encoded,
+    cfg: Config,
+    pad_id: int,
+    seed: int | None,
+    history: list[Entry],
 ) -> tuple[TrainResult, list[Entry]]:
     priv, train = cfg.privacy, cfg.train
     q = sample_rate(len(data), train.batch_size)
@@ -161,7 +167,12 @@ def record_noise(cfg: Config, num_examples: int) -> float:
     assert priv.epsilon is not None  # config rule
     q = sample_rate(num_examples, train.batch_size)
     steps = cfg.federation.rounds * train.local_steps
-    return noise_for_budget(priv.epsilon, priv.delta, q, steps, priv.accountant)
+    try:
+        return noise_for_budget(priv.epsilon, priv.delta, q, steps, priv.accountant)
+    except ValueError:  # Opacus: "The privacy budget is too low."
+        raise BudgetSpent(
+            f"ε = {priv.epsilon:g} is too small for {steps} DP-SGD steps at q = {q:.3g}"
+        ) from None
 
 
 def local_noise(cfg: Config) -> float:
@@ -189,32 +200,54 @@ def client_round(
     ins: TrainIns, base_delta: State, kept: Kept, rng: np.random.Generator | None = None
 ) -> tuple[TrainRes, Kept]:
     """One round as DESIGN.md orders the client's stages: train (DP-SGD for ``record``)
-    → clip (``user``, ``local``) → local noise (``local``) → compress → clip what is sent."""
+    → clip (``user``, ``local``) → local noise (``local``) → compress → clip what is sent
+    (``user``; under ``local`` the noise is already on, and clipping a noised update
+    would only shrink its signal)."""
     cfg = parse_config(ins.config_json)
     priv = cfg.privacy
-    res, history = train_round(ins, base_delta, kept.history)
+    history = kept.history
+    if priv.mode == "local":
+        history = _local_step(cfg, history)  # before training: a spent budget refuses
+    res, history = train_round(ins, base_delta, history)
     update = res.update
     if priv.mode in ("user", "local"):
         update, _ = clip(update, priv.clip_norm)
     if priv.mode == "local":
-        if priv.epsilon is not None:
-            after = epsilon(
-                add_steps(history, local_noise(cfg) / 2, 1.0, 1), priv.delta, priv.accountant
-            )
-            if after > priv.epsilon * (1 + 1e-3):
-                raise BudgetSpent(f"another round would spend ε = {after:.3g} > {priv.epsilon:g}")
         rng = rng or np.random.default_rng(_noise_seed(cfg, ins))
         update = gaussian_noise(update, local_noise(cfg) * priv.clip_norm, rng)
-        history = add_steps(history, local_noise(cfg) / 2, 1.0, 1)
     res = dataclasses.replace(res, update=update)
     residual: State = {}
     if cfg.compression.density is not None:
         res, residual = compress_update(res, cfg, kept.residual)
-    if priv.mode in ("user", "local") and res.compressed is not None:
+    if priv.mode == "user" and res.compressed is not None:
         res, residual = _reclip_sent(res, residual, priv.clip_norm)
-    if priv.mode != "none" and history:
-        res = dataclasses.replace(res, epsilon=epsilon(history, priv.delta, priv.accountant))
+    if priv.mode != "none":
+        res = _private_metrics(res, cfg, history)
     return res, Kept(residual=residual, history=history)
+
+
+def _local_step(cfg: Config, history: list[Entry]) -> list[Entry]:
+    """The local-DP history after one more release, or :class:`BudgetSpent`."""
+    priv = cfg.privacy
+    after = add_steps(history, local_noise(cfg) / 2, 1.0, 1)
+    spent = epsilon(after, priv.delta, priv.accountant)
+    if priv.epsilon is not None and spent > priv.epsilon * (1 + 1e-3):
+        raise BudgetSpent(f"another round would spend ε = {spent:.3g} > {priv.epsilon:g}")
+    return after
+
+
+def _private_metrics(res: TrainRes, cfg: Config, history: list[Entry]) -> TrainRes:
+    """Under DP a reply carries nothing data-dependent besides the protected update: a
+    weight of steps × batch size (the real count would reveal a small n), no loss and no
+    timing; plus this node's ε so far (record level, local)."""
+    spent = epsilon(history, cfg.privacy.delta, cfg.privacy.accountant) if history else None
+    return dataclasses.replace(
+        res,
+        num_examples=cfg.train.local_steps * cfg.train.batch_size,
+        train_loss=None,
+        train_seconds=None,
+        epsilon=spent,
+    )
 
 
 def _noise_seed(cfg: Config, ins: TrainIns) -> int | None:

@@ -548,6 +548,11 @@ def _check_compression(c: CompressionConfig) -> None:
         c.density is not None or not c.downlink,
         "'compression.downlink' needs 'compression.density'.",
     )
+    _require(
+        c.scale == "stc" or c.alpha <= 1 or not (c.error_feedback or c.downlink),
+        "'compression.alpha' above 1 with error feedback or downlink compression can grow "
+        "the error instead of shrinking it; use alpha <= 1 or 'scale: stc'.",
+    )
 
 
 def _check_privacy(cfg: Config) -> None:
@@ -565,6 +570,13 @@ def _check_privacy(cfg: Config) -> None:
         "'privacy.noise_multiplier' should be positive.",
     )
     _require(0 < p.clip_norm < float("inf"), "'privacy.clip_norm' should be a positive number.")
+    _require(
+        p.noise_seed is None or p.noise_seed >= 0, "'privacy.noise_seed' should be non-negative."
+    )
+    _require(
+        not cfg.federation.client_eval,
+        "'federation.client_eval' reports unprotected client metrics; turn it off under DP.",
+    )
     if p.mode == "record":
         _require(
             cfg.train.logit_adjustment == 0,
@@ -577,6 +589,36 @@ def _check_privacy(cfg: Config) -> None:
             "'privacy.mode: user' needs 'federation.aggregator: fedit' and one LoRA shape for "
             "all clients (no 'fleet'): DP-FedAvg noises one uniform average.",
         )
+    if p.mode in ("user", "local") and p.epsilon is not None:
+        _check_budget(cfg)
+
+
+def _check_budget(cfg: Config) -> None:
+    """The budget must afford at least one round (Opacus cannot find a z for less)."""
+    from fedpeft.privacy.accounting import Entry, epsilon, noise_for_budget
+
+    p, fed, n = cfg.privacy, cfg.federation, cfg.partition.num_clients
+    sampled = min(n, max(fed.min_clients, round(fed.fraction_train * n)))
+    q = sampled / n if p.mode == "user" else 1.0
+    z = p.noise_multiplier
+    if p.mode == "local" and z is not None:
+        z = z / 2  # two clipped updates can be 2C apart
+    assert p.epsilon is not None
+    if z is None:
+        try:
+            noise_for_budget(p.epsilon, p.delta, q, fed.rounds, p.accountant)
+        except ValueError:
+            raise ConfigError(
+                f"'privacy.epsilon' {p.epsilon:g} is too small for {fed.rounds} rounds at "
+                f"δ = {p.delta:g}; raise it or lower 'federation.rounds'."
+            ) from None
+        return
+    first = epsilon([Entry(z, q, 1)], p.delta, p.accountant)
+    _require(
+        first <= p.epsilon,
+        f"'privacy.epsilon' {p.epsilon:g} does not afford one round at noise multiplier "
+        f"{p.noise_multiplier:g} (one round spends ε = {first:.3g}).",
+    )
 
 
 def _check_simulation(s: SimulationConfig) -> None:

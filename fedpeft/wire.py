@@ -8,6 +8,8 @@ Only plain numeric arrays travel: never a pickle, never a base-model weight.
 
 from __future__ import annotations
 
+import io
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -69,8 +71,8 @@ class TrainRes:
 
     update: State
     num_examples: int
-    train_loss: float
-    train_seconds: float
+    train_loss: float | None  # None: not reported (DP modes)
+    train_seconds: float | None
     compressed: dict[str, Ternary] | None = None
     epsilon: float | None = None  # record-level or local DP: this node's ε so far
 
@@ -130,8 +132,8 @@ def encode_train_res(res: TrainRes) -> RecordDict:
     metrics = MetricRecord(
         {
             NUM_EXAMPLES: res.num_examples,
-            "train-loss": res.train_loss,
-            "train-seconds": res.train_seconds,
+            **({} if res.train_loss is None else {"train-loss": res.train_loss}),
+            **({} if res.train_seconds is None else {"train-seconds": res.train_seconds}),
             **({} if res.epsilon is None else {"epsilon": res.epsilon}),
         }
     )
@@ -167,8 +169,8 @@ def decode_train_res(content: RecordDict, expected: State) -> TrainRes:
     return TrainRes(
         update=update,
         num_examples=num_examples,
-        train_loss=_scalar(metrics.get("train-loss")),
-        train_seconds=_scalar(metrics.get("train-seconds", 0.0)),
+        train_loss=None if "train-loss" not in metrics else _scalar(metrics["train-loss"]),
+        train_seconds=None if "train-seconds" not in metrics else _scalar(metrics["train-seconds"]),
         compressed=compressed,
         epsilon=None if "epsilon" not in metrics else _scalar(metrics["epsilon"]),
     )
@@ -203,7 +205,37 @@ def _packed_from(content: RecordDict) -> codec.Packed:
         raise UpdateRejected(
             f"stream/scales should be uint8/float32, got {stream.dtype}/{scales.dtype}"
         )
-    return codec.Packed(stream=stream.numpy().ravel(), scales=scales.numpy().ravel(), **ints)
+    return codec.Packed(
+        stream=untrusted_array(stream, "uint8", "stream").ravel(),
+        scales=untrusted_array(scales, "float32", "scales").ravel(),
+        **ints,
+    )
+
+
+def untrusted_array(arr: Array, dtype: str, what: str) -> np.ndarray:
+    """An array from a client, read without trusting it: Flower's ``Array.numpy`` calls
+    ``np.load``, which allocates whatever shape the payload's own header declares. Here
+    the header is parsed first, and the data must be exactly the bytes that shape needs,
+    so memory never exceeds what actually arrived. Any defect is an UpdateRejected."""
+    if arr.stype != "numpy.ndarray":
+        raise UpdateRejected(f"'{what}' has serialization {arr.stype!r}, expected numpy.ndarray")
+    buf = io.BytesIO(arr.data)
+    try:
+        version = np.lib.format.read_magic(buf)
+        if version == (1, 0):
+            shape, fortran, found = np.lib.format.read_array_header_1_0(buf)
+        elif version == (2, 0):
+            shape, fortran, found = np.lib.format.read_array_header_2_0(buf)
+        else:
+            raise ValueError(f"npy format {version}")
+    except (ValueError, SyntaxError, TypeError) as err:
+        raise UpdateRejected(f"'{what}' is not a readable array ({err})") from None
+    if found != np.dtype(dtype) or fortran:
+        raise UpdateRejected(f"'{what}' holds {found}, expected {dtype}")
+    data = arr.data[buf.tell() :]
+    if len(data) != math.prod(shape) * found.itemsize:
+        raise UpdateRejected(f"'{what}' declares {list(shape)} but carries {len(data)} bytes")
+    return np.frombuffer(data, dtype=found).reshape(shape).copy()  # writable, and ours
 
 
 def _scalar(value: object) -> float:
@@ -225,7 +257,11 @@ def _validated_update(record: ArrayRecord, expected: State) -> State:
             raise UpdateRejected(
                 f"'{key}' is {arr.dtype}{list(arr.shape)}, expected float32{list(expected[key].shape)}"
             )
-        value = arr.numpy()
+        value = untrusted_array(arr, "float32", key)
+        if value.shape != expected[key].shape:
+            raise UpdateRejected(
+                f"'{key}' carries {list(value.shape)}, expected {list(expected[key].shape)}"
+            )
         if not np.isfinite(value).all():
             raise UpdateRejected(f"'{key}' holds NaN or Inf")
         update[key] = value

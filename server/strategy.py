@@ -257,9 +257,9 @@ class AdapterFedAvg(FedAvg):
         )
 
     def _bounded(self, res: wire.TrainRes) -> wire.TrainRes:
-        """User-level and local DP: the decoded update clipped to C again, so that a client
-        that did not clip (or whose compression lengthened it) cannot exceed the bound."""
-        if self.cfg.privacy.mode not in ("user", "local"):
+        """User-level DP: the decoded update clipped to C again, so that a client that did
+        not clip (or whose compression lengthened it) cannot exceed its share."""
+        if self.cfg.privacy.mode != "user":
             return res
         update, _ = clip(res.update, self.cfg.privacy.clip_norm)
         return dataclasses.replace(res, update=update)
@@ -274,6 +274,7 @@ class AdapterFedAvg(FedAvg):
             self.user_noise,
             sampled,
             self.noise_rng,
+            self.cfg.federation.server_lr,
         )
 
     def _account(self, stats: RoundStats) -> None:
@@ -311,7 +312,8 @@ class AdapterFedAvg(FedAvg):
             self.client_epsilon[client_id] = res.epsilon
         self.merged_round[node] = self._merges_sent.get(node, 0)  # it merged what it got
         stats.clients.append(client_id)
-        stats.add_loss(res.train_loss, res.num_examples)
+        if res.train_loss is not None:
+            stats.add_loss(res.train_loss, res.num_examples)
         return ClientUpdate(client_id, res.update, res.num_examples, sent=self._sent[node])
 
     def _reject_silent(self, stats: RoundStats, replied: set[int]) -> None:

@@ -87,7 +87,7 @@ def plain_loop(cfg: Config) -> dict[str, float]:
                 server_round, config_json, dataset.num_labels, state, lora_json, pid
             )
             res, _ = client.train_round(ins)
-            train_s += res.train_seconds
+            train_s += res.train_seconds or 0.0
             updates.append(ClientUpdate(pid, res.update, res.num_examples, sent=state))
         aggregate = aggregator.aggregate(state, updates, cfg.lora.scaling_for)
         state = server_step(state, aggregate, cfg.federation.server_lr)

@@ -29,10 +29,18 @@ def _tiny(seed: int = 0):
     return build_peft_model(mc, LoraConfig(r=4), ds.num_labels), encode(ds.train, tok, 32), tok
 
 
+def _hook_count(model) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for m in model.modules()
+    )
+
+
 def test_dpsgd_trains_the_adapters_and_records_every_step() -> None:
     """The known silent failure of Opacus + peft: hooks on no module, nothing changes."""
     model, data, tok = _tiny()
     before = adapter_state(model)
+    hooks_before = _hook_count(model)
     loss0 = evaluate(model, data, 64, tok.pad_token_id, "classification")["loss"]
     result, history = train_local_dp(
         model, data, steps=40, batch_size=32, lr=5e-3, noise_multiplier=0.5, clip_norm=1.0,
@@ -48,7 +56,7 @@ def test_dpsgd_trains_the_adapters_and_records_every_step() -> None:
     assert not any(
         hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters()
     )
-    assert not any(m._forward_hooks for m in model.modules() if "lora_A" in type(m).__name__)
+    assert _hook_count(model) == hooks_before
     # a second round composes onto the first history
     _, history = train_local_dp(
         model, data, steps=10, batch_size=32, lr=5e-3, noise_multiplier=0.5, clip_norm=1.0,
@@ -128,8 +136,6 @@ def test_gaussian_noise_has_the_configured_std() -> None:
 
 def test_a_compressed_update_over_the_clip_norm_is_brought_back_to_it() -> None:
     """clip → compress → re-clip: one magnitude per tensor lengthens a clipped update."""
-    import dataclasses
-
     from fedpeft.client import _reclip_sent
     from fedpeft.wire import TrainRes
 
@@ -147,4 +153,3 @@ def test_a_compressed_update_over_the_clip_norm_is_brought_back_to_it() -> None:
     assert global_norm(dense(res2.compressed)) <= 1.0
     # error feedback keeps exactly what was not sent
     np.testing.assert_allclose(res2.update["w"] + residual2["w"], clipped["w"], atol=1e-5)
-    assert dataclasses.replace(res2).compressed is res2.compressed

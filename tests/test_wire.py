@@ -91,3 +91,50 @@ def test_non_finite_metric_and_bad_eval_reply_are_rejected() -> None:
         5,
         {"accuracy": 0.4},
     )
+
+
+def _hostile_arrays() -> list[tuple[str, object]]:
+    """Arrays a client could send whose bytes disagree with what they claim."""
+    import io
+
+    import numpy as np
+    from flwr.app import Array
+
+    good = Array(np.zeros((4, 8), np.float32))
+    huge_header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        huge_header, {"descr": "<f4", "fortran_order": False, "shape": (10**10,)}
+    )
+    return [
+        ("torch stype", Array(dtype="float32", shape=(4, 8), stype="torch.Tensor", data=good.data)),
+        ("garbage bytes", Array(dtype="float32", shape=(4, 8), stype="numpy.ndarray", data=b"\x93NUMPYxx")),
+        ("huge declared shape", Array(dtype="float32", shape=(4, 8), stype="numpy.ndarray",
+                                      data=huge_header.getvalue() + b"\0" * 16)),
+        ("short data", Array(dtype="float32", shape=(4, 8), stype="numpy.ndarray", data=good.data[:-8])),
+    ]  # fmt: skip
+
+
+def test_hostile_array_bytes_are_rejected_without_loading_them() -> None:
+    import numpy as np
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+    expected = {"w": np.zeros((4, 8), np.float32)}
+    for name, arr in _hostile_arrays():
+        content = RecordDict(
+            {
+                wire.UPDATE: ArrayRecord({"w": arr}),
+                wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 4}),
+            }
+        )
+        with pytest.raises(wire.UpdateRejected):
+            wire.decode_train_res(content, expected)
+        packed = RecordDict(
+            {
+                wire.PACKED: ArrayRecord({"stream": arr, "scales": arr}),
+                wire.PACKED_HEADER: wire.ConfigRecord({k: [1] for k in wire.PACKED_HEADER_KEYS}),
+                wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 4}),
+            }
+        )
+        with pytest.raises(wire.UpdateRejected):
+            wire.decode_train_res(packed, expected)
+        assert name

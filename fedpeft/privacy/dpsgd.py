@@ -57,8 +57,9 @@ def train_local_dp(
     clip_norm: float,
     pad_id: int,
     task: str,
-    seed: int,
+    seed: int | None,
     history: list[Entry],
+    weight_decay: float = 0.0,
     accountant: AccountantName = "rdp",
 ) -> tuple[TrainResult, list[Entry]]:
     """``steps`` DP-SGD (AdamW) steps on the trainable parameters; returns the result
@@ -66,7 +67,13 @@ def train_local_dp(
     if len(data) == 0:
         raise ValueError("A client with no training examples cannot train.")
     start = time.perf_counter()
-    torch.manual_seed(seed)  # Poisson sampling and dropout; the noise is Opacus's
+    # Opacus draws the Poisson batches and the noise from torch's global generator
+    # (outside its secure mode), so a seed the server knows would let it replay both:
+    # OS entropy unless the run asks for reproducible noise (privacy.noise_seed)
+    if seed is None:
+        torch.seed()
+    else:
+        torch.manual_seed(seed)
     engine = PrivacyEngine(accountant=accountant)
     engine.accountant.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in history]
     loader = DataLoader(_Indices(len(data)), batch_size=batch_size)
@@ -74,7 +81,7 @@ def train_local_dp(
     model.train()  # before make_private: Opacus hooks only modules in training mode
     hooks, optimizer, dp_loader = engine.make_private(
         module=model,
-        optimizer=torch.optim.AdamW(params, lr=lr),
+        optimizer=torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay),
         data_loader=loader,
         noise_multiplier=noise_multiplier,
         max_grad_norm=clip_norm,

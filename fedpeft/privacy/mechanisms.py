@@ -44,8 +44,9 @@ def dp_fedavg(
     noise_multiplier: float,
     sampled: int,
     rng: np.random.Generator,
+    server_lr: float = 1.0,
 ) -> State:
-    """x + (Σ_k Δ̃_k + N(0, (zC)²)) / m, McMahan et al. (2018), Alg. 1 with uniform
+    """x + η (Σ_k Δ̃_k + N(0, (zC)²)) / m, McMahan et al. (2018), Alg. 1 with uniform
     weights: the Δ̃_k are already clipped to C, and m is the number of clients sampled
     (not the number that replied), so a dropped client changes nothing but the sum."""
     out = {}
@@ -54,5 +55,5 @@ def dp_fedavg(
         for delta in deltas:
             total += delta[key]
         noise = rng.normal(0.0, noise_multiplier * clip_norm, size=x.shape)
-        out[key] = (x + (total + noise) / sampled).astype(np.float32)
+        out[key] = (x + server_lr * (total + noise) / sampled).astype(np.float32)
     return out
