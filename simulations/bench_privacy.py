@@ -16,8 +16,9 @@ zC√d / B, over the largest mean-gradient norm C; for DP-FedAvg the noise norm 
 averaged update, zC√d / m, over the largest averaged-update norm C (d: trainable
 parameters). Writes DIR/table.md and DIR/accuracy_vs_epsilon.png.
 
-    python simulations/bench_privacy.py [--rounds 10] [--epsilons inf 8 3 1]
-        [--user-clients 40] [--only record|user] [--seed 0]
+    python simulations/bench_privacy.py [--rounds 6] [--epsilons inf 8 3 1]
+        [--user-clients 40] [--user-local-steps 2] [--user-batch-size 16]
+        [--only record|user] [--seed 0]
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def record_noise_multiplier(cfg: Config, eps: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[math.inf, 8, 3, 1])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--local-steps", type=int, default=5)
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--user-clients", type=int, default=40)
     parser.add_argument("--user-local-steps", type=int, default=2)
+    parser.add_argument("--user-batch-size", type=int, default=16)
     parser.add_argument("--only", choices=["record", "user"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench_privacy"))
@@ -108,6 +110,7 @@ def main() -> None:
         extra = [] if mode == "record" else [
             f"partition.num_clients={args.user_clients}",
             f"train.local_steps={args.user_local_steps}",
+            f"train.batch_size={args.user_batch_size}",
         ]  # fmt: skip
         for eps in args.epsilons:
             priv = [] if math.isinf(eps) else [f"privacy.mode={mode}", f"privacy.epsilon={eps}"]
@@ -135,8 +138,10 @@ def main() -> None:
             f"| {z} | {r['nsr']:.2f} | {r['accuracy']:.4f} | {r['minutes']:.1f} |"
         )
     title = (
-        f"MiniLM on mr, {args.rounds} rounds, δ = {DELTA:g}, batch {args.batch_size}, "
-        f"clip C = {args.clip}, d = {rows[0]['d']} trainable parameters, seed {args.seed}"
+        f"MiniLM on mr, {args.rounds} rounds, δ = {DELTA:g}, clip C = {args.clip}, lr {args.lr}, "
+        f"d = {rows[0]['d']} trainable parameters, seed {args.seed}; record-level: batch "
+        f"{args.batch_size} x {args.local_steps} steps per round; user-level: batch "
+        f"{args.user_batch_size} x {args.user_local_steps} steps"
     )
     table = "\n".join(lines)
     print(f"\n{title}\n{table}")
