@@ -10,7 +10,7 @@ run's adapter shapes. Writes the table to DIR/table.md and accuracy against upli
 to DIR/accuracy_vs_uplink.png.
 
     python simulations/bench_compression.py [--rounds 15] [--densities 0.2 0.1 0.05 0.01]
-        [--no-feedback-runs] [--seed 0] [--out outputs/bench_compression]
+        [--no-feedback-runs] [--scale compeft|stc] [--seed 0] [--out outputs/bench_compression]
 """
 
 from __future__ import annotations
@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument(
         "--no-feedback-runs", action="store_true", help="only runs with error feedback"
     )
+    parser.add_argument("--scale", choices=["compeft", "stc"], default="compeft")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench_compression"))
     args = parser.parse_args()
@@ -128,8 +129,11 @@ def main() -> None:
     results["fp32"] = {**run("fp32", common, out), "density": None, "feedback": None}
     for feedback in (True,) if args.no_feedback_runs else (True, False):
         for d in args.densities:
-            name = f"d{d:g}-{'ef' if feedback else 'noef'}"
+            name = f"d{d:g}-{'ef' if feedback else 'noef'}" + (
+                "-stc" if args.scale == "stc" else ""
+            )
             overrides = [
+                f"compression.scale={args.scale}",
                 *common,
                 f"compression.density={d}",
                 f"compression.error_feedback={str(feedback).lower()}",
@@ -152,7 +156,7 @@ def main() -> None:
             continue
         enc, dec = codec_seconds(shapes, r["density"])
         lines.append(
-            f"| density {r['density']:g}, {'EF' if r['feedback'] else 'no EF'} | {r['accuracy']:.4f} "
+            f"| density {r['density']:g}, {'EF' if r['feedback'] else 'no EF'}, {args.scale} | {r['accuracy']:.4f} "
             f"| {r['uplink'] / 1e6:.3f} | {fp32['uplink'] / r['uplink']:.1f}× | {r['bits_per_kept']:.2f} "
             f"| {100 * (r['over_bound'] - 1):+.1f}% | {1e3 * enc:.1f} | {1e3 * dec:.1f} |"
         )
