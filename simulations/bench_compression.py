@@ -16,7 +16,6 @@ to DIR/accuracy_vs_uplink.png.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -28,24 +27,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedpeft.cli import setup_logging, simulate  # noqa: E402
+from fedpeft.cli import setup_logging  # noqa: E402
 from fedpeft.compression import codec  # noqa: E402
 from fedpeft.compression.compeft import compress  # noqa: E402
 from fedpeft.config import load_config  # noqa: E402
 from fedpeft.models import adapter_shapes  # noqa: E402
+from simulations.common import run_or_reuse  # noqa: E402
 
 
 def run(name: str, overrides: list[str], out: Path) -> dict[str, Any]:
     """One simulation (reused if DIR/name already holds a finished run of this config)."""
     cfg = load_config(ROOT / "configs" / "mr.yaml", overrides)
-    summary_path = out / name / "summary.json"
-    if summary_path.is_file() and json.loads(summary_path.read_text())["config"] == json.loads(
-        cfg.to_json()
-    ):
-        summary = json.loads(summary_path.read_text())
-    else:
-        summary = simulate(cfg, out / name)
-    rows = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+    summary, rows = run_or_reuse(cfg, out / name)
     payload, bound, kept = (
         sum(r.get(k, 0) for r in rows)
         for k in ("uplink_payload_bytes", "uplink_bound_bytes", "uplink_kept_values")

@@ -24,7 +24,6 @@ parameters). Writes DIR/table.md and DIR/accuracy_vs_epsilon.png.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -34,9 +33,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedpeft.cli import setup_logging, simulate  # noqa: E402
+from fedpeft.cli import setup_logging  # noqa: E402
 from fedpeft.config import Config, load_config  # noqa: E402
 from fedpeft.models import adapter_shapes  # noqa: E402
+from simulations.common import run_or_reuse  # noqa: E402
 
 DELTA = 1e-5
 
@@ -57,12 +57,7 @@ def recipe(args: argparse.Namespace) -> list[str]:
 def run(name: str, overrides: list[str], out: Path) -> dict[str, Any]:
     """One simulation (reused if DIR/name already holds a finished run of this config)."""
     cfg = load_config(ROOT / "configs" / "mr.yaml", overrides)
-    path = out / name / "summary.json"
-    if path.is_file() and json.loads(path.read_text())["config"] == json.loads(cfg.to_json()):
-        summary = json.loads(path.read_text())
-    else:
-        summary = simulate(cfg, out / name)
-    rows = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+    summary, rows = run_or_reuse(cfg, out / name)
     privacy = summary.get("privacy", {})
     return {
         "accuracy": sum(r["accuracy"] for r in rows[-3:]) / len(rows[-3:]),

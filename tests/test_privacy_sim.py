@@ -75,3 +75,15 @@ def test_local_dp_noise_is_added_on_the_client(tmp_path: Path) -> None:
     per_round = [accounting.epsilon([Entry(sigma / 2, 1.0, k)], 1e-5) for k in (1, 2, 3)]
     assert all(any(r["epsilon"] == pytest.approx(e) for e in per_round) for r in rows)
     assert rows[-1]["epsilon"] <= 50.0 * (1 + 1e-3)
+
+
+def test_user_level_dp_with_compressed_updates(tmp_path: Path) -> None:
+    """clip → compress → re-clip on the client, re-check after decoding on the server."""
+    rows, summary = _run(
+        tmp_path,
+        {"mode": "user", "epsilon": 20.0, "clip_norm": 0.05, "noise_seed": 2},
+        compression={"density": 0.3, "error_feedback": True},
+    )
+    assert all(len(r["clients"]) == 2 and r["rejected"] == [] for r in rows)
+    assert summary["compression"]["uplink_ratio_vs_fp32"] > 2
+    assert all(r["train_loss"] is None for r in rows)  # no unprotected loss leaves a client

@@ -1,0 +1,36 @@
+"""What the benchmark drivers share: run a simulation unless its outputs already exist."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedpeft.cli import simulate
+from fedpeft.config import Config
+
+
+def same_config(stored: dict[str, Any], current: dict[str, Any], default: dict[str, Any]) -> bool:
+    """Equal, counting a section or key the stored run predates as its default value."""
+    for key, value in current.items():
+        old = stored.get(key, default.get(key))
+        if isinstance(value, dict) and isinstance(old, dict):
+            if not same_config(old, value, default.get(key, {})):
+                return False
+        elif old != value:
+            return False
+    return True
+
+
+def run_or_reuse(cfg: Config, out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The summary and metrics rows of ``cfg`` run into ``out``: reused when ``out`` holds
+    a finished run of the same config (a benchmark killed halfway resumes where it was),
+    else simulated."""
+    path = out / "summary.json"
+    current, default = json.loads(cfg.to_json()), json.loads(Config().to_json())
+    if path.is_file() and same_config(json.loads(path.read_text())["config"], current, default):
+        summary = json.loads(path.read_text())
+    else:
+        summary = simulate(cfg, out)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return summary, rows
