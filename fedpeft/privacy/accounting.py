@@ -16,6 +16,7 @@ round (DESIGN.md, known traps).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -57,6 +58,7 @@ def add_steps(history: list[Entry], z: float, q: float, steps: int) -> list[Entr
     return [*history, Entry(z, q, steps)]
 
 
+@functools.lru_cache(maxsize=64)  # a binary search over ε; asked every round
 def noise_for_budget(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, kind: AccountantName
 ) -> float:
