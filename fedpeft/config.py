@@ -214,9 +214,10 @@ class CompressionConfig:
     Args:
         density: share of each update tensor's entries sent (top-k by magnitude), as
             sign x one scale; ``null`` sends fp32 updates.
-        scale: ``compeft`` (alpha x std of the tensor, ComPEFT) or ``stc`` (mean magnitude
-            of the kept entries, STC).
-        alpha: the ComPEFT scale's multiplier.
+        scale: ``stc`` (mean magnitude of the kept entries, STC; the default, which
+            tracked the fp32 run closest in simulations/bench_compression.py) or
+            ``compeft`` (alpha x std of the tensor, ComPEFT).
+        alpha: the ComPEFT scale's multiplier (``scale: compeft`` only).
         error_feedback: keep what was not sent in the client's state and add it to the
             next round's update.
         downlink: also compress the server -> client adapters, as the change against what
@@ -224,7 +225,7 @@ class CompressionConfig:
     """
 
     density: float | None = None
-    scale: Literal["compeft", "stc"] = "compeft"
+    scale: Literal["compeft", "stc"] = "stc"
     alpha: float = 1.0
     error_feedback: bool = True
     downlink: bool = False

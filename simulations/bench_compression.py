@@ -6,8 +6,8 @@ every run. Prints one row per run: accuracy (mean of the last 3 rounds), total u
 bytes (as carried in the Flower messages), the ratio against the fp32 run, bits per kept
 value and the gap of the payload to its information bound (both from the run's
 metrics.jsonl), and the codec's encode/decode time per update, timed on updates of the
-run's adapter shapes. Writes the table to DIR/table.md and accuracy against uplink bytes
-to DIR/accuracy_vs_uplink.png.
+run's adapter shapes. Writes the table to DIR/table-SCALE.md and accuracy against uplink
+bytes to DIR/accuracy_vs_uplink-SCALE.png.
 
     python simulations/bench_compression.py [--rounds 15] [--densities 0.2 0.1 0.05 0.01]
         [--no-feedback-runs] [--scale compeft|stc] [--seed 0] [--out outputs/bench_compression]
@@ -71,7 +71,7 @@ def codec_seconds(
     return float(np.median(encode)), float(np.median(decode))
 
 
-def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+def plot(results: dict[str, dict[str, Any]], path: Path, scale: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,7 +94,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("total uplink (MB, log scale)")
     ax.set_ylabel("accuracy (mean of last 3 rounds)")
-    ax.set_title("ComPEFT uplink compression, MiniLM on mr (labels: density)")
+    ax.set_title(f"Top-k ternary uplink ({scale} scale), MiniLM on mr (labels: density)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -156,9 +156,13 @@ def main() -> None:
     table = "\n".join(lines)
     title = f"{args.rounds} rounds, 10 clients, Dirichlet(0.5), MiniLM r=8 q/v + head, mr, seed {args.seed}"
     print(f"\n{title}\n{table}")
-    (out / "table.md").write_text(f"{title}\n\n{table}\n")
-    plot(results, out / "accuracy_vs_uplink.png")
-    print(f"\nwrote {out / 'table.md'} and {out / 'accuracy_vs_uplink.png'}")
+    table_path, plot_path = (
+        out / f"table-{args.scale}.md",
+        out / f"accuracy_vs_uplink-{args.scale}.png",
+    )
+    table_path.write_text(f"{title}\n\n{table}\n")
+    plot(results, plot_path, args.scale)
+    print(f"\nwrote {table_path} and {plot_path}")
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def kept_count(size: int, density: float) -> int:
 
 
 def ternarize(
-    x: np.ndarray, density: float, scale: ScaleRule = "compeft", alpha: float = 1.0
+    x: np.ndarray, density: float, scale: ScaleRule = "stc", alpha: float = 1.0
 ) -> Ternary:
     """Top-k by magnitude, then sign × one scale (α·std(x) or STC's mean |top-k|)."""
     flat = np.ascontiguousarray(x, dtype=np.float32).ravel()
@@ -78,7 +78,7 @@ def compress(
     update: State,
     residual: State,
     density: float,
-    scale: ScaleRule = "compeft",
+    scale: ScaleRule = "stc",
     alpha: float = 1.0,
 ) -> tuple[dict[str, Ternary], State]:
     """Ternarize Δ + e_prev per tensor; return what is sent and the new residual e.
@@ -96,7 +96,7 @@ def compress(
 
 
 def downlink_change(
-    target: State, view: State, density: float, scale: ScaleRule = "compeft", alpha: float = 1.0
+    target: State, view: State, density: float, scale: ScaleRule = "stc", alpha: float = 1.0
 ) -> dict[str, Ternary]:
     """The server's compressed message for adapters ``target`` to a client that holds
     ``view``: the change, ternarized per tensor. No residual is kept: the next message is
