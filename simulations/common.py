@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,15 +12,24 @@ from fedpeft.config import Config
 
 
 def same_config(stored: dict[str, Any], current: dict[str, Any], default: dict[str, Any]) -> bool:
-    """Equal, counting a section or key the stored run predates as its default value."""
+    """Equal, counting a section or key the stored run predates as its default value, and
+    two paths to the same file as equal."""
     for key, value in current.items():
         old = stored.get(key, default.get(key))
         if isinstance(value, dict) and isinstance(old, dict):
             if not same_config(old, value, default.get(key, {})):
                 return False
-        elif old != value:
+        elif _resolved(old) != _resolved(value):
             return False
     return True
+
+
+def _resolved(value: Any) -> Any:
+    """A path that exists, as the file it names (checkouts in other directories read the
+    same ../shared data through different paths)."""
+    if isinstance(value, str) and os.path.exists(value):
+        return os.path.realpath(value)
+    return value
 
 
 def run_or_reuse(cfg: Config, out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
