@@ -3,7 +3,11 @@
 A train instruction carries the global adapters (ArrayRecord) and a ConfigRecord with the
 round, the resolved run config (JSON) and the number of labels. A train reply carries the
 client's update Δ = adapters_after − adapters_received (ArrayRecord) and a MetricRecord.
-Only plain numeric arrays travel: never a pickle, never a base-model weight.
+With compression, the update (and, with ``compression.downlink``, the adapters sent) is
+one uint8 bitstream and float32 scales (ArrayRecord) with an integer header
+(ConfigRecord); see :mod:`fedpeft.compression.codec`. Only plain numeric arrays travel:
+never a pickle, never a base-model weight. Arrays from clients are read without trusting
+their own headers (:func:`untrusted_array`).
 """
 
 from __future__ import annotations

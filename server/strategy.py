@@ -247,7 +247,7 @@ class AdapterFedAvg(FedAvg):
         if isinstance(self.aggregator, MergesIntoBase):
             self._keep_stack(server_round, updates)
         if self.cfg.privacy.mode == "user":
-            new_state = self._dp_fedavg(server_round, updates)
+            new_state = self._dp_fedavg(updates)
         else:
             aggregate = self.aggregator.aggregate(self._global, updates, self.cfg.lora.scaling_for)
             new_state = server_step(self._global, aggregate, self.cfg.federation.server_lr)
@@ -264,7 +264,7 @@ class AdapterFedAvg(FedAvg):
         update, _ = clip(res.update, self.cfg.privacy.clip_norm)
         return dataclasses.replace(res, update=update)
 
-    def _dp_fedavg(self, server_round: int, updates: list[ClientUpdate]) -> State:
+    def _dp_fedavg(self, updates: list[ClientUpdate]) -> State:
         """DP-FedAvg: uniform sum of the clipped updates plus N(0, (zC)²), over m sampled."""
         sampled = sample_size(self.cfg, len(self.partitions), self.cfg.federation.fraction_train)
         return dp_fedavg(
