@@ -35,7 +35,7 @@ from fedpeft.models import (
     load_tokenizer,
     set_base_deltas,
 )
-from fedpeft.privacy.accounting import Entry, add_steps, epsilon, noise_for_budget
+from fedpeft.privacy.accounting import Entry, add_steps, epsilon, noise_multiplier
 from fedpeft.privacy.dpsgd import sample_rate, train_local_dp
 from fedpeft.privacy.mechanisms import clip, gaussian_noise, global_norm
 from fedpeft.train import Encoded, TrainResult, encode, evaluate, train_local
@@ -162,13 +162,12 @@ def _train_dp(
 def record_noise(cfg: Config, num_examples: int) -> float:
     """z of record-level DP-SGD: configured, or what spends ε over every round's steps."""
     priv, train = cfg.privacy, cfg.train
-    if priv.noise_multiplier is not None:
-        return priv.noise_multiplier
-    assert priv.epsilon is not None  # config rule
     q = sample_rate(num_examples, train.batch_size)
     steps = cfg.federation.rounds * train.local_steps
     try:
-        return noise_for_budget(priv.epsilon, priv.delta, q, steps, priv.accountant)
+        return noise_multiplier(
+            priv.noise_multiplier, priv.epsilon, priv.delta, q, steps, priv.accountant
+        )
     except ValueError:  # Opacus: "The privacy budget is too low."
         raise BudgetSpent(
             f"ε = {priv.epsilon:g} is too small for {steps} DP-SGD steps at q = {q:.3g}"
@@ -181,10 +180,8 @@ def local_noise(cfg: Config) -> float:
     priv = cfg.privacy
     if priv.noise_multiplier is not None:
         return priv.noise_multiplier
-    assert priv.epsilon is not None
-    return 2 * noise_for_budget(
-        priv.epsilon, priv.delta, 1.0, cfg.federation.rounds, priv.accountant
-    )
+    rounds = cfg.federation.rounds
+    return 2 * noise_multiplier(None, priv.epsilon, priv.delta, 1.0, rounds, priv.accountant)
 
 
 @dataclass

@@ -186,6 +186,12 @@ class FederationConfig:
     client_eval: bool = False
     timeout: float = 3600.0
 
+    def sampled(self, num_nodes: int, fraction: float | None = None) -> int:
+        """Nodes sampled per round: ``fraction`` (default ``fraction_train``) of them, at
+        least ``min_clients``, at most all."""
+        share = self.fraction_train if fraction is None else fraction
+        return min(num_nodes, max(self.min_clients, round(share * num_nodes)))
+
 
 @dataclass(frozen=True)
 class FleetConfig:
@@ -599,8 +605,7 @@ def _check_budget(cfg: Config) -> None:
     from fedpeft.privacy.accounting import Entry, epsilon, noise_for_budget
 
     p, fed, n = cfg.privacy, cfg.federation, cfg.partition.num_clients
-    sampled = min(n, max(fed.min_clients, round(fed.fraction_train * n)))
-    q = sampled / n if p.mode == "user" else 1.0
+    q = fed.sampled(n) / n if p.mode == "user" else 1.0
     z = p.noise_multiplier
     if p.mode == "local" and z is not None:
         z = z / 2  # two clipped updates can be 2C apart

@@ -216,6 +216,15 @@ def _packed_from(content: RecordDict) -> codec.Packed:
     )
 
 
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of a decoded compressed reply's bitstream and scales (what the information
+    bound is compared with), from the arrays' shapes: no re-encoding."""
+    return sum(
+        math.prod(arr.shape) * np.dtype(arr.dtype).itemsize
+        for arr in content.array_records[PACKED].values()
+    )
+
+
 def untrusted_array(arr: Array, dtype: str, what: str) -> np.ndarray:
     """An array from a client, read without trusting it: Flower's ``Array.numpy`` calls
     ``np.load``, which allocates whatever shape the payload's own header declares. Here

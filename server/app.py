@@ -32,7 +32,7 @@ from fedpeft.planning import FleetPlan, plan_clients
 from fedpeft.privacy.accounting import affordable_steps
 from fedpeft.report import RunLog, save_adapter
 from fedpeft.train import encode, evaluate
-from server.strategy import AdapterFedAvg, RoundStats, sample_size
+from server.strategy import AdapterFedAvg, RoundStats
 
 log = logging.getLogger("fedpeft")
 
@@ -203,7 +203,7 @@ def affordable_rounds(cfg: Config, strategy: AdapterFedAvg) -> int:
     if priv.mode != "user" or priv.epsilon is None or priv.noise_multiplier is None:
         return cfg.federation.rounds
     nodes = len(strategy.partitions)
-    q = sample_size(cfg, nodes, cfg.federation.fraction_train) / nodes
+    q = cfg.federation.sampled(nodes) / nodes
     rounds = affordable_steps(
         strategy.user_noise, q, priv.epsilon, priv.delta, cfg.federation.rounds, priv.accountant
     )

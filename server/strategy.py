@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -33,7 +33,7 @@ from fedpeft.compression.compeft import apply_change, downlink_change
 from fedpeft.config import Config, lora_to_json
 from fedpeft.models import adapter_shapes
 from fedpeft.planning import FleetPlan
-from fedpeft.privacy.accounting import Entry, add_steps, epsilon, noise_for_budget
+from fedpeft.privacy.accounting import Entry, add_steps, epsilon, noise_multiplier
 from fedpeft.privacy.mechanisms import clip, dp_fedavg
 
 log = logging.getLogger("fedpeft")
@@ -67,29 +67,25 @@ class RoundStats:
         self._examples = total
 
 
-def sample_size(cfg: Config, num_nodes: int, fraction: float) -> int:
-    """Nodes sampled per round: ``fraction`` of them, at least ``min_clients``."""
-    return min(num_nodes, max(cfg.federation.min_clients, round(fraction * num_nodes)))
-
-
 def user_noise(cfg: Config, num_nodes: int) -> float:
     """z of DP-FedAvg: configured, or what spends ε over the configured rounds at
     q = sampled / nodes."""
-    priv = cfg.privacy
-    if priv.noise_multiplier is not None:
-        return priv.noise_multiplier
-    assert priv.epsilon is not None  # config rule
-    q = sample_size(cfg, num_nodes, cfg.federation.fraction_train) / num_nodes
-    return noise_for_budget(priv.epsilon, priv.delta, q, cfg.federation.rounds, priv.accountant)
+    priv, fed = cfg.privacy, cfg.federation
+    q = fed.sampled(num_nodes) / num_nodes
+    return noise_multiplier(
+        priv.noise_multiplier, priv.epsilon, priv.delta, q, fed.rounds, priv.accountant
+    )
 
 
-def _count_compression(stats: RoundStats, res: wire.TrainRes, sent_bytes: int) -> None:
+def _count_compression(
+    stats: RoundStats, res: wire.TrainRes, content: RecordDict, sent_bytes: int
+) -> None:
     if res.compressed is None:
         stats.uplink_fp32_bytes += sent_bytes
         return
     fp32 = dataclasses.replace(res, compressed=None)
     stats.uplink_fp32_bytes += wire.record_bytes(wire.encode_train_res(fp32))
-    stats.uplink_payload_bytes += codec.payload_bytes(codec.pack(res.compressed))
+    stats.uplink_payload_bytes += wire.payload_bytes(content)
     stats.uplink_bound_bytes += codec.bound_bytes(res.compressed)
     stats.uplink_kept_values += sum(t.sparse.positions.size for t in res.compressed.values())
 
@@ -151,7 +147,7 @@ class AdapterFedAvg(FedAvg):
     def sample(self, server_round: int, fraction: float) -> list[int]:
         """Seeded choice of nodes, made on partition ids so it repeats across runs."""
         by_partition = sorted(self.partitions, key=lambda n: self.partitions[n])
-        k = sample_size(self.cfg, len(by_partition), fraction)
+        k = self.cfg.federation.sampled(len(by_partition), fraction)
         rng = np.random.default_rng([self.cfg.seed, server_round])
         chosen = rng.choice(len(by_partition), size=min(k, len(by_partition)), replace=False)
         return [by_partition[i] for i in sorted(chosen)]
@@ -266,7 +262,7 @@ class AdapterFedAvg(FedAvg):
 
     def _dp_fedavg(self, updates: list[ClientUpdate]) -> State:
         """DP-FedAvg: uniform sum of the clipped updates plus N(0, (zC)²), over m sampled."""
-        sampled = sample_size(self.cfg, len(self.partitions), self.cfg.federation.fraction_train)
+        sampled = self.cfg.federation.sampled(len(self.partitions))
         return dp_fedavg(
             self._global,
             [u.delta for u in updates],
@@ -282,8 +278,8 @@ class AdapterFedAvg(FedAvg):
         largest ε any client has reported (record level, local)."""
         priv = self.cfg.privacy
         if priv.mode == "user":
-            q = sample_size(self.cfg, len(self.partitions), self.cfg.federation.fraction_train)
-            self.history = add_steps(self.history, self.user_noise, q / len(self.partitions), 1)
+            q = self.cfg.federation.sampled(len(self.partitions)) / len(self.partitions)
+            self.history = add_steps(self.history, self.user_noise, q, 1)
             stats.epsilon = epsilon(self.history, priv.delta, priv.accountant)
         elif priv.mode != "none":
             stats.epsilon = max(self.client_epsilon.values(), default=0.0)
@@ -301,7 +297,7 @@ class AdapterFedAvg(FedAvg):
         except wire.UpdateRejected as err:
             self._reject(stats, node, str(err))
             return None
-        _count_compression(stats, res, sent_bytes)
+        _count_compression(stats, res, msg.content, sent_bytes)
         most = self.cfg.train.local_steps * self.cfg.train.batch_size
         if res.num_examples > most:  # the weight a client claims is bounded by the protocol
             self._reject(stats, node, f"claims {res.num_examples} examples, more than {most}")

@@ -75,6 +75,22 @@ def noise_for_budget(
     )
 
 
+def noise_multiplier(
+    configured: float | None,
+    budget: float | None,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    kind: AccountantName,
+) -> float:
+    """z as configured, else the z that spends the budget ε over ``steps`` at rate q."""
+    if configured is not None:
+        return configured
+    if budget is None:
+        raise ValueError("a noise multiplier or a privacy budget is needed")
+    return noise_for_budget(budget, delta, sample_rate, steps, kind)
+
+
 def affordable_steps(
     z: float, q: float, budget: float, delta: float, most: int, kind: AccountantName
 ) -> int:
