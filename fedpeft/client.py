@@ -156,6 +156,7 @@ def _train_dp(
         model, data, steps=train.local_steps, batch_size=train.batch_size, lr=train.lr,
         noise_multiplier=z, clip_norm=priv.clip_norm, pad_id=pad_id, task=cfg.model.task,
         seed=seed, history=history, accountant=priv.accountant, weight_decay=train.weight_decay,
+        optimizer=train.optimizer, momentum=train.momentum,
     )  # fmt: skip
 
 

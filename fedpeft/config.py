@@ -139,13 +139,17 @@ class PartitionConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Local training on each client (AdamW on the adapter parameters).
+    """Local training on each client (on the adapter parameters).
 
     Args:
         local_steps: optimizer steps per round.
         batch_size: examples per step.
         lr: learning rate.
-        weight_decay: AdamW weight decay.
+        weight_decay: weight decay (decoupled for AdamW, L2 for SGD).
+        optimizer: ``adamw`` or ``sgd``. Plain SGD keeps an update a linear function of
+            the gradients (fedSGD; what the gradient-inversion audit assumes), and under
+            DP-SGD it does not rescale the noise coordinate by coordinate as Adam does.
+        momentum: SGD momentum (heavy ball); ``sgd`` only.
         logit_adjustment: τ of the logit-adjusted loss (Menon et al., 2021; FedLC, Zhang
             et al., 2022): CE(logits + τ log π_client, y), with π_client the client's label
             prior. Under label skew a client then learns features rather than its prior;
@@ -157,6 +161,8 @@ class TrainConfig:
     lr: float = 5e-4
     weight_decay: float = 0.0
     logit_adjustment: float = 0.0
+    optimizer: str = "adamw"
+    momentum: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -465,6 +471,7 @@ def _check_model(m: ModelConfig) -> None:
 
 
 LORA_SCALINGS = ("standard", "rslora", "fixed")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 def _check_lora(lo: LoraConfig) -> None:
@@ -514,6 +521,15 @@ def _check_train(t: TrainConfig) -> None:
     _require(t.lr > 0, "'train.lr' should be positive.")
     _require(t.weight_decay >= 0, "'train.weight_decay' should be non-negative.")
     _require(t.logit_adjustment >= 0, "'train.logit_adjustment' should be non-negative.")
+    _require(
+        t.optimizer in OPTIMIZERS,
+        f"'train.optimizer' should be one of {', '.join(OPTIMIZERS)}, got '{t.optimizer}'.",
+    )
+    _require(0 <= t.momentum < 1, "'train.momentum' should be in [0, 1).")
+    _require(
+        t.momentum == 0 or t.optimizer == "sgd",
+        "'train.momentum' applies to 'train.optimizer: sgd' only.",
+    )
 
 
 def _check_federation(f: FederationConfig, num_clients: int) -> None:

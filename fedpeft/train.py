@@ -73,6 +73,15 @@ def batch_indices(
         pos += batch_size
 
 
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The local optimizer of ``train.optimizer`` over the trainable parameters."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def train_local(
     model: torch.nn.Module,
     data: Encoded,
@@ -81,7 +90,7 @@ def train_local(
     task: str,
     seed: int,
 ) -> TrainResult:
-    """``cfg.local_steps`` AdamW steps on the trainable (adapter) parameters."""
+    """``cfg.local_steps`` optimizer steps on the trainable (adapter) parameters."""
     if len(data) == 0:
         raise ValueError("A client with no training examples cannot train.")
     start = time.perf_counter()
@@ -89,7 +98,7 @@ def train_local(
     rng = np.random.default_rng(seed)
     log_prior = _log_label_prior(data, model) if task == "classification" else None
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, cfg)
     model.train()
     losses = []
     seen = 0

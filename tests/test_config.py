@@ -128,6 +128,9 @@ def test_config_is_hashable_and_round_trips_json() -> None:
             {"fleet": {"profiles": ["a.yaml"], "mix": {"a": 2}}, "partition": {"num_clients": 3}},
             "should add up to",
         ),
+        ({"train": {"optimizer": "adam"}}, "'train.optimizer' should be one of adamw, sgd"),
+        ({"train": {"momentum": 0.9}}, "'train.momentum' applies to 'train.optimizer: sgd'"),
+        ({"train": {"optimizer": "sgd", "momentum": 1.0}}, "'train.momentum' should be in"),
     ],
 )
 def test_more_value_rules(raw: dict, fragment: str) -> None:

@@ -36,15 +36,19 @@ def _hook_count(model) -> int:
     )
 
 
-def test_dpsgd_trains_the_adapters_and_records_every_step() -> None:
+@pytest.mark.parametrize(("optimizer", "lr", "momentum"), [("adamw", 5e-3, 0.0), ("sgd", 0.5, 0.9)])
+def test_dpsgd_trains_the_adapters_and_records_every_step(
+    optimizer: str, lr: float, momentum: float
+) -> None:
     """The known silent failure of Opacus + peft: hooks on no module, nothing changes."""
     model, data, tok = _tiny()
     before = adapter_state(model)
     hooks_before = _hook_count(model)
     loss0 = evaluate(model, data, 64, tok.pad_token_id, "classification")["loss"]
     result, history = train_local_dp(
-        model, data, steps=40, batch_size=32, lr=5e-3, noise_multiplier=0.5, clip_norm=1.0,
+        model, data, steps=40, batch_size=32, lr=lr, noise_multiplier=0.5, clip_norm=1.0,
         pad_id=tok.pad_token_id, task="classification", seed=0, history=[],
+        optimizer=optimizer, momentum=momentum,
     )  # fmt: skip
     after = adapter_state(model)
     for part in ("lora_A", "lora_B", "classifier"):

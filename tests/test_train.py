@@ -7,7 +7,7 @@ import numpy as np
 from fedpeft.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
 from fedpeft.data import load_dataset
 from fedpeft.models import adapter_state, build_peft_model, load_tokenizer
-from fedpeft.train import batch_indices, encode, evaluate, train_local
+from fedpeft.train import batch_indices, collate, encode, evaluate, train_local
 
 
 def test_batch_indices_cover_each_pass() -> None:
@@ -36,6 +36,32 @@ def test_classification_training_changes_adapters_and_lowers_loss() -> None:
     assert result.steps == 30 and result.num_examples == 480
     assert any(not np.array_equal(before[k], after[k]) for k in before if "lora_B" in k)
     assert evaluate(model, data, 64, tok.pad_token_id, "classification")["loss"] < loss0
+
+
+def test_one_sgd_step_is_minus_lr_times_the_gradient() -> None:
+    """train.optimizer: sgd keeps the update linear in the gradient (fedSGD), which the
+    gradient-inversion audit relies on: Δ = −lr ∇L on every trainable tensor."""
+    import torch
+
+    mc = ModelConfig(name="tiny-bert", max_length=32)
+    ds = load_dataset(DataConfig(synthetic_samples=40, synthetic_classes=2), "classification", 0)
+    tok = load_tokenizer(mc.name)
+    data = encode(ds.train[:4], tok, mc.max_length)
+    model = build_peft_model(mc, LoraConfig(r=4), ds.num_labels)
+    for module in model.modules():  # the step runs in training mode: no dropout draws
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.zero_grad()
+    model(**collate(data, list(range(4)), tok.pad_token_id, "classification")).loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    cfg = TrainConfig(local_steps=1, batch_size=4, lr=0.1, optimizer="sgd")
+    train_local(model, data, cfg, tok.pad_token_id, "classification", 0)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            expected = before[name] - 0.1 * grads[name]
+            # atol: the step sums the batch in its own order (Adam would be off by ~lr = 0.1)
+            torch.testing.assert_close(p.detach(), expected, rtol=1e-4, atol=5e-5)
 
 
 def test_causal_lm_reports_perplexity() -> None:

@@ -23,8 +23,9 @@ import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, Dataset
 
+from fedpeft.config import TrainConfig
 from fedpeft.privacy.accounting import AccountantName, Entry
-from fedpeft.train import Encoded, TrainResult, collate
+from fedpeft.train import Encoded, TrainResult, collate, make_optimizer
 
 
 class _Indices(Dataset[tuple[torch.Tensor]]):
@@ -61,9 +62,11 @@ def train_local_dp(
     history: list[Entry],
     weight_decay: float = 0.0,
     accountant: AccountantName = "rdp",
+    optimizer: str = "adamw",
+    momentum: float = 0.0,
 ) -> tuple[TrainResult, list[Entry]]:
-    """``steps`` DP-SGD (AdamW) steps on the trainable parameters; returns the result
-    and the accountant's history after them."""
+    """``steps`` DP-SGD steps (Opacus's privatized ``optimizer``: adamw or sgd) on the
+    trainable parameters; returns the result and the accountant's history after them."""
     if len(data) == 0:
         raise ValueError("A client with no training examples cannot train.")
     start = time.perf_counter()
@@ -79,9 +82,13 @@ def train_local_dp(
     loader = DataLoader(_Indices(len(data)), batch_size=batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()  # before make_private: Opacus hooks only modules in training mode
-    hooks, optimizer, dp_loader = engine.make_private(
+    local = TrainConfig(
+        local_steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        optimizer=optimizer, momentum=momentum,
+    )  # fmt: skip
+    hooks, dp_optimizer, dp_loader = engine.make_private(
         module=model,
-        optimizer=torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay),
+        optimizer=make_optimizer(params, local),
         data_loader=loader,
         noise_multiplier=noise_multiplier,
         max_grad_norm=clip_norm,
@@ -102,9 +109,9 @@ def train_local_dp(
                     continue
                 batch = collate(data, index.tolist(), pad_id, task)
                 loss = model(**batch).loss
-                optimizer.zero_grad(set_to_none=True)
+                dp_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
+                dp_optimizer.step()
                 losses.append(float(loss.detach()))
     finally:
         hooks.cleanup()  # the cached model serves the next round without Opacus hooks
