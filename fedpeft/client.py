@@ -103,25 +103,30 @@ def round_seed(seed: int, server_round: int, partition_id: int) -> int:
 
 
 def train_round(
-    ins: TrainIns, base_delta: State | None = None, history: list[Entry] | None = None
+    ins: TrainIns,
+    base_delta: State | None = None,
+    history: list[Entry] | None = None,
+    examples: Encoded | None = None,
 ) -> tuple[TrainRes, list[Entry]]:
     """Train the received adapters on the partition the server named; return Δ and the
     record-level accountant history (``privacy.mode: record``: DP-SGD, else unchanged).
 
     ``base_delta``: the node's merged updates (module -> ΔW), added to the base weights.
+    ``examples``: train on these instead of the partition (the audit replays chosen
+    batches through the client's real pipeline).
     """
     partition_id = ins.partition_id
     cfg = parse_config(ins.config_json)
     model = _installed_model(ins, cfg, base_delta or {})
-    data = client_data(cfg, partition_id)
+    train_examples = client_data(cfg, partition_id).train if examples is None else examples
     pad_id = load_tokenizer(cfg.model.name).pad_token_id
     seed = round_seed(cfg.seed, ins.server_round, partition_id)
     history = list(history or [])
     if cfg.privacy.mode == "record":
         noise_seed = _noise_seed(cfg, ins)
-        result, history = _train_dp(model, data.train, cfg, pad_id, noise_seed, history)
+        result, history = _train_dp(model, train_examples, cfg, pad_id, noise_seed, history)
     else:
-        result = train_local(model, data.train, cfg.train, pad_id, cfg.model.task, seed=seed)
+        result = train_local(model, train_examples, cfg.train, pad_id, cfg.model.task, seed=seed)
     after = adapter_state(model)
     delta = {k: after[k] - ins.adapters[k] for k in ins.adapters}
     res = TrainRes(
@@ -195,7 +200,11 @@ class Kept:
 
 
 def client_round(
-    ins: TrainIns, base_delta: State, kept: Kept, rng: np.random.Generator | None = None
+    ins: TrainIns,
+    base_delta: State,
+    kept: Kept,
+    rng: np.random.Generator | None = None,
+    examples: Encoded | None = None,
 ) -> tuple[TrainRes, Kept]:
     """One round as DESIGN.md orders the client's stages: train (DP-SGD for ``record``)
     → clip (``user``, ``local``) → local noise (``local``) → compress → clip what is sent
@@ -206,7 +215,7 @@ def client_round(
     history = kept.history
     if priv.mode == "local":
         history = _local_step(cfg, history)  # before training: a spent budget refuses
-    res, history = train_round(ins, base_delta, history)
+    res, history = train_round(ins, base_delta, history, examples)
     update = res.update
     if priv.mode in ("user", "local"):
         update, _ = clip(update, priv.clip_norm)

@@ -39,11 +39,15 @@ class ModelConfig:
             directory, or a hub id (needs network).
         task: ``classification`` (sequence classification head) or ``causal_lm``.
         max_length: token budget per example; longer texts are truncated.
+        dropout: probability of every dropout layer of the base model (and its head);
+            ``null`` keeps the model's own (0.1 for BERT and GPT-2). LoRA's own dropout
+            is ``lora.dropout``.
     """
 
     name: str = "minilm"
     task: Task = "classification"
     max_length: int = 64
+    dropout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -468,6 +472,9 @@ def _require(ok: bool, message: str) -> None:
 
 def _check_model(m: ModelConfig) -> None:
     _require(m.max_length >= 8, "'model.max_length' should be at least 8.")
+    _require(
+        m.dropout is None or 0 <= m.dropout < 1, "'model.dropout' should be in [0, 1) or null."
+    )
 
 
 LORA_SCALINGS = ("standard", "rslora", "fixed")

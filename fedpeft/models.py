@@ -137,6 +137,10 @@ def _instantiate(cfg: ModelConfig, num_labels: int) -> PreTrainedModel:
 def _cached_base(cfg: ModelConfig, num_labels: int) -> PreTrainedModel:
     with _fixed_init_seed():
         model = _instantiate(cfg, num_labels)
+    if cfg.dropout is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = cfg.dropout
     tok = load_tokenizer(cfg.name)
     model.config.pad_token_id = tok.pad_token_id
     model.eval()  # type: ignore[no-untyped-call]

@@ -111,3 +111,18 @@ def test_local_model_directory(tmp_path: Path) -> None:
     load_tokenizer("tiny-bert").save_pretrained(tmp_path)
     state = adapter_state(build_peft_model(ModelConfig(name=str(tmp_path)), LoraConfig(r=2), 2))
     assert any("lora_A" in k for k in state)
+
+
+def test_model_dropout_sets_every_dropout_layer() -> None:
+    """model.dropout: 0 makes a training step deterministic (the audit's fedSGD setting)."""
+    import torch
+
+    build = build_peft_model
+    dropouts = [
+        m.p
+        for m in build(ModelConfig(name="tiny-bert", dropout=0.0), LoraConfig(r=2), 2).modules()
+        if isinstance(m, torch.nn.Dropout)
+    ]
+    assert dropouts and all(p == 0.0 for p in dropouts)
+    default = build(ModelConfig(name="tiny-bert"), LoraConfig(r=2), 2)
+    assert any(m.p == 0.1 for m in default.modules() if isinstance(m, torch.nn.Dropout))

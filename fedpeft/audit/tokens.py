@@ -1,0 +1,131 @@
+"""Attacks that recover which tokens were in the batch.
+
+- **Token set from an embedding LoRA** (Melis et al., 2019, "Exploiting Unintended
+  Feature Leakage", §V-A for embeddings; the same holds for LoRA on embeddings): peft's
+  embedding LoRA looks up columns of A (r × V) by token id, so a gradient step touches
+  exactly the columns of the batch's tokens: the non-zero columns of ΔA *are* the token
+  set (with B ≠ 0; peft starts embedding LoRA with A = 0 and B random, so from round 1).
+- **Span test on first-layer LoRA** (DAGER; Petrov et al., 2024, "DAGER: Exact Gradient
+  Inversion for Large Language Models", §4): for a linear map applied to the layer's
+  inputs x_t, ∇A = s Bᵀ Σ_t g_t x_tᵀ, so every row of ΔA lies in span{x_t}. The layer-0
+  inputs of an encoder with absolute positions are LN(E[v] + P[p] + T[0]), computable for
+  every token v and position p: a candidate lies in the row space of ΔA (stacked over
+  the layer's adapted maps) iff it was in the batch — exactly so when the batch has no
+  more (token, position) pairs than the row space has dimensions (≤ the summed ranks).
+  Sums of plain SGD steps on one batch stay in the span (fedAvg with SGD); Adam's
+  per-coordinate scaling, noise and sparsification do not.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedpeft.audit.base import Guess, Public
+from fedpeft.audit.threat import ServerView
+from fedpeft.models import load_tokenizer
+
+EMBEDDING_A = "lora_embedding_A"
+
+
+class TokenSet:
+    name = "token_set"
+
+    def unavailable(self, view: ServerView) -> str | None:
+        if not any(EMBEDDING_A in k for k in view.update):
+            return "no embedding LoRA in the update"
+        return None
+
+    def run(self, view: ServerView, public: Public) -> Guess:
+        tokens: set[int] = set()
+        for key in (k for k in view.update if EMBEDDING_A in k):
+            column_norms = np.linalg.norm(view.update[key].astype(np.float64), axis=0)  # (V,)
+            tokens |= {int(v) for v in np.flatnonzero(column_norms > 0)}
+        return Guess(tokens=frozenset(tokens))
+
+
+class SpanTest:
+    """DAGER's span check on the adapted maps of transformer layer 0."""
+
+    name = "span"
+
+    def __init__(self, tolerance: float = 0.05) -> None:
+        self.tolerance = tolerance  # relative distance to the span that counts as inside
+
+    def unavailable(self, view: ServerView) -> str | None:
+        if not first_layer_a(view.update):
+            return "no LoRA on transformer layer 0"
+        if _embeddings(view) is None:
+            return "the model has no BERT-style embeddings module (absolute positions)"
+        return None
+
+    def run(self, view: ServerView, public: Public) -> Guess:
+        sent = [view.sent[k] for k in first_layer_keys(view.update)]
+        basis = row_space(first_layer_a(view.update), rounding_floor(sent))  # (k, n)
+        found = self.inside_span(view, basis)  # position -> tokens
+        tokens = frozenset(v for found_at in found.values() for v in found_at)
+        notes = (f"row space of dimension {basis.shape[0]}",)
+        if view.cfg.train.batch_size != 1:
+            return Guess(tokens=tokens, notes=notes)
+        tok = load_tokenizer(view.cfg.model.name)
+        sequence = [vs[0] for _, vs in sorted(found.items()) if len(vs) == 1]
+        text = str(tok.decode(sequence, skip_special_tokens=True))
+        return Guess(tokens=tokens, texts=(text,), notes=notes)
+
+    @torch.no_grad()
+    def inside_span(self, view: ServerView, basis: np.ndarray) -> dict[int, list[int]]:
+        """For every position, the tokens whose layer-0 input lies in the span."""
+        model = view.global_model()
+        embeddings = _embeddings(view, model)
+        assert embeddings is not None
+        vocab = len(load_tokenizer(view.cfg.model.name))
+        ids = torch.arange(vocab)[:, None]  # (V, 1)
+        q = torch.from_numpy(basis).float()  # (k, n)
+        found: dict[int, list[int]] = {}
+        for position in range(view.cfg.model.max_length):
+            x = embeddings(
+                input_ids=ids,
+                token_type_ids=torch.zeros_like(ids),
+                position_ids=torch.full_like(ids, position),
+            )[:, 0]  # (V, n)
+            residual = x - (x @ q.T) @ q
+            distance = residual.norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)
+            hits = torch.nonzero(distance < self.tolerance).flatten().tolist()
+            if hits:
+                found[position] = [int(v) for v in hits]
+        return found
+
+
+def first_layer_keys(update: dict[str, np.ndarray]) -> list[str]:
+    """The A factors of every adapted map of transformer layer 0 (BERT naming)."""
+    return [k for k in sorted(update) if ".layer.0." in k and ".lora_A." in k]
+
+
+def first_layer_a(update: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return [update[k] for k in first_layer_keys(update)]
+
+
+def rounding_floor(sent: list[np.ndarray]) -> float:
+    """Singular values of Δ = fl(A − η g) − A below this are float32 rounding of A, not
+    signal: about twice the spectral norm of a matrix of rounding errors ε · rms(A)."""
+    stacked = np.concatenate([a.astype(np.float64) for a in sent], axis=0)  # (Σr, n)
+    rms = float(np.sqrt(np.mean(stacked**2)))
+    return 2 * float(np.finfo(np.float32).eps) * rms * float(np.sqrt(max(stacked.shape)))
+
+
+def row_space(deltas: list[np.ndarray], floor: float) -> np.ndarray:
+    """Orthonormal basis (k × n) of the rows of the stacked ΔA's, singular values above
+    ``floor``. The spectrum spans orders of magnitude (tokens far from the loss get small
+    gradients), so a threshold relative to σ_max would drop real directions."""
+    stacked = np.concatenate([d.astype(np.float64) for d in deltas], axis=0)  # (Σr, n)
+    _, s, vt = np.linalg.svd(stacked, full_matrices=False)
+    return np.asarray(vt[s > floor])
+
+
+def _embeddings(view: ServerView, model: torch.nn.Module | None = None) -> torch.nn.Module | None:
+    """The module that maps (token, position, segment) to the layer-0 input."""
+    model = model if model is not None else view.global_model()
+    for _, module in model.named_modules():
+        if type(module).__name__.endswith("Embeddings") and hasattr(module, "position_embeddings"):
+            return module  # type: ignore[no-any-return]
+    return None

@@ -1,0 +1,138 @@
+"""Gradient-inversion audit on a tiny BERT: each attack recovers what the literature says
+it recovers without a defense, and falls to chance under enough local DP noise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedpeft.audit import Public, Secret, ServerView, build_attack, observe
+from fedpeft.audit.scoring import label_accuracy, score, sentence_scores
+from fedpeft.audit.threat import initial_adapters, warmed_adapters
+from fedpeft.config import Config, config_from_dict
+from fedpeft.data import synthetic_rows
+
+NUM_LABELS = 2
+SENTENCES = (
+    "the movie was great fun",
+    "a dull and boring film",
+    "i hated every minute",
+    "what a lovely story",
+    "the plot makes no sense",
+    "brilliant acting all round",
+)
+NO_DEFENSE: dict[str, Any] = {}
+LOCAL_DP = {"mode": "local", "noise_multiplier": 5.0, "clip_norm": 0.01, "noise_seed": 0}
+
+
+def _cfg(targets: list[str], privacy: dict[str, Any], lr: float = 0.1) -> Config:
+    return config_from_dict(
+        {
+            "model": {"name": "tiny-bert", "dropout": 0.0, "max_length": 16},
+            "lora": {"r": 8, "target_modules": targets},
+            "data": {"source": "synthetic"},
+            "train": {"optimizer": "sgd", "lr": lr, "local_steps": 1},
+            "privacy": privacy,
+        }
+    )
+
+
+def _observe(
+    cfg: Config, rows: list[dict[str, Any]], warm: bool, trial: int = 0
+) -> tuple[ServerView, Secret]:
+    public = synthetic_rows(64, NUM_LABELS, seed=1)
+    sent = (
+        warmed_adapters(cfg, cfg.lora, NUM_LABELS, public, steps=20)
+        if warm
+        else initial_adapters(cfg, cfg.lora, NUM_LABELS)
+    )
+    return observe(cfg, rows, sent, cfg.lora, NUM_LABELS, server_round=trial + 1)
+
+
+def _run(name: str, view: ServerView, secret: Secret) -> dict[str, Any]:
+    attack = build_attack(name)
+    assert attack.unavailable(view) is None
+    return score(attack.run(view, Public(SENTENCES)), secret, view)
+
+
+@pytest.mark.parametrize(("privacy", "low", "high"), [(NO_DEFENSE, 1.0, 1.0), (LOCAL_DP, 0.2, 0.8)])
+def test_label_of_a_single_example_leaks_from_the_head_bias(
+    privacy: dict[str, Any], low: float, high: float
+) -> None:
+    cfg = _cfg(["query", "value"], privacy)
+    hits = []
+    for i in range(24):
+        row = {"text": SENTENCES[i % len(SENTENCES)], "label": (i // 3) % NUM_LABELS}
+        view, secret = _observe(cfg, [row], warm=False, trial=i)  # fresh noise per trial
+        hits.append(_run("labels", view, secret)["label_accuracy"])
+    assert low <= float(np.mean(hits)) <= high  # no defense: every trial; DP: chance (1/2)
+
+
+@pytest.mark.parametrize(("privacy", "exact"), [(NO_DEFENSE, True), (LOCAL_DP, False)])
+def test_head_input_of_a_single_example_is_recovered_and_retrieved(
+    privacy: dict[str, Any], exact: bool
+) -> None:
+    cfg = _cfg(["query", "value"], privacy)
+    view, secret = _observe(cfg, [{"text": SENTENCES[2], "label": 1}], warm=False)
+    scores = _run("head_input", view, secret)
+    if exact:
+        assert scores["head_input_cosine"] >= 0.99 and scores["exact_matches"] == 1.0
+    else:
+        assert abs(scores["head_input_cosine"]) < 0.5
+
+
+@pytest.mark.parametrize(("privacy", "exact"), [(NO_DEFENSE, True), (LOCAL_DP, False)])
+def test_embedding_lora_reveals_the_token_set(privacy: dict[str, Any], exact: bool) -> None:
+    cfg = _cfg(["query", "value", "word_embeddings"], privacy)
+    rows = [{"text": t, "label": i % 2} for i, t in enumerate(SENTENCES[:4])]
+    view, secret = _observe(cfg, rows, warm=False)
+    scores = _run("token_set", view, secret)
+    if exact:
+        assert scores["token_precision"] == 1.0 and scores["token_recall"] == 1.0
+    else:  # every column is noised: the guess is the vocabulary, precision |T| / V
+        assert scores["token_precision"] < 0.01
+
+
+@pytest.mark.parametrize(("privacy", "exact"), [(NO_DEFENSE, True), (LOCAL_DP, False)])
+def test_span_test_on_first_layer_lora_recovers_a_short_sentence(
+    privacy: dict[str, Any], exact: bool
+) -> None:
+    """4 (token, position) pairs ≤ 16 = rank of the stacked q, v factors: exact.
+
+    Short, because on this random tiny model the gradient of a token far from [CLS] is
+    ~1e-4 of [CLS]'s, and Δ = fl(A − η g) − A keeps no component below float32 rounding
+    of A (about 1e-7 here): longer sentences lose their weakest tokens."""
+    cfg = _cfg(["query", "value"], privacy, lr=10.0)
+    view, secret = _observe(cfg, [{"text": "great fun", "label": 1}], warm=True)
+    scores = _run("span", view, secret)
+    if exact:
+        assert scores["token_precision"] >= 0.9 and scores["token_recall"] >= 0.9
+        assert scores["exact_matches"] == 1.0
+    else:
+        assert scores["token_recall"] <= 0.2
+
+
+def test_span_test_cannot_be_exact_when_the_batch_outnumbers_the_rank() -> None:
+    cfg = _cfg(["query", "value"], NO_DEFENSE, lr=10.0)
+    rows = [{"text": t, "label": i % 2} for i, t in enumerate(SENTENCES)]  # ~36 pairs > 16
+    view, secret = _observe(cfg, rows, warm=True)
+    assert _run("span", view, secret)["token_recall"] < 0.9
+
+
+def test_attacks_say_what_they_need() -> None:
+    cfg = _cfg(["value"], NO_DEFENSE)
+    cfg_no_head = config_from_dict({**cfg.to_dict(), "lora": {"r": 2, "train_head": False}})
+    view, _ = _observe(cfg_no_head, [{"text": SENTENCES[0], "label": 0}], warm=False)
+    assert build_attack("labels").unavailable(view) == "no task-head bias in the update"
+    assert build_attack("token_set").unavailable(view) == "no embedding LoRA in the update"
+    with pytest.raises(ValueError, match="Unknown attack 'dlg'"):
+        build_attack("dlg")
+
+
+def test_scores_match_by_hand() -> None:
+    assert label_accuracy((0, 0, 1), (0, 1, 1)) == pytest.approx(2 / 3)
+    scores = sentence_scores(("a dull film", "the movie was great fun"), SENTENCES[:2])
+    assert scores["exact_matches"] == 0.5  # matched one to one, the best way round
+    assert scores["rouge1"] == pytest.approx((1.0 + 2 * 3 / 8) / 2)
