@@ -2,6 +2,7 @@
 
     fedpeft simulate CONFIG [--set key=value ...] [--out DIR] [--verbose]
     fedpeft plan CONFIG [--set key=value ...] [--measure]
+    fedpeft audit CONFIG [--set key=value ...] [--out DIR]
 
 A user mistake (config, data, model) ends in one sentence on stderr and exit code 2,
 never a traceback.
@@ -166,7 +167,25 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--measure", action="store_true", help="also measure one real training step per plan"
     )
+    audit = sub.add_parser("audit", help="gradient-inversion attacks against each defense")
+    audit.add_argument(
+        "config", help="YAML config with an audit section, e.g. configs/audit/mr.yaml"
+    )
+    audit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    audit.add_argument("--out", help="output directory (default: outputs/audit-<config name>)")
     return parser
+
+
+def _out_dir(args: argparse.Namespace) -> Path:
+    default = Path("outputs") / (
+        f"audit-{Path(args.config).stem}" if args.command == "audit" else Path(args.config).stem
+    )
+    out = Path(args.out or default)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"Output directory '{out}' cannot be created ({err.strerror}).") from err
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,13 +198,13 @@ def main(argv: list[str] | None = None) -> int:
 
             print(format_plan(plan_fleet(cfg, measure=args.measure)))
             return 0
-        out = Path(args.out or Path("outputs") / Path(args.config).stem)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(
-                f"Output directory '{out}' cannot be created ({err.strerror})."
-            ) from err
+        out = _out_dir(args)
+        if args.command == "audit":
+            from fedpeft.audit.sweep import run_audit
+
+            run_audit(cfg, out)
+            print(f"audit: {out / 'audit.md'}")
+            return 0
         simulate(cfg, out)
     except USER_ERRORS as err:
         print(f"fedpeft: {err}", file=sys.stderr)

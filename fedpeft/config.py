@@ -290,6 +290,35 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The gradient-inversion audit (``fedpeft audit CONFIG``).
+
+    Args:
+        attacks: attack names from :data:`fedpeft.audit.ATTACKS`.
+        batch_sizes: examples in one client's round.
+        settings: ``fedsgd`` (one step on the batch) and/or ``fedavg``
+            (``train.local_steps`` steps on it, the protocol fedpeft runs).
+        trials: batches per (setting, batch size); every defense sees the same ones.
+        candidates: sentences in the public retrieval pool besides the clients' own.
+        warmup_steps: AdamW steps on public examples that make the sent adapters those
+            of a later round (B ≠ 0, which the span test needs); 0 audits round 1.
+        defenses: name -> config overrides (a nested mapping, e.g. ``{privacy: {mode:
+            local, noise_multiplier: 1.0}}``) applied on top of this config.
+    """
+
+    attacks: tuple[str, ...] = ("labels", "head_input", "token_set", "span")
+    batch_sizes: tuple[int, ...] = (1, 4, 16)
+    settings: tuple[str, ...] = ("fedsgd", "fedavg")
+    trials: int = 3
+    candidates: int = 200
+    warmup_steps: int = 20
+    defenses: dict[str, dict[str, Any]] = field(default_factory=lambda: {"none": {}})
+
+    def __hash__(self) -> int:  # defenses is a dict; hash its canonical JSON
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run. ``seed`` controls partitioning, initialization and sampling."""
 
@@ -304,6 +333,7 @@ class Config:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -448,6 +478,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 
 def _coerce_scalar(value: Any, hint: Any, key: str) -> Any:
+    if hint is Any:  # free-form (audit defenses: checked when applied)
+        return value
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):
@@ -650,6 +682,24 @@ def _check_budget(cfg: Config) -> None:
     )
 
 
+AUDIT_SETTINGS = ("fedsgd", "fedavg")
+
+
+def _check_audit(a: AuditConfig) -> None:
+    _require(
+        all(b >= 1 for b in a.batch_sizes) and bool(a.batch_sizes),
+        "'audit.batch_sizes' should list positive integers.",
+    )
+    _require(
+        bool(a.settings) and all(x in AUDIT_SETTINGS for x in a.settings),
+        f"'audit.settings' should list some of {', '.join(AUDIT_SETTINGS)}.",
+    )
+    _require(a.trials >= 1, "'audit.trials' should be at least 1.")
+    _require(a.candidates >= 0, "'audit.candidates' should be non-negative.")
+    _require(a.warmup_steps >= 0, "'audit.warmup_steps' should be non-negative.")
+    _require(bool(a.defenses), "'audit.defenses' should name at least one defense.")
+
+
 def _check_simulation(s: SimulationConfig) -> None:
     _require(s.client_cpus > 0, "'simulation.client_cpus' should be positive.")
 
@@ -671,3 +721,4 @@ def _validate(cfg: Config) -> None:
         "and its merged updates are sent in full.",
     )
     _check_simulation(cfg.simulation)
+    _check_audit(cfg.audit)

@@ -3,14 +3,18 @@ it recovers without a defense, and falls to chance under enough local DP noise."
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
 from fedpeft.audit import Public, Secret, ServerView, build_attack, observe
 from fedpeft.audit.scoring import label_accuracy, score, sentence_scores
 from fedpeft.audit.threat import initial_adapters, warmed_adapters
+from fedpeft.cli import main
 from fedpeft.config import Config, config_from_dict
 from fedpeft.data import synthetic_rows
 
@@ -136,3 +140,60 @@ def test_scores_match_by_hand() -> None:
     scores = sentence_scores(("a dull film", "the movie was great fun"), SENTENCES[:2])
     assert scores["exact_matches"] == 0.5  # matched one to one, the best way round
     assert scores["rouge1"] == pytest.approx((1.0 + 2 * 3 / 8) / 2)
+
+
+def _audit_yaml(tmp_path: Path, audit: dict[str, Any]) -> Path:
+    raw = {
+        "model": {"name": "tiny-bert", "dropout": 0.0, "max_length": 16},
+        "lora": {"r": 8, "target_modules": ["query", "value", "word_embeddings"]},
+        "data": {"source": "synthetic", "synthetic_samples": 60},
+        "train": {"optimizer": "sgd", "lr": 0.1, "local_steps": 2},
+        "audit": audit,
+    }
+    path = tmp_path / "audit.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_audit_command_writes_the_table_json_and_plot(tmp_path: Path) -> None:
+    audit = {
+        "attacks": ["labels", "token_set", "span"],
+        "batch_sizes": [1, 2],
+        "settings": ["fedsgd", "fedavg"],
+        "trials": 2,
+        "candidates": 5,
+        "warmup_steps": 0,
+        "defenses": {"none": {}, "ldp": {"privacy": LOCAL_DP}},
+    }
+    out = tmp_path / "out"
+    assert main(["audit", str(_audit_yaml(tmp_path, audit)), "--out", str(out)]) == 0
+    summary = json.loads((out / "audit.json").read_text())
+    assert len(summary["trials"]) == 2 * 2 * 2 * 2 * 3  # defenses × settings × B × trials × attacks
+    cells = {
+        (c["defense"], c["setting"], c["batch_size"], c["attack"]): c for c in summary["cells"]
+    }
+    assert cells[("none", "fedsgd", 1, "labels")]["scores"]["label_accuracy"] == 1.0
+    assert cells[("none", "fedavg", 2, "token_set")]["scores"]["token_precision"] == 1.0
+    assert cells[("ldp", "fedsgd", 2, "token_set")]["scores"]["token_precision"] < 0.01
+    # round 1 (no warm-up): B = 0, so the first-layer ΔA is zero and the span test finds nothing
+    assert cells[("none", "fedsgd", 1, "span")]["scores"]["token_recall"] == 0.0
+    report = (out / "audit.md").read_text()
+    assert "honest-but-curious server" in report and "| ldp | fedavg | 2 |" in report
+    assert (out / "plots" / "leakage.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("audit", "message"),
+    [
+        ({"attacks": ["dlg"]}, "'audit.attacks' names unknown attack 'dlg'"),
+        ({"defenses": {"loud": {"privacy": {"mode": "loud"}}}}, "Audit defense 'loud': "),
+        ({"settings": ["fedprox"]}, "'audit.settings' should list some of fedsgd, fedavg"),
+        ({"batch_sizes": [40], "trials": 3}, "The audit needs 120 training examples"),
+    ],
+)
+def test_audit_mistakes_end_in_one_sentence(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], audit: dict[str, Any], message: str
+) -> None:
+    path = _audit_yaml(tmp_path, {"warmup_steps": 0, **audit})
+    assert main(["audit", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err

@@ -47,6 +47,16 @@ def test_ternarize_keeps_the_top_k_with_sign_times_one_scale():
     assert compeft.scale == pytest.approx(2.0 * float(x.std()), rel=1e-6)
 
 
+def test_ternarize_never_sends_a_zero_entry():
+    """A sparse update (an embedding LoRA touches only the batch's token columns) keeps
+    at most its non-zeros: a kept zero would arrive as ±scale."""
+    x = np.zeros((4, 100), np.float32)
+    x[:, [3, 17]] = [[1.0, -2.0]] * 4
+    t = ternarize(x, density=0.5)
+    assert len(t.sparse.positions) == 8
+    assert set(np.flatnonzero(t.dense().any(axis=0))) == {3, 17}
+
+
 def test_error_feedback_keeps_exactly_what_was_not_sent():
     rng = np.random.default_rng(0)
     update = _update(rng, [(8, 16), (16, 8)])

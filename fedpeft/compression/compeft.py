@@ -61,7 +61,9 @@ def ternarize(
 ) -> Ternary:
     """Top-k by magnitude, then sign × one scale (α·std(x) or STC's mean |top-k|)."""
     flat = np.ascontiguousarray(x, dtype=np.float32).ravel()
-    k = kept_count(flat.size, density)
+    # never more than the non-zeros: a kept zero would travel as ±scale (sparse updates,
+    # e.g. an embedding LoRA's untouched token columns, would grow entries from nothing)
+    k = min(kept_count(flat.size, density), int(np.count_nonzero(flat)))
     magnitude = np.abs(flat)
     # argpartition is O(d); ties at the threshold are broken by position, deterministically
     top = np.sort(np.argpartition(-magnitude, k - 1)[:k]) if k else np.zeros(0, np.int64)
