@@ -10,6 +10,7 @@ F-measures (Lin, 2004) after optimal one-to-one matching of guessed and true sen
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -36,8 +37,22 @@ def score(guess: Guess, secret: Secret, view: ServerView) -> dict[str, Any]:
         truth = head_inputs(view, list(secret.texts))
         out["head_input_cosine"] = float(cosine_matrix(guess.head_inputs, truth).max())
     if guess.texts is not None:
-        out.update(sentence_scores(guess.texts, secret.texts))
+        seen = _as_model_saw(view)
+        out.update(sentence_scores(tuple(map(seen, guess.texts)), tuple(map(seen, secret.texts))))
     return out
+
+
+def _as_model_saw(view: ServerView) -> Callable[[str], str]:
+    """A sentence as the model saw it (tokenized, truncated, decoded): a guess is then not
+    penalized for the tokenizer's casing and spacing, nor for words past max_length."""
+    tok = load_tokenizer(view.cfg.model.name)
+    limit = view.cfg.model.max_length
+
+    def seen(text: str) -> str:
+        ids = tok(text, truncation=True, max_length=limit)["input_ids"]
+        return str(tok.decode(ids, skip_special_tokens=True))
+
+    return seen
 
 
 def label_accuracy(guessed: tuple[int, ...], true: tuple[int, ...]) -> float:
