@@ -197,3 +197,22 @@ def test_audit_mistakes_end_in_one_sentence(
     path = _audit_yaml(tmp_path, {"warmup_steps": 0, **audit})
     assert main(["audit", str(path), "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("privacy", "matched"), [(NO_DEFENSE, True), (LOCAL_DP, False)])
+def test_gradient_matching_fits_a_real_update_but_not_noise(
+    privacy: dict[str, Any], matched: bool
+) -> None:
+    """TAG/LAMP's objective: dummy inputs reproduce the observed update's direction (on
+    this random tiny model that does not pin the tokens down; see the README's audit
+    table for MiniLM), while a noised update has no input that explains it."""
+    from fedpeft.audit.optimization import GradientMatching
+
+    cfg = _cfg(["query", "value"], privacy)
+    view, _ = _observe(cfg, [{"text": SENTENCES[0], "label": 1}], warm=True)
+    result = GradientMatching(iterations=150, length=7).match(view, Public(SENTENCES))
+    assert result.ids.shape == (1, 7)
+    if matched:
+        assert result.final < 0.1 * result.first
+    else:
+        assert result.final > 0.5

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from fedpeft.audit.base import Attack, Guess, Public
 from fedpeft.audit.labels import HeadInput, LabelLeak
+from fedpeft.audit.optimization import GradientMatching
 from fedpeft.audit.threat import Secret, ServerView, observe
 from fedpeft.audit.tokens import SpanTest, TokenSet
 
@@ -18,6 +19,7 @@ ATTACKS: dict[str, Callable[[], Attack]] = {
     "head_input": HeadInput,
     "token_set": TokenSet,
     "span": SpanTest,
+    "optimization": GradientMatching,
 }
 
 
