@@ -266,6 +266,10 @@ class PrivacyConfig:
         accountant: Opacus accountant, ``rdp`` or ``prv``.
         noise_seed: seed of the ``user``/``local`` noise, for reproducible experiments
             only (noise anyone can regenerate protects nothing); ``null``: OS entropy.
+        canaries: ``user`` only: this many canary clients (random updates of norm C)
+            join DP-FedAvg's sum, and the run ends with an empirical ε from how visible
+            they are in the final model (fedpeft.audit.membership). They perturb the
+            model: an audit run, not a production one.
     """
 
     mode: Literal["none", "record", "user", "local"] = "none"
@@ -275,6 +279,7 @@ class PrivacyConfig:
     clip_norm: float = 1.0
     accountant: Literal["rdp", "prv"] = "rdp"
     noise_seed: int | None = None
+    canaries: int = 0
 
 
 @dataclass(frozen=True)
@@ -619,6 +624,11 @@ def _check_compression(c: CompressionConfig) -> None:
 
 def _check_privacy(cfg: Config) -> None:
     p = cfg.privacy
+    _require(p.canaries >= 0, "'privacy.canaries' should be non-negative.")
+    _require(
+        p.canaries == 0 or p.mode == "user",
+        "'privacy.canaries' audits user-level DP; it needs 'privacy.mode: user'.",
+    )
     if p.mode == "none":
         return
     _require(

@@ -242,8 +242,22 @@ def _privacy_summary(cfg: Config, strategy: AdapterFedAvg, rounds: int) -> dict[
                 "record": "the largest ε any client reported for its DP-SGD steps so far",
                 "local": "the largest ε any client reported for its local noise so far",
             }[priv.mode],
+            **_canary_estimate(cfg, strategy),
         }
     }
+
+
+def _canary_estimate(cfg: Config, strategy: AdapterFedAvg) -> dict[str, Any]:
+    """With ``privacy.canaries``: how visible the canary clients are in the final model."""
+    if strategy.canary_audit is None or not strategy.final:
+        return {}
+    estimate = strategy.canary_audit.estimate(strategy.final, cfg.privacy.delta)
+    log.info(
+        "canary audit: empirical ε = %.3g from %d canaries (accountant: see above)",
+        estimate["empirical_epsilon"],
+        estimate["canaries"],
+    )
+    return {"canary_audit": estimate}
 
 
 def _compression_figures(stats: RoundStats) -> dict[str, Any]:

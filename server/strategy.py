@@ -28,6 +28,7 @@ from fedpeft.aggregation import (
     server_step,
 )
 from fedpeft.aggregation.base import LORA_B
+from fedpeft.audit.membership import CanaryAudit
 from fedpeft.compression import codec
 from fedpeft.compression.compeft import apply_change, downlink_change
 from fedpeft.config import Config, lora_to_json
@@ -136,6 +137,8 @@ class AdapterFedAvg(FedAvg):
         self.history: list[Entry] = []
         self.client_epsilon: dict[int, float] = {}
         self.noise_rng = np.random.default_rng(cfg.privacy.noise_seed)
+        self.canary_audit: CanaryAudit | None = None
+        self.final: State = {}  # the last aggregate (the canary audit's θ_T)
         self.user_noise = user_noise(cfg, len(partitions)) if cfg.privacy.mode == "user" else 0.0
         self.lora_json = {pid: lora_to_json(lo) for pid, lo in fleet.client_loras.items()}
         self.shapes = {
@@ -247,6 +250,7 @@ class AdapterFedAvg(FedAvg):
         else:
             aggregate = self.aggregator.aggregate(self._global, updates, self.cfg.lora.scaling_for)
             new_state = server_step(self._global, aggregate, self.cfg.federation.server_lr)
+        self.final = new_state
         self._account(stats)
         return wire.state_to_record(new_state), MetricRecord(
             {"train-loss": stats.train_loss or 0.0}
@@ -261,17 +265,28 @@ class AdapterFedAvg(FedAvg):
         return dataclasses.replace(res, update=update)
 
     def _dp_fedavg(self, updates: list[ClientUpdate]) -> State:
-        """DP-FedAvg: uniform sum of the clipped updates plus N(0, (zC)²), over m sampled."""
+        """DP-FedAvg: uniform sum of the clipped updates plus N(0, (zC)²), over m sampled
+        (canary clients, with ``privacy.canaries``, count among the m)."""
         sampled = self.cfg.federation.sampled(len(self.partitions))
+        canaries = self._canaries().this_round() if self.cfg.privacy.canaries else []
         return dp_fedavg(
             self._global,
-            [u.delta for u in updates],
+            [u.delta for u in updates] + canaries,
             self.cfg.privacy.clip_norm,
             self.user_noise,
-            sampled,
+            sampled + len(canaries),
             self.noise_rng,
             self.cfg.federation.server_lr,
         )
+
+    def _canaries(self) -> CanaryAudit:
+        if self.canary_audit is None:  # the adapters of round 1 are θ_0
+            priv, n = self.cfg.privacy, len(self.partitions)
+            q = self.cfg.federation.sampled(n) / n
+            self.canary_audit = CanaryAudit(
+                self._global, priv.canaries, priv.clip_norm, q, seed=self.cfg.seed + 7919
+            )
+        return self.canary_audit
 
     def _account(self, stats: RoundStats) -> None:
         """ε after this round: the server's accountant steps once (user level), or the

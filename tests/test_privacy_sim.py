@@ -35,7 +35,8 @@ def _run(
 
 def test_user_level_dp_reports_the_accountants_epsilon_each_round(tmp_path: Path) -> None:
     rows, summary = _run(
-        tmp_path, {"mode": "user", "epsilon": 20.0, "clip_norm": 0.5, "noise_seed": 1}
+        tmp_path,
+        {"mode": "user", "epsilon": 20.0, "clip_norm": 0.5, "noise_seed": 1, "canaries": 16},
     )
     z = summary["privacy"]["noise_multiplier"]
     assert z == accounting.noise_for_budget(20.0, 1e-5, 0.5, 3, "rdp")
@@ -45,6 +46,9 @@ def test_user_level_dp_reports_the_accountants_epsilon_each_round(tmp_path: Path
     assert rows[-1]["epsilon"] <= 20.0 and summary["privacy"]["epsilon"] == rows[-1]["epsilon"]
     assert (tmp_path / "run" / "plots" / "epsilon.png").is_file()
     assert all(math.isfinite(r["loss"]) for r in rows)
+    # the canary audit's empirical ε sits below the accountant's bound
+    canary = summary["privacy"]["canary_audit"]
+    assert canary["canaries"] == 16 and 0.0 <= canary["empirical_epsilon"] <= rows[-1]["epsilon"]
 
 
 def test_a_budget_stops_the_run_after_the_last_affordable_round(tmp_path: Path) -> None:
