@@ -309,6 +309,8 @@ class AuditConfig:
             of a later round (B ≠ 0, which the span test needs); 0 audits round 1.
         defenses: name -> config overrides (a nested mapping, e.g. ``{privacy: {mode:
             local, noise_multiplier: 1.0}}``) applied on top of this config.
+        tap_every: in ``fedpeft simulate``, run the attacks on every accepted update
+            every this many rounds and log their scores in ``metrics.jsonl`` (0: off).
     """
 
     attacks: tuple[str, ...] = ("labels", "head_input", "token_set", "span")
@@ -318,6 +320,7 @@ class AuditConfig:
     candidates: int = 200
     warmup_steps: int = 20
     defenses: dict[str, dict[str, Any]] = field(default_factory=lambda: {"none": {}})
+    tap_every: int = 0
 
     def __hash__(self) -> int:  # defenses is a dict; hash its canonical JSON
         return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
@@ -708,6 +711,7 @@ def _check_audit(a: AuditConfig) -> None:
     _require(a.candidates >= 0, "'audit.candidates' should be non-negative.")
     _require(a.warmup_steps >= 0, "'audit.warmup_steps' should be non-negative.")
     _require(bool(a.defenses), "'audit.defenses' should name at least one defense.")
+    _require(a.tap_every >= 0, "'audit.tap_every' should be non-negative (0: no tap).")
 
 
 def _check_simulation(s: SimulationConfig) -> None:

@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedpeft import wire
+from fedpeft.audit.tap import AuditTap
 from fedpeft.config import Config, LoraConfig, load_config
 from fedpeft.data import load_dataset
 from fedpeft.devices import DeviceProfile
@@ -170,6 +171,7 @@ class ServerEvaluator:
             "rejected": stats.rejected,
             "epsilon": stats.epsilon,
             **({"delta": self.cfg.privacy.delta} if self.cfg.privacy.mode != "none" else {}),
+            **({"audit": stats.audit} if stats.audit else {}),
             "seconds": round(time.perf_counter() - stats.started, 3),
         }
         self.run_log.log_round(record)
@@ -287,6 +289,8 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path) -> dict[str, Any]:
     model = build_peft_model(cfg.model, fleet.global_lora, dataset.num_labels, init_seed=cfg.seed)
     test = encode(dataset.test, load_tokenizer(cfg.model.name), cfg.model.max_length)
     strategy = AdapterFedAvg(cfg, dataset.num_labels, partitions, fleet)
+    if cfg.audit.tap_every:
+        strategy.tap = AuditTap(cfg, dataset.num_labels, dataset.test)
     evaluator = ServerEvaluator(cfg, strategy, run_log, model, test)
     rounds = affordable_rounds(cfg, strategy)
     strategy.start(

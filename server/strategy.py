@@ -29,6 +29,7 @@ from fedpeft.aggregation import (
 )
 from fedpeft.aggregation.base import LORA_B
 from fedpeft.audit.membership import CanaryAudit
+from fedpeft.audit.tap import AuditTap
 from fedpeft.compression import codec
 from fedpeft.compression.compeft import apply_change, downlink_change
 from fedpeft.config import Config, lora_to_json
@@ -59,6 +60,7 @@ class RoundStats:
     rejected: list[dict[str, object]] = field(default_factory=list)
     train_loss: float | None = None
     client_eval: dict[str, float] = field(default_factory=dict)
+    audit: dict[str, dict[str, float]] = field(default_factory=dict)  # the audit tap's scores
     _examples: int = 0
 
     def add_loss(self, loss: float, examples: int) -> None:
@@ -141,6 +143,8 @@ class AdapterFedAvg(FedAvg):
         self.final: State = {}  # the last aggregate (the canary audit's θ_T)
         self.user_noise = user_noise(cfg, len(partitions)) if cfg.privacy.mode == "user" else 0.0
         self.lora_json = {pid: lora_to_json(lo) for pid, lo in fleet.client_loras.items()}
+        self.client_loras = fleet.client_loras
+        self.tap: AuditTap | None = None  # set by the ServerApp with audit.tap_every
         self.shapes = {
             pid: adapter_shapes(cfg.model, lora, num_labels)
             for pid, lora in fleet.client_loras.items()
@@ -245,6 +249,10 @@ class AdapterFedAvg(FedAvg):
             return None, None
         if isinstance(self.aggregator, MergesIntoBase):
             self._keep_stack(server_round, updates)
+        if self.tap is not None and self.tap.due(server_round):  # sees what aggregation sees
+            stats.audit = self.tap(
+                server_round, [(u, self.client_loras[u.client_id]) for u in updates]
+            )
         if self.cfg.privacy.mode == "user":
             new_state = self._dp_fedavg(updates)
         else:
