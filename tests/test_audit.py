@@ -216,3 +216,19 @@ def test_gradient_matching_fits_a_real_update_but_not_noise(
         assert result.final < 0.1 * result.first
     else:
         assert result.final > 0.5
+
+
+def test_projected_span_test_on_delta_b_works_in_round_one() -> None:
+    """Round 1: B = 0, so ΔA = 0 and the ΔA test sees nothing; ΔB's rows span the
+    batch's inputs through the known A while they number fewer than r (4 < 8)."""
+    cfg = _cfg(["query", "value"], NO_DEFENSE)
+    view, secret = _observe(cfg, [{"text": "great fun", "label": 1}], warm=False)
+    assert _run("span", view, secret)["token_recall"] == 0.0
+    scores = _run("span_b", view, secret)
+    assert scores["token_precision"] == 1.0 and scores["token_recall"] == 1.0
+    noised, _ = _observe(
+        _cfg(["query", "value"], LOCAL_DP), [{"text": "great fun", "label": 1}], warm=False
+    )
+    assert build_attack("span_b").unavailable(noised) == (
+        "ΔB spans all of R^r (the batch has at least r token positions)"
+    )

@@ -12,13 +12,14 @@ from fedpeft.audit.base import Attack, Guess, Public
 from fedpeft.audit.labels import HeadInput, LabelLeak
 from fedpeft.audit.optimization import GradientMatching
 from fedpeft.audit.threat import Secret, ServerView, observe
-from fedpeft.audit.tokens import SpanTest, TokenSet
+from fedpeft.audit.tokens import ProjectedSpanTest, SpanTest, TokenSet
 
 ATTACKS: dict[str, Callable[[], Attack]] = {
     "labels": LabelLeak,
     "head_input": HeadInput,
     "token_set": TokenSet,
     "span": SpanTest,
+    "span_b": ProjectedSpanTest,
     "optimization": GradientMatching,
 }
 

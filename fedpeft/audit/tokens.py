@@ -60,11 +60,10 @@ class SpanTest:
         return None
 
     def run(self, view: ServerView, public: Public) -> Guess:
-        sent = [view.sent[k] for k in first_layer_keys(view.update)]
-        basis = row_space(first_layer_a(view.update), rounding_floor(sent))  # (k, n)
-        found = self.inside_span(view, basis)  # position -> tokens
+        spans = self.spans(view)
+        found = self.inside_span(view, spans)  # position -> tokens
         tokens = frozenset(v for found_at in found.values() for v in found_at)
-        notes = (f"row space of dimension {basis.shape[0]}",)
+        notes = (f"span dimensions {[basis.shape[0] for _, basis in spans]}",)
         if view.cfg.train.batch_size != 1:
             return Guess(tokens=tokens, notes=notes)
         tok = load_tokenizer(view.cfg.model.name)
@@ -72,15 +71,24 @@ class SpanTest:
         text = str(tok.decode(sequence, skip_special_tokens=True))
         return Guess(tokens=tokens, texts=(text,), notes=notes)
 
+    def spans(self, view: ServerView) -> list[Span]:
+        """(projection, basis) pairs: an input x of the batch has x Pᵀ in the basis's
+        span for each (P = None: x itself). Here the rows of ΔA, stacked."""
+        sent = [view.sent[k] for k in first_layer_keys(view.update)]
+        return [(None, row_space(first_layer_a(view.update), rounding_floor(sent)))]
+
     @torch.no_grad()
-    def inside_span(self, view: ServerView, basis: np.ndarray) -> dict[int, list[int]]:
-        """For every position, the tokens whose layer-0 input lies in the span."""
+    def inside_span(self, view: ServerView, spans: list[Span]) -> dict[int, list[int]]:
+        """For every position, the tokens whose layer-0 input passes every span test."""
         model = view.global_model()
         embeddings = _embeddings(view, model)
         assert embeddings is not None
         vocab = len(load_tokenizer(view.cfg.model.name))
         ids = torch.arange(vocab)[:, None]  # (V, 1)
-        q = torch.from_numpy(basis).float()  # (k, n)
+        tests = [
+            (None if p is None else torch.from_numpy(p).float(), torch.from_numpy(q).float())
+            for p, q in spans
+        ]
         found: dict[int, list[int]] = {}
         for position in range(view.cfg.model.max_length):
             x = embeddings(
@@ -88,12 +96,46 @@ class SpanTest:
                 token_type_ids=torch.zeros_like(ids),
                 position_ids=torch.full_like(ids, position),
             )[:, 0]  # (V, n)
-            residual = x - (x @ q.T) @ q
-            distance = residual.norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)
+            distance = torch.zeros(vocab)
+            for projection, q in tests:
+                y = x if projection is None else x @ projection.T  # (V, n) or (V, r)
+                residual = y - (y @ q.T) @ q
+                relative = residual.norm(dim=1) / y.norm(dim=1).clamp_min(1e-12)
+                distance = torch.maximum(distance, relative)
             hits = torch.nonzero(distance < self.tolerance).flatten().tolist()
             if hits:
                 found[position] = [int(v) for v in hits]
         return found
+
+
+Span = tuple[np.ndarray | None, np.ndarray]  # (projection P or None, orthonormal basis)
+
+
+class ProjectedSpanTest(SpanTest):
+    """DAGER's test on ΔB through the known A (§4.2): ΔB = −η s Σ_t g_t (A x_t)ᵀ, so
+    the rows of ΔB span {A x_t} in R^r. It works in round 1, when B = 0 makes ΔA zero,
+    but only while the batch has fewer (token, position) pairs than r: beyond that the
+    span is all of R^r and tells nothing. Every layer-0 map must agree."""
+
+    name = "span_b"
+
+    def unavailable(self, view: ServerView) -> str | None:
+        reason = super().unavailable(view)
+        if reason is not None:
+            return reason
+        if all(q.shape[0] >= q.shape[1] for _, q in self.spans(view)):
+            return "ΔB spans all of R^r (the batch has at least r token positions)"
+        return None
+
+    def spans(self, view: ServerView) -> list[Span]:
+        out: list[Span] = []
+        for key_a in first_layer_keys(view.update):
+            key_b = key_a.replace(".lora_A.", ".lora_B.")
+            floor = rounding_floor([view.sent[key_b]])
+            basis = row_space([view.update[key_b]], floor)  # (k, r)
+            if basis.shape[0] < basis.shape[1]:  # a full span excludes nothing
+                out.append((view.sent[key_a].astype(np.float64), basis))
+        return out
 
 
 def first_layer_keys(update: dict[str, np.ndarray]) -> list[str]:
@@ -119,7 +161,10 @@ def row_space(deltas: list[np.ndarray], floor: float) -> np.ndarray:
     gradients), so a threshold relative to σ_max would drop real directions."""
     stacked = np.concatenate([d.astype(np.float64) for d in deltas], axis=0)  # (Σr, n)
     _, s, vt = np.linalg.svd(stacked, full_matrices=False)
-    return np.asarray(vt[s > floor])
+    if s.size == 0 or s[0] == 0:
+        return np.zeros((0, stacked.shape[1]))
+    # and float32 arithmetic in the gradient itself (what is left when A or B was zero)
+    return np.asarray(vt[s > max(floor, 1e-6 * s[0])])
 
 
 def _embeddings(view: ServerView, model: torch.nn.Module | None = None) -> torch.nn.Module | None:
