@@ -313,7 +313,7 @@ class AuditConfig:
             every this many rounds and log their scores in ``metrics.jsonl`` (0: off).
     """
 
-    attacks: tuple[str, ...] = ("labels", "head_input", "token_set", "span")
+    attacks: tuple[str, ...] = ("labels", "head_input", "token_set", "span", "span_b")
     batch_sizes: tuple[int, ...] = (1, 4, 16)
     settings: tuple[str, ...] = ("fedsgd", "fedavg")
     trials: int = 3

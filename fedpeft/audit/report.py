@@ -12,11 +12,13 @@ HEADLINE = {
     "head_input": ("head_input_cosine", "head-input cos."),
     "token_set": ("token_recall", "token-set recall"),
     "span": ("token_recall", "span recall"),
+    "span_b": ("token_recall", "ΔB-span recall"),
 }
 EXTRA = {
     "head_input": [("exact_matches", "retrieved exactly")],
     "token_set": [("token_precision", "token-set precision")],
     "span": [("token_precision", "span precision"), ("rougeL", "span ROUGE-L")],
+    "span_b": [("token_precision", "ΔB-span precision")],
 }
 
 
