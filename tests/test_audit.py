@@ -199,21 +199,28 @@ def test_audit_mistakes_end_in_one_sentence(
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("privacy", "matched"), [(NO_DEFENSE, True), (LOCAL_DP, False)])
+@pytest.mark.parametrize(
+    ("privacy", "steps", "matched"),
+    [(NO_DEFENSE, 1, True), (NO_DEFENSE, 3, True), (LOCAL_DP, 1, False)],
+    ids=["fedsgd", "fedavg-3-steps", "local-dp"],
+)
 def test_gradient_matching_fits_a_real_update_but_not_noise(
-    privacy: dict[str, Any], matched: bool
+    privacy: dict[str, Any], steps: int, matched: bool
 ) -> None:
-    """TAG/LAMP's objective: dummy inputs reproduce the observed update's direction (on
-    this random tiny model that does not pin the tokens down; see the README's audit
-    table for MiniLM), while a noised update has no input that explains it."""
+    """TAG/LAMP's objective, with the client's SGD steps simulated: dummy inputs
+    reproduce the observed update's direction (on this random tiny model that does not
+    pin the tokens down), while a noised update has no input that explains it."""
     from fedpeft.audit.optimization import GradientMatching
 
     cfg = _cfg(["query", "value"], privacy)
+    cfg = config_from_dict(
+        {**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "local_steps": steps}}
+    )
     view, _ = _observe(cfg, [{"text": SENTENCES[0], "label": 1}], warm=True)
-    result = GradientMatching(iterations=150, length=7).match(view, Public(SENTENCES))
+    result = GradientMatching(iterations=60, length=7).match(view, Public(SENTENCES))
     assert result.ids.shape == (1, 7)
     if matched:
-        assert result.final < 0.1 * result.first
+        assert result.final < 0.15 * result.first
     else:
         assert result.final > 0.5
 

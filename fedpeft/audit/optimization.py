@@ -4,11 +4,13 @@ TAG (Deng et al., 2021, "TAG: Gradient Attack on Transformer-based Language Mode
 and LAMP (Balunović et al., 2022, "LAMP: Extracting Text from Gradients with Language
 Model Priors") optimize dummy input embeddings Z so that the gradient they produce on
 the exchanged parameters matches the observed one, then map each position to its
-nearest token embedding. Here the observed direction is g = −Δ / (η S) over every
-exchanged tensor the dummy inputs reach (LoRA factors, head): exact for fedSGD with
-SGD (S = 1); for S local steps it treats the update as S steps of the initial gradient
-(first order in η), and for Adam it only matches a direction. The objective is LAMP's
-cosine distance, 1 − cos(∇θ L(Z, ŷ), g), with the labels ŷ from the label attack. The
+nearest token embedding. For fedAvg the attack simulates the client's local steps
+(Geiping et al., 2020, §5): with ``train.optimizer: sgd`` it unrolls the S steps on the
+dummy batch, differentiably, and compares θ_S − θ_0 with the observed update Δ over every
+exchanged tensor the dummy inputs reach (LoRA factors, head); S = 1 is fedSGD. Momentum
+is not modelled, and for Adam it compares one gradient step's direction. The objective is
+LAMP's cosine distance per tensor, 1 − cos(Δ(Z, ŷ), Δ), with the labels ŷ from the
+label attack. The
 sentence length is not observed; the attack assumes ``length`` tokens per example (by
 default the row-space dimension of the first-layer update per example when there is
 one, else 16).
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from peft import get_peft_model_state_dict
+from torch.func import functional_call
 
 from fedpeft.audit.base import Guess, Public
 from fedpeft.audit.labels import LabelLeak
@@ -70,12 +73,11 @@ class GradientMatching:
         z.requires_grad_(True)
         optimizer = torch.optim.Adam([z], lr=self.lr)
         distances = []
+        steps = view.cfg.train.local_steps if view.cfg.train.optimizer == "sgd" else 1
         for _ in range(self.iterations):
-            # dummy gradient on the exchanged parameters, kept differentiable in Z
-            mask = torch.ones(batch, length)
-            loss = model(inputs_embeds=z, attention_mask=mask, labels=target).loss
-            grads = torch.autograd.grad(loss, params, create_graph=True)
-            distance = gradient_distance(grads, observed)
+            # the update the dummy inputs would produce, kept differentiable in Z
+            simulated = simulate_sgd(model, params, z, target, view.cfg.train.lr, steps)
+            distance = gradient_distance(simulated, observed)
             optimizer.zero_grad()
             distance.backward(inputs=[z])  # type: ignore[no-untyped-call]
             optimizer.step()
@@ -118,13 +120,36 @@ def _exchanged_parameters(model: torch.nn.Module) -> tuple[list[torch.nn.Paramet
 
 
 def _observed_direction(view: ServerView, keys: list[str]) -> list[torch.Tensor]:
-    scale = -1.0 / (view.cfg.train.lr * view.cfg.train.local_steps)
-    return [torch.from_numpy(view.update[k].astype(np.float32) * scale) for k in keys]
+    return [torch.from_numpy(view.update[k].astype(np.float32)) for k in keys]
 
 
-def gradient_distance(
-    grads: tuple[torch.Tensor, ...], observed: list[torch.Tensor]
-) -> torch.Tensor:
+def simulate_sgd(
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    lr: float,
+    steps: int,
+) -> list[torch.Tensor]:
+    """θ_S − θ_0 after ``steps`` plain SGD steps on the dummy batch (all of it each step,
+    as fedpeft's client does on a batch this size), differentiable in Z."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    start = {names[id(p)]: p for p in params}
+    current: dict[str, torch.Tensor] = dict(start)
+    mask = torch.ones(z.shape[:2])
+    for _ in range(steps):
+        out = functional_call(
+            model,
+            current,
+            args=(),
+            kwargs={"inputs_embeds": z, "attention_mask": mask, "labels": labels},
+        )
+        grads = torch.autograd.grad(out.loss, list(current.values()), create_graph=True)
+        current = {n: w - lr * g for (n, w), g in zip(current.items(), grads, strict=True)}
+    return [current[n] - start[n] for n in start]
+
+
+def gradient_distance(grads: list[torch.Tensor], observed: list[torch.Tensor]) -> torch.Tensor:
     """Mean over tensors of 1 − cos: one distance per tensor, so that the head (whose
     gradient dwarfs the LoRA factors') does not decide the match alone."""
     terms = [
