@@ -46,7 +46,8 @@ def table(summary: dict[str, Any]) -> str:
         for attack, score, _ in cols:
             cell = by_key.get((d, s, b, attack), {})
             value = cell.get("scores", {}).get(score)
-            values.append("n/a" if value is None else f"{value:.2f}")
+            partial = "" if cell.get("scored") == cell.get("trials") else "*"
+            values.append("n/a" if value is None else f"{value:.2f}{partial}")
         lines.append(f"| {d} | {s} | {b} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
@@ -66,7 +67,8 @@ def write_report(summary: dict[str, Any], out_dir: Path) -> None:
         "",
         f"Candidate pool: {summary['candidates']} sentences. fedSGD: one local step on the "
         "batch; fedAvg: `train.local_steps` steps on it. Each figure is the mean over the "
-        "trials (the same batches for every defense); n/a: the attack has nothing to read.",
+        "trials (the same batches for every defense); n/a: the attack has nothing to read; "
+        "*: the mean of the trials it could run on.",
         "",
         table(summary),
         "",

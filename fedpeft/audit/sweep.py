@@ -24,6 +24,7 @@ import numpy as np
 
 from fedpeft.audit import ATTACKS, Attack, Public, build_attack
 from fedpeft.audit.base import head_keys
+from fedpeft.audit.report import write_report
 from fedpeft.audit.scoring import score
 from fedpeft.audit.threat import Secret, ServerView, initial_adapters, observe, warmed_adapters
 from fedpeft.audit.tokens import EMBEDDING_A, first_layer_keys
@@ -155,8 +156,6 @@ def run_audit(cfg: Config, out_dir: Path) -> dict[str, Any]:
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "audit.json").write_text(json.dumps(summary, indent=1))
-    from fedpeft.audit.report import write_report
-
     write_report(summary, out_dir)
     return summary
 
@@ -193,7 +192,8 @@ def _attack_all(
 
 
 def summarize(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean of every score per (defense, setting, batch size, attack)."""
+    """Mean of every score per (defense, setting, batch size, attack) over the trials the
+    attack could run on (``scored`` of ``trials``)."""
     groups: dict[tuple[str, str, int, str], list[dict[str, Any]]] = {}
     for t in trials:
         groups.setdefault((t["defense"], t["setting"], t["batch_size"], t["attack"]), []).append(t)
@@ -205,6 +205,8 @@ def summarize(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "setting": setting,
             "batch_size": b,
             "attack": attack,
+            "trials": len(group),
+            "scored": len(scored),
         }
         if not scored:
             row["unavailable"] = group[0]["unavailable"]
