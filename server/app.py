@@ -244,20 +244,22 @@ def _privacy_summary(cfg: Config, strategy: AdapterFedAvg, rounds: int) -> dict[
                 "record": "the largest ε any client reported for its DP-SGD steps so far",
                 "local": "the largest ε any client reported for its local noise so far",
             }[priv.mode],
-            **_canary_estimate(cfg, strategy),
+            **_canary_estimate(cfg, strategy, spent[-1] if spent else 0.0),
         }
     }
 
 
-def _canary_estimate(cfg: Config, strategy: AdapterFedAvg) -> dict[str, Any]:
+def _canary_estimate(cfg: Config, strategy: AdapterFedAvg, spent: float) -> dict[str, Any]:
     """With ``privacy.canaries``: how visible the canary clients are in the final model."""
     if strategy.canary_audit is None or not strategy.final:
         return {}
     estimate = strategy.canary_audit.estimate(strategy.final, cfg.privacy.delta)
     log.info(
-        "canary audit: empirical ε = %.3g from %d canaries (accountant: see above)",
-        estimate["empirical_epsilon"],
+        "canary audit (%d canaries): empirical ε %.3g, lower bound %.3g; accountant ε %.3g",
         estimate["canaries"],
+        estimate["empirical_epsilon"],
+        estimate["epsilon_lower_bound"],
+        spent,
     )
     return {"canary_audit": estimate}
 
