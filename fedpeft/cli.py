@@ -1,6 +1,6 @@
 """The ``fedpeft`` command.
 
-    fedpeft simulate CONFIG [--set key=value ...] [--out DIR] [--verbose]
+    fedpeft simulate CONFIG [--set key=value ...] [--out DIR] [--verbose] [--resume]
     fedpeft plan CONFIG [--set key=value ...] [--measure]
     fedpeft audit CONFIG [--set key=value ...] [--out DIR]
 
@@ -111,15 +111,18 @@ def backend_config(cfg: Config) -> dict[str, Any]:
     }
 
 
-def simulate(cfg: Config, out_dir: Path, client_app: ClientApp | None = None) -> dict[str, Any]:
+def simulate(
+    cfg: Config, out_dir: Path, client_app: ClientApp | None = None, resume: bool = False
+) -> dict[str, Any]:
     """Run a simulation on Flower's simulation runtime; returns the summary.
 
     ``client_app`` defaults to fedpeft's ClientApp; tests pass one wrapped in a mod.
+    ``resume``: continue the run in ``out_dir`` from its last checkpoint.
     """
     from flwr.simulation import run_simulation
 
     from clients.app import app as default_client_app
-    from server.app import make_server_app
+    from server.app import checkpoint_to_resume, make_server_app
 
     quiet_flower_env()
     # importing flwr resets its logger to DEBUG; keep its errors, drop its chatter
@@ -128,9 +131,11 @@ def simulate(cfg: Config, out_dir: Path, client_app: ClientApp | None = None) ->
         logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.ERROR
     )
     preflight(cfg)
+    if resume:
+        checkpoint_to_resume(cfg, out_dir)  # its mistakes end here, in one sentence
     started = time.time()
     run_simulation(
-        server_app=make_server_app(cfg, out_dir),
+        server_app=make_server_app(cfg, out_dir, resume),
         client_app=client_app or default_client_app,
         num_supernodes=cfg.partition.num_clients,
         backend_config=backend_config(cfg),
@@ -161,6 +166,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--out", help="output directory (default: outputs/<config name>)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's own log")
+    sim.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
     plan = sub.add_parser("plan", help="per device profile: LoRA depth, ranks, size, memory")
     plan.add_argument("config", help="YAML config with a fleet section")
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -205,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             run_audit(cfg, out)
             print(f"audit: {out / 'audit.md'}")
             return 0
-        simulate(cfg, out)
+        simulate(cfg, out, resume=args.resume)
     except USER_ERRORS as err:
         print(f"fedpeft: {err}", file=sys.stderr)
         return 2

@@ -57,15 +57,23 @@ def _ratio(num: float, den: float) -> float | None:
 class RunLog:
     """Appends round records and writes the summary and plots of one run."""
 
-    def __init__(self, out_dir: Path, cfg: Config) -> None:
+    def __init__(self, out_dir: Path, cfg: Config, resumed_round: int = 0) -> None:
+        """``resumed_round``: keep the lines of rounds up to it (a resumed run), and drop
+        any later ones a crash may have left after its last checkpoint."""
         self.out_dir = out_dir
         self.cfg = cfg
-        self.rounds: list[dict[str, Any]] = []
         self.started = time.time()
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "plots").mkdir(exist_ok=True)
         self.metrics_path = out_dir / "metrics.jsonl"
-        self.metrics_path.write_text("")
+        self.rounds: list[dict[str, Any]] = []
+        if resumed_round and self.metrics_path.is_file():
+            lines = self.metrics_path.read_text().splitlines()
+            records = [json.loads(line) for line in lines if line.strip()]
+            self.rounds = [r for r in records if r["round"] <= resumed_round]
+        atomic_write_text(
+            self.metrics_path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in self.rounds)
+        )
 
     def log_round(self, record: dict[str, Any]) -> None:
         record = {k: _finite_or_none(v) for k, v in record.items()}

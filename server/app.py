@@ -18,7 +18,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpeft import wire
 from fedpeft.audit.tap import AuditTap
-from fedpeft.config import Config, LoraConfig, load_config
+from fedpeft.checkpoint import Checkpoint, load_checkpoint, resume_problem, save_checkpoint
+from fedpeft.config import Config, ConfigError, LoraConfig, load_config
 from fedpeft.data import load_dataset
 from fedpeft.devices import DeviceProfile
 from fedpeft.models import (
@@ -150,13 +151,18 @@ class ServerEvaluator:
         )
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        state = wire.record_to_state(arrays)
         set_base_deltas(self.model, self.strategy.base_delta)  # FLoRA's merged updates
-        load_adapter_state(self.model, wire.record_to_state(arrays))
+        load_adapter_state(self.model, state)
         metrics = self._evaluate()
-        if server_round == 0:
-            self.initial = metrics
-            log.info("round 0 (initial adapters): %s", _fmt(metrics))
+        if server_round == 0:  # before any training in this process
+            if self.strategy.round_offset == 0:
+                self.initial = metrics
+                log.info("round 0 (initial adapters): %s", _fmt(metrics))
+            else:
+                log.info("resumed after round %d: %s", self.strategy.round_offset, _fmt(metrics))
             return MetricRecord(metrics) if metrics else None  # type: ignore[arg-type]
+        server_round += self.strategy.round_offset
         stats = self.strategy.stats[server_round]
         record = {
             "round": server_round,
@@ -176,6 +182,14 @@ class ServerEvaluator:
         }
         self.run_log.log_round(record)
         save_adapter(self._exported(), self.run_log.out_dir / "adapter")
+        checkpoint = Checkpoint(
+            server_round,
+            self.cfg.to_dict(),
+            state,
+            self.strategy.export_state(),
+            self.initial,
+        )
+        save_checkpoint(self.run_log.out_dir, checkpoint)
         log.info(
             "round %d/%d: %s | clients %d | uplink %.2f MB | %.1f s",
             server_round, self.cfg.federation.rounds, _fmt(metrics), len(stats.clients),
@@ -278,12 +292,14 @@ def _fmt(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "no server evaluation"
 
 
-def run_federation(grid: Grid, cfg: Config, out_dir: Path) -> dict[str, Any]:
+def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False) -> dict[str, Any]:
     """The whole run: discover the nodes, plan, rounds, outputs. Returns the summary.
 
     Discovery comes first because nodes may declare their device profiles: the plans,
-    and the global adapter that must cover all of them, depend on who answered."""
-    run_log = RunLog(out_dir, cfg)
+    and the global adapter that must cover all of them, depend on who answered.
+    ``resume``: continue from ``out_dir``'s checkpoint (fedpeft.checkpoint)."""
+    ckpt = checkpoint_to_resume(cfg, out_dir) if resume else None
+    run_log = RunLog(out_dir, cfg, resumed_round=ckpt.round if ckpt else 0)
     dataset = load_dataset(cfg.data, cfg.model.task, cfg.seed)
     found = discover_nodes(grid, cfg)
     fleet = plan_clients(cfg, dataset.num_labels, found.profiles)
@@ -294,14 +310,25 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path) -> dict[str, Any]:
     if cfg.audit.tap_every:
         strategy.tap = AuditTap(cfg, dataset.num_labels, dataset.test)
     evaluator = ServerEvaluator(cfg, strategy, run_log, model, test)
+    start = adapter_state(model)
+    if ckpt is not None:
+        strategy.restore_state(ckpt.strategy, ckpt.round)
+        evaluator.initial, start = ckpt.initial, ckpt.global_state
     rounds = affordable_rounds(cfg, strategy)
-    strategy.start(
-        grid=grid,
-        initial_arrays=wire.state_to_record(adapter_state(model)),
-        num_rounds=rounds,
-        timeout=cfg.federation.timeout,
-        evaluate_fn=evaluator,
-    )
+    if rounds > strategy.round_offset:
+        strategy.start(
+            grid=grid,
+            initial_arrays=wire.state_to_record(start),
+            num_rounds=rounds - strategy.round_offset,
+            timeout=cfg.federation.timeout,
+            evaluate_fn=evaluator,
+        )
+    else:
+        log.info(
+            "the checkpoint is at round %d of %d: nothing left to run",
+            ckpt.round if ckpt else 0,
+            rounds,
+        )
     summary = run_log.write_summary(
         {
             "initial": evaluator.initial,
@@ -346,12 +373,21 @@ def _plan_summary(lora: LoraConfig) -> dict[str, Any]:
     return {"layers": layers, "max_rank": top, "rank_pattern": dict(lora.rank_pattern)}
 
 
-def make_server_app(cfg: Config, out_dir: Path) -> ServerApp:
+def checkpoint_to_resume(cfg: Config, out_dir: Path) -> Checkpoint:
+    """The checkpoint to continue from, or a one-sentence error saying why not."""
+    ckpt = load_checkpoint(out_dir)
+    problem = resume_problem(cfg, ckpt)
+    if problem is not None:
+        raise ConfigError(f"Cannot resume the run in '{out_dir}': {problem}.")
+    return ckpt
+
+
+def make_server_app(cfg: Config, out_dir: Path, resume: bool = False) -> ServerApp:
     bound = ServerApp()
 
     @bound.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, out_dir)
+        run_federation(grid, cfg, out_dir, resume)
 
     return bound
 
@@ -361,7 +397,8 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for ``flwr run .``: run config keys ``config``, ``out``, ``set``."""
+    """Entry point for ``flwr run .``: run config keys ``config``, ``out``, ``set`` and
+    ``resume`` (true: continue the run in ``out`` from its last checkpoint)."""
     rc = context.run_config
     cfg = load_config(str(rc["config"]), shlex.split(str(rc.get("set", ""))))
-    run_federation(grid, cfg, Path(str(rc["out"])))
+    run_federation(grid, cfg, Path(str(rc["out"])), resume=bool(rc.get("resume", False)))

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -35,7 +36,14 @@ from fedpeft.compression.compeft import apply_change, downlink_change
 from fedpeft.config import Config, lora_to_json
 from fedpeft.models import adapter_shapes
 from fedpeft.planning import FleetPlan
-from fedpeft.privacy.accounting import Entry, add_steps, epsilon, noise_multiplier
+from fedpeft.privacy.accounting import (
+    Entry,
+    add_steps,
+    epsilon,
+    from_lists,
+    noise_multiplier,
+    to_lists,
+)
 from fedpeft.privacy.mechanisms import clip, dp_fedavg
 
 log = logging.getLogger("fedpeft")
@@ -140,6 +148,7 @@ class AdapterFedAvg(FedAvg):
         self.client_epsilon: dict[int, float] = {}
         self.noise_rng = np.random.default_rng(cfg.privacy.noise_seed)
         self.canary_audit: CanaryAudit | None = None
+        self.round_offset = 0  # --resume: rounds a previous process already ran
         self.final: State = {}  # the last aggregate (the canary audit's θ_T)
         self.user_noise = user_noise(cfg, len(partitions)) if cfg.privacy.mode == "user" else 0.0
         self.lora_json = {pid: lora_to_json(lo) for pid, lo in fleet.client_loras.items()}
@@ -230,16 +239,33 @@ class AdapterFedAvg(FedAvg):
         everyone = min((self.merged_round.get(n, 0) for n in self.partitions), default=0)
         self.stacks = {t: st for t, st in self.stacks.items() if t > everyone}
 
+    # ------------------------------------------------------------------ checkpoint
+    def export_state(self) -> dict[str, Any]:
+        """The server-side state a resumed run needs (JSON-able)."""
+        return {
+            "history": to_lists(self.history),
+            "client_epsilon": {str(k): v for k, v in self.client_epsilon.items()},
+            "noise_rng": self.noise_rng.bit_generator.state,
+        }
+
+    def restore_state(self, state: dict[str, Any], completed_rounds: int) -> None:
+        self.history = from_lists(**state["history"])
+        self.client_epsilon = {int(k): float(v) for k, v in state["client_epsilon"].items()}
+        self.noise_rng.bit_generator.state = state["noise_rng"]
+        self.round_offset = completed_rounds
+
     # ------------------------------------------------------------------ train
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset  # Flower counts from 1 in every process
         nodes = self.sample(server_round, self.cfg.federation.fraction_train)
         return self._messages(server_round, arrays, nodes, MessageType.TRAIN)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         stats = self.stats[server_round]
         replies = sorted(replies, key=lambda m: self.partitions.get(m.metadata.src_node_id, 0))
         self._reject_silent(stats, {m.metadata.src_node_id for m in replies})
@@ -349,6 +375,7 @@ class AdapterFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         if not self.cfg.federation.client_eval:
             return []
         nodes = self.sample(server_round, 1.0)
@@ -357,6 +384,7 @@ class AdapterFedAvg(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        server_round += self.round_offset
         stats = self.stats[server_round]
         totals: dict[str, float] = {}
         count = 0

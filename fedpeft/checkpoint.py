@@ -1,0 +1,109 @@
+"""Server checkpoints: what ``fedpeft simulate --resume`` needs to continue a run exactly.
+
+After every round the server writes ``DIR/checkpoint.npz``: the round, the global
+adapters, the server's strategy state (the user-level accountant's history, the ε the
+clients reported, the central noise generator's state) and the run's initial metrics,
+with the resolved config. The file is written under a temporary name, fsynced, and
+renamed over the previous one, so a crash mid-write leaves the previous checkpoint
+intact. Partition sampling and client seeds are functions of (seed, round), so they need
+no state.
+
+Client-side state is not in the server's checkpoint: error-feedback residuals, the
+downlink views and the record-level and local accountants live on the nodes, and a
+simulation's nodes restart with nothing. :func:`resume_problem` refuses those runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedpeft.config import Config, ConfigError
+from fedpeft.wire import State
+
+FILE = "checkpoint.npz"
+_META = "__meta__"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    round: int
+    config: dict[str, Any]
+    global_state: State
+    strategy: dict[str, Any] = field(default_factory=dict)  # JSON-able server state
+    initial: dict[str, float] = field(default_factory=dict)  # round-0 metrics
+
+
+def save_checkpoint(out_dir: Path, ckpt: Checkpoint) -> None:
+    keys = sorted(ckpt.global_state)
+    meta = {
+        "round": ckpt.round,
+        "config": ckpt.config,
+        "strategy": ckpt.strategy,
+        "initial": ckpt.initial,
+        "keys": keys,
+    }
+    arrays = {f"a{i}": ckpt.global_state[k] for i, k in enumerate(keys)}
+    arrays[_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{FILE}.", suffix=".npz")
+    with os.fdopen(fd, "wb") as fh:
+        np.savez(fh, **arrays)  # type: ignore[arg-type]
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, out_dir / FILE)
+
+
+def load_checkpoint(out_dir: Path) -> Checkpoint:
+    path = out_dir / FILE
+    if not path.is_file():
+        raise ConfigError(f"No checkpoint in '{out_dir}' to resume from ({FILE} is missing).")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(bytes(data[_META]).decode())
+            state = {k: np.asarray(data[f"a{i}"]) for i, k in enumerate(meta["keys"])}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise ConfigError(f"The checkpoint '{path}' cannot be read ({err}).") from err
+    return Checkpoint(
+        round=int(meta["round"]),
+        config=meta["config"],
+        global_state=state,
+        strategy=meta["strategy"],
+        initial=meta["initial"],
+    )
+
+
+def resume_problem(cfg: Config, ckpt: Checkpoint) -> str | None:
+    """Why this run cannot continue from ``ckpt`` exactly, or None. Only the number of
+    rounds may differ from the checkpointed config."""
+    if cfg.compression.density is not None and (
+        cfg.compression.error_feedback or cfg.compression.downlink
+    ):
+        return "error-feedback residuals and downlink views live on the nodes"
+    if cfg.privacy.mode in ("record", "local"):
+        return f"the '{cfg.privacy.mode}' accountants live on the nodes"
+    if cfg.federation.aggregator == "flora":
+        return "FLoRA's merged updates live on the nodes"
+    if cfg.privacy.canaries:
+        return "the canary audit compares against the run's first adapters"
+    ours = _without_rounds(json.loads(cfg.to_json()))
+    if ours != _without_rounds(ckpt.config):
+        changed = sorted(
+            k
+            for k in set(ours) | set(ckpt.config)
+            if ours.get(k) != _without_rounds(ckpt.config).get(k)
+        )
+        return f"the config differs from the checkpoint's in: {', '.join(changed)}"
+    return None
+
+
+def _without_rounds(config: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(config))
+    out.get("federation", {}).pop("rounds", None)
+    return dict(out)
