@@ -3,6 +3,7 @@
     fedpeft simulate CONFIG [--set key=value ...] [--out DIR] [--verbose] [--resume]
     fedpeft plan CONFIG [--set key=value ...] [--measure]
     fedpeft audit CONFIG [--set key=value ...] [--out DIR]
+    fedpeft credentials DIR [--nodes N] [--host NAME ...]
 
 A user mistake (config, data, model) ends in one sentence on stderr and exit code 2,
 never a traceback.
@@ -175,6 +176,14 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--measure", action="store_true", help="also measure one real training step per plan"
     )
+    creds = sub.add_parser(
+        "credentials", help="a CA, the SuperLink's TLS certificate and SuperNode key pairs"
+    )
+    creds.add_argument("dir", help="directory to write them to")
+    creds.add_argument("--nodes", type=int, default=3, help="SuperNode key pairs (default 3)")
+    creds.add_argument(
+        "--host", action="append", default=[], help="a name or IP nodes dial (repeatable)"
+    )
     audit = sub.add_parser("audit", help="gradient-inversion attacks against each defense")
     audit.add_argument(
         "config", help="YAML config with an audit section, e.g. configs/audit/mr.yaml"
@@ -199,6 +208,15 @@ def _out_dir(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
+    if args.command == "credentials":
+        from fedpeft.deploy import write_credentials
+
+        if args.nodes < 0:
+            print("fedpeft: '--nodes' should be non-negative.", file=sys.stderr)
+            return 2
+        for path in write_credentials(Path(args.dir), args.nodes, args.host):
+            print(path)
+        return 0
     try:
         cfg = load_config(args.config, args.set)
         if args.command == "plan":

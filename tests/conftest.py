@@ -31,9 +31,18 @@ class FlwrCli:
     connection in its ``config.toml``. ``flwr run`` may exit 0 although the ServerApp
     crashed, so :meth:`final_status` reads the run's status with ``flwr ls``."""
 
-    def __init__(self, home: Path, connection: str, address: str, insecure: bool) -> None:
+    def __init__(
+        self,
+        home: Path,
+        connection: str,
+        address: str,
+        insecure: bool,
+        root_certificates: Path | None = None,
+    ) -> None:
         home.mkdir(parents=True, exist_ok=True)
         line = f'address = "{address}"' + ("\ninsecure = true" if insecure else "")
+        if root_certificates is not None:  # TLS with a private CA
+            line += f'\nroot-certificates = "{root_certificates}"'
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "{connection}"\n\n[superlink.{connection}]\n{line}\n'
         )
@@ -81,10 +90,12 @@ class FlwrCli:
 
 @pytest.fixture
 def flwr_cli(tmp_path: Path) -> Callable[..., FlwrCli]:
-    """``flwr_cli(connection, address, insecure=False)``: a :class:`FlwrCli` whose
-    ``FLWR_HOME`` is ``tmp_path / "flwr-home"``."""
+    """``flwr_cli(connection, address, insecure=False, root_certificates=None)``: a
+    :class:`FlwrCli` whose ``FLWR_HOME`` is ``tmp_path / "flwr-home"``."""
 
-    def make(connection: str, address: str, insecure: bool = False) -> FlwrCli:
-        return FlwrCli(tmp_path / "flwr-home", connection, address, insecure)
+    def make(
+        connection: str, address: str, insecure: bool = False, root_certificates: Path | None = None
+    ) -> FlwrCli:
+        return FlwrCli(tmp_path / "flwr-home", connection, address, insecure, root_certificates)
 
     return make

@@ -119,9 +119,7 @@ def test_nodes_train_with_the_profiles_they_declare(
             status, listing = flwr.final_status(run_id, wait_s=150)
             assert status == "finished:completed", (listing, _tail(tmp_path))
     finally:
-        leftovers = _wait_gone([link_port, *node_ports], wait_s=20)
-        for pid in leftovers:  # the test's own descendants, named by its private ports
-            os.kill(pid, signal.SIGKILL)
+        leftovers = kill_leftovers([link_port, *node_ports])
     print(f"deployment round trip: {time.perf_counter() - began:.1f} s")
     assert not leftovers, f"Flower processes outlived their SuperLink/SuperNode: {leftovers}"
 
@@ -142,6 +140,15 @@ def test_nodes_train_with_the_profiles_they_declare(
     }
     assert {r for k, r in ranks.items() if ".layer.1." in k} == {16}  # the union of both
     assert {r for k, r in ranks.items() if ".layer.0." in k} == {8}
+
+
+def kill_leftovers(ports: list[int]) -> list[int]:
+    """The test's own descendants (named by its private ports) still alive 20 s after
+    their SuperLink and SuperNodes stopped, killed; returns their PIDs."""
+    leftovers = _wait_gone(ports, wait_s=20)
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    return leftovers
 
 
 def _wait_gone(ports: list[int], wait_s: float) -> list[int]:

@@ -1,0 +1,109 @@
+"""A TLS-secured, node-authenticated deployment on loopback, as the README's deployment
+section runs it: ``fedpeft credentials``, a SuperLink with TLS and
+``--enable-supernode-auth``, three registered SuperNodes that declare different device
+profiles, one unregistered SuperNode that must be refused, and ``flwr run`` for two
+rounds with one node killed (SIGKILL) after the first. The run must finish on its own,
+record the dead node, and leave no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedpeft.deploy import write_credentials
+from tests.test_deploy_profiles import (
+    ROOT,
+    _free_ports,
+    _processes,
+    _tail,
+    _wait_for_port,
+    kill_leftovers,
+)
+
+pytestmark = pytest.mark.slow
+
+TINY = (
+    "model.name=tiny-bert model.max_length=32 lora.r=4 data.synthetic_samples=300 "
+    "partition.num_clients=3 partition.scheme=iid federation.rounds=2 train.local_steps=2 "
+    "federation.min_clients=2 federation.timeout=30"
+)
+NODE_CONFIGS = [
+    "partition-id=0 device='phone' memory-mb=5 max-rank=2",
+    "partition-id=1 device='workstation' memory-mb=64",
+    "partition-id=2 device='laptop' memory-mb=64 max-rank=4",
+]
+KILLED = 2  # the partition whose node dies after round 1
+
+
+def _wait_for_rounds(metrics: Path, rounds: int, wait_s: float, log_dir: Path) -> None:
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= rounds:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"round {rounds} was not logged within {wait_s:.0f} s\n{_tail(log_dir)}")
+
+
+def test_tls_authenticated_run_survives_a_node_killed_mid_run(
+    tmp_path: Path, flwr_cli: Callable[..., Any]
+) -> None:
+    creds = tmp_path / "creds"
+    write_credentials(creds, nodes=4)
+    link_port, *node_ports = _free_ports(5)
+    address = f"127.0.0.1:{link_port}"
+    flwr = flwr_cli("tls", address, root_certificates=creds / "ca.crt")
+    out_dir = tmp_path / "out"
+    run_config = f"config='{ROOT / 'configs' / 'quickstart.yaml'}' out='{out_dir}' set='{TINY}'"
+    try:
+        with _processes(tmp_path, flwr.env) as start:
+            link = start(
+                "superlink", "flower-superlink", "--host", "127.0.0.1", "--port", str(link_port),
+                "--ssl-ca-certfile", str(creds / "ca.crt"),
+                "--ssl-certfile", str(creds / "server.crt"),
+                "--ssl-keyfile", str(creds / "server.key"),
+                "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+            )  # fmt: skip
+            _wait_for_port(link_port, link)
+
+            def supernode(i: int, node_config: str) -> Any:
+                return start(
+                    f"supernode{i}", "flower-supernode", "--superlink", address,
+                    "--root-certificates", str(creds / "ca.crt"), "--port", str(node_ports[i]),
+                    "--auth-supernode-private-key", str(creds / f"node-{i}"),
+                    "--node-config", node_config,
+                )  # fmt: skip
+
+            for i in range(3):
+                flwr(["supernode", "register", str(creds / f"node-{i}.pub"), "tls"])
+            nodes = [supernode(i, config) for i, config in enumerate(NODE_CONFIGS)]
+            intruder = supernode(3, "partition-id=0")  # a valid key nobody registered
+            assert intruder.wait(timeout=90) != 0, "an unregistered SuperNode joined"
+            run_id = flwr.run(run_config)
+            _wait_for_rounds(out_dir / "metrics.jsonl", 1, wait_s=150, log_dir=tmp_path)
+            os.kill(nodes[KILLED].pid, signal.SIGKILL)  # a crash, not a shutdown
+            status, listing = flwr.final_status(run_id, wait_s=180)
+            assert status == "finished:completed", (listing, _tail(tmp_path))
+    finally:
+        leftovers = kill_leftovers([link_port, *node_ports])
+    assert not leftovers, f"Flower processes outlived their SuperLink/SuperNode: {leftovers}"
+    assert "Failed to activate SuperNode" in (tmp_path / "supernode3.log").read_text()
+
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert sorted(rows[0]["clients"]) == [0, 1, 2] and rows[0]["rejected"] == []
+    survivors = sorted(rows[1]["clients"])
+    assert survivors == [0, 1]  # the round completed with the others
+    # the dead node is either recorded as silent or was already known to be gone
+    silent = [r for r in rows[1]["rejected"] if r["client"] == KILLED]
+    assert all("no reply" in r["reason"] for r in silent)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    plans = summary["client_plans"]
+    assert (plans["0"]["max_rank"], plans["1"]["max_rank"], plans["2"]["max_rank"]) == (2, 16, 4)
