@@ -134,6 +134,7 @@ class AdapterFedAvg(FedAvg):
         self.stats: dict[int, RoundStats] = {}
         self._global: State = {}
         self._sent: dict[int, State] = {}  # node id -> the adapters it was sent this round
+        self._outbox: list[Message] = []  # this round's messages (their IDs once pushed)
         # downlink compression: node id -> the adapters it holds, and their view number
         self._views: dict[int, State] = {}
         self._view_numbers: dict[int, int] = {}
@@ -199,7 +200,19 @@ class AdapterFedAvg(FedAvg):
                 content if ins is full else wire.encode_train_ins(full)
             )
             messages.append(Message(content, dst_node_id=node, message_type=kind))
+        self._outbox = messages
         return messages
+
+    def _node_of(self, reply: Message) -> int:
+        """The node a reply stands for. An error the SuperLink writes on a node's behalf
+        ("Node Unavailable") comes from the SuperLink itself, so it is traced back to
+        the message it answers (Flower sets the IDs of the messages it pushes)."""
+        sent_to = {
+            m.metadata.message_id: m.metadata.dst_node_id
+            for m in self._outbox
+            if m.metadata.message_id
+        }
+        return sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def _compressed_downlink(self, node: int, ins: wire.TrainIns) -> wire.TrainIns:
         """With ``compression.downlink``: send a node that holds a view of the adapters
@@ -267,8 +280,8 @@ class AdapterFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         stats = self.stats[server_round]
-        replies = sorted(replies, key=lambda m: self.partitions.get(m.metadata.src_node_id, 0))
-        self._reject_silent(stats, {m.metadata.src_node_id for m in replies})
+        replies = sorted(replies, key=lambda m: self.partitions.get(self._node_of(m), 0))
+        self._reject_silent(stats, {self._node_of(m) for m in replies})
         updates = [u for msg in replies if (u := self._accept(msg, stats)) is not None]
         if not updates:
             log.warning("round %d: no valid update; the global adapters stay", server_round)
@@ -335,7 +348,7 @@ class AdapterFedAvg(FedAvg):
 
     def _accept(self, msg: Message, stats: RoundStats) -> ClientUpdate | None:
         """Validate one reply; a bad one is recorded with its reason and left out."""
-        node = msg.metadata.src_node_id
+        node = self._node_of(msg)
         if msg.has_error():
             self._reject(stats, node, f"client error: {_last_line(msg.error.reason)}")
             return None
@@ -389,7 +402,7 @@ class AdapterFedAvg(FedAvg):
         totals: dict[str, float] = {}
         count = 0
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._node_of(msg)
             if msg.has_error():
                 self._reject(stats, node, f"evaluation failed: {_last_line(msg.error.reason)}")
                 continue

@@ -1,16 +1,20 @@
 """A TLS-secured, node-authenticated deployment on loopback, as the README's deployment
 section runs it: ``fedpeft credentials``, a SuperLink with TLS and
 ``--enable-supernode-auth``, three registered SuperNodes that declare different device
-profiles, one unregistered SuperNode that must be refused, and ``flwr run`` for two
-rounds with one node killed (SIGKILL) after the first. The run must finish on its own,
-record the dead node, and leave no process behind.
+profiles, one unregistered SuperNode that must be refused, and ``flwr run`` for three
+rounds. One node is killed (SIGKILL) after round 1 and restarted with the same key once
+the SuperLink has marked it offline (two missed heartbeats, about 60 s). Round 2 must
+complete without it and record it, the last round must have it back, the run must
+finish on its own, and no process may outlive the test.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +36,7 @@ pytestmark = pytest.mark.slow
 
 TINY = (
     "model.name=tiny-bert model.max_length=32 lora.r=4 data.synthetic_samples=300 "
-    "partition.num_clients=3 partition.scheme=iid federation.rounds=2 train.local_steps=2 "
+    "partition.num_clients=3 partition.scheme=iid federation.rounds=4 train.local_steps=2 "
     "federation.min_clients=2 federation.timeout=30"
 )
 NODE_CONFIGS = [
@@ -40,7 +44,7 @@ NODE_CONFIGS = [
     "partition-id=1 device='workstation' memory-mb=64",
     "partition-id=2 device='laptop' memory-mb=64 max-rank=4",
 ]
-KILLED = 2  # the partition whose node dies after round 1
+KILLED = 2  # the partition whose node dies after round 1 and comes back later
 
 
 def _wait_for_rounds(metrics: Path, rounds: int, wait_s: float, log_dir: Path) -> None:
@@ -52,7 +56,7 @@ def _wait_for_rounds(metrics: Path, rounds: int, wait_s: float, log_dir: Path) -
     raise AssertionError(f"round {rounds} was not logged within {wait_s:.0f} s\n{_tail(log_dir)}")
 
 
-def test_tls_authenticated_run_survives_a_node_killed_mid_run(
+def test_tls_authenticated_run_survives_a_node_killed_and_restarted(
     tmp_path: Path, flwr_cli: Callable[..., Any]
 ) -> None:
     creds = tmp_path / "creds"
@@ -73,9 +77,9 @@ def test_tls_authenticated_run_survives_a_node_killed_mid_run(
             )  # fmt: skip
             _wait_for_port(link_port, link)
 
-            def supernode(i: int, node_config: str) -> Any:
+            def supernode(i: int, node_config: str, name: str = "") -> Any:
                 return start(
-                    f"supernode{i}", "flower-supernode", "--superlink", address,
+                    name or f"supernode{i}", "flower-supernode", "--superlink", address,
                     "--root-certificates", str(creds / "ca.crt"), "--port", str(node_ports[i]),
                     "--auth-supernode-private-key", str(creds / f"node-{i}"),
                     "--node-config", node_config,
@@ -89,6 +93,17 @@ def test_tls_authenticated_run_survives_a_node_killed_mid_run(
             run_id = flwr.run(run_config)
             _wait_for_rounds(out_dir / "metrics.jsonl", 1, wait_s=150, log_dir=tmp_path)
             os.kill(nodes[KILLED].pid, signal.SIGKILL)  # a crash, not a shutdown
+            # the same key is refused (HTTP 412) while the SuperLink still counts the node
+            # online, until it has missed two 30-s heartbeats
+            rejoin_by = time.time() + 150
+            for attempt in itertools.count():
+                node = supernode(KILLED, NODE_CONFIGS[KILLED], name=f"restart{attempt}")
+                try:
+                    node.wait(timeout=15)  # refused: it exits
+                except subprocess.TimeoutExpired:
+                    break  # activated: it keeps running
+                assert time.time() < rejoin_by, f"the node never rejoined\n{_tail(tmp_path)}"
+                time.sleep(5)
             status, listing = flwr.final_status(run_id, wait_s=180)
             assert status == "finished:completed", (listing, _tail(tmp_path))
     finally:
@@ -97,13 +112,12 @@ def test_tls_authenticated_run_survives_a_node_killed_mid_run(
     assert "Failed to activate SuperNode" in (tmp_path / "supernode3.log").read_text()
 
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
     assert sorted(rows[0]["clients"]) == [0, 1, 2] and rows[0]["rejected"] == []
-    survivors = sorted(rows[1]["clients"])
-    assert survivors == [0, 1]  # the round completed with the others
-    # the dead node is either recorded as silent or was already known to be gone
-    silent = [r for r in rows[1]["rejected"] if r["client"] == KILLED]
-    assert all("no reply" in r["reason"] for r in silent)
+    assert sorted(rows[1]["clients"]) == [0, 1]  # the round completed with the others
+    # the dead node is recorded, as silent or as unavailable, under its own client id
+    assert [r["client"] for r in rows[1]["rejected"]] == [KILLED]
+    assert sorted(rows[3]["clients"]) == [0, 1, 2]  # the restarted node is back
     summary = json.loads((out_dir / "summary.json").read_text())
     plans = summary["client_plans"]
     assert (plans["0"]["max_rank"], plans["1"]["max_rank"], plans["2"]["max_rank"]) == (2, 16, 4)
