@@ -184,6 +184,9 @@ class FederationConfig:
         eval_batch_size: batch size for evaluation.
         client_eval: also ask the sampled clients to evaluate on their own held-out split.
         timeout: seconds to wait for the replies of one round.
+        max_update_norm: reject any decoded update whose L2 norm over all its tensors
+            exceeds this (``null``: no bound). With untrusted clients, pair it with the
+            ``median`` or ``trimmed_mean`` aggregator.
     """
 
     rounds: int = 5
@@ -195,6 +198,7 @@ class FederationConfig:
     eval_batch_size: int = 64
     client_eval: bool = False
     timeout: float = 3600.0
+    max_update_norm: float | None = None
 
     def sampled(self, num_nodes: int, fraction: float | None = None) -> int:
         """Nodes sampled per round: ``fraction`` (default ``fraction_train``) of them, at
@@ -595,6 +599,10 @@ def _check_federation(f: FederationConfig, num_clients: int) -> None:
     _require(0 < f.server_lr < float("inf"), "'federation.server_lr' should be a positive number.")
     _require(f.eval_batch_size >= 1, "'federation.eval_batch_size' should be at least 1.")
     _require(f.timeout > 0, "'federation.timeout' should be positive.")
+    _require(
+        f.max_update_norm is None or 0 < f.max_update_norm < float("inf"),
+        "'federation.max_update_norm' should be a positive number or null.",
+    )
 
 
 def _check_fleet(f: FleetConfig, num_clients: int) -> None:

@@ -44,7 +44,7 @@ from fedpeft.privacy.accounting import (
     noise_multiplier,
     to_lists,
 )
-from fedpeft.privacy.mechanisms import clip, dp_fedavg
+from fedpeft.privacy.mechanisms import clip, dp_fedavg, global_norm
 
 log = logging.getLogger("fedpeft")
 
@@ -365,6 +365,10 @@ class AdapterFedAvg(FedAvg):
             self._reject(stats, node, f"claims {res.num_examples} examples, more than {most}")
             return None
         client_id = self.partitions.get(node, -1)
+        bound = self.cfg.federation.max_update_norm
+        if bound is not None and (norm := global_norm(res.update)) > bound:
+            self._reject(stats, node, f"update norm {norm:.4g} exceeds max_update_norm {bound:g}")
+            return None
         res = self._bounded(res)
         if res.epsilon is not None:
             self.client_epsilon[client_id] = res.epsilon

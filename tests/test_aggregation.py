@@ -258,3 +258,34 @@ def test_flexlora_is_exact_under_every_scaling_rule(rule: str) -> None:
     u, s, vt = np.linalg.svd(expected)
     cut = flex.cut(new, {"m.lora_A.weight": (2, N), "m.lora_B.weight": (M, 2)}, scale)
     np.testing.assert_allclose(product(cut), (u[:, :2] * s[:2]) @ vt[:2], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["median", "trimmed_mean"])
+def test_robust_aggregators_ignore_one_attacker_the_mean_follows(name: str) -> None:
+    """Five clients: four agree on a rank-1 product change, one sends it ×1000 and
+    negated, and claims 100× the examples. Median and 20%-trimmed mean (one dropped at
+    each end of five) move W by the honest change exactly; FlexLoRA's weighted mean
+    follows the attacker."""
+    rng = np.random.default_rng(4)
+    glob = _global(2)
+    honest = _client(rng, 2)
+    hostile = {k: (-1000.0 * v if "lora_B" in k else v) for k, v in honest.items()}
+    agg = AGGREGATORS[name]
+    shapes = {k: v.shape for k, v in honest.items()}
+    sent = agg.cut(glob, shapes, SCALE)
+    honest["classifier.weight"] = np.ones((2, N), np.float32)
+    hostile["classifier.weight"] = np.full((2, N), -1e6, np.float32)
+    sent["classifier.weight"] = glob["classifier.weight"]
+    ups = [_update(k, 1.0, sent, honest) for k in range(4)] + [_update(4, 100.0, sent, hostile)]
+    new = agg.aggregate(glob, ups, SCALE)
+    np.testing.assert_allclose(_product(new), _product(honest), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(new["classifier.weight"], 1.0)
+    mean = AGGREGATORS["flexlora"].aggregate(glob, ups, SCALE)
+    assert np.abs(_product(mean) - _product(honest)).max() > 100 * np.abs(_product(honest)).max()
+
+
+def test_trimmed_mean_drops_the_extremes_of_each_coordinate() -> None:
+    from fedpeft.aggregation.robust import trimmed_mean
+
+    stack = np.array([[1.0, -50.0], [2.0, 0.0], [3.0, 1.0], [4.0, 2.0], [100.0, 3.0]])
+    np.testing.assert_allclose(trimmed_mean(0.2)(stack), [3.0, 1.0])  # mean of the middle 3

@@ -9,6 +9,8 @@ round's updates (:class:`~fedpeft.aggregation.base.Aggregator`). Build by name f
   (exact; the stack grows with the clients); it also implements :class:`MergesIntoBase`.
 - ``zero_pad``: HetLoRA, zero-padded factor averaging (baseline, inexact).
 - ``fedit``: FedAvg of the factors (baseline, inexact for the product).
+- ``median``, ``trimmed_mean``: coordinate-wise median / 20%-trimmed mean of the exact
+  product changes, for fleets with untrusted clients (unweighted).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from fedpeft.aggregation.base import Aggregator, ClientUpdate, MergesIntoBase, S
 from fedpeft.aggregation.fedit import FedIT, aggregate_fedit
 from fedpeft.aggregation.flexlora import FlexLoRA
 from fedpeft.aggregation.flora import FLoRA, merge_stacks
+from fedpeft.aggregation.robust import RobustProduct, coordinate_median, trimmed_mean
 from fedpeft.aggregation.zero_pad import ZeroPad
 
 AGGREGATORS: dict[str, Aggregator] = {
@@ -24,6 +27,8 @@ AGGREGATORS: dict[str, Aggregator] = {
     "zero_pad": ZeroPad(),
     "flexlora": FlexLoRA(),
     "flora": FLoRA(),
+    "median": RobustProduct(coordinate_median),
+    "trimmed_mean": RobustProduct(trimmed_mean(0.2)),
 }
 
 
