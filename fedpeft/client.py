@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,7 +118,9 @@ def train_round(
     """
     partition_id = ins.partition_id
     cfg = parse_config(ins.config_json)
+    started = time.perf_counter()  # a new ClientApp process loads the model; others reuse it
     model = _installed_model(ins, cfg, base_delta or {})
+    load_seconds = time.perf_counter() - started
     train_examples = client_data(cfg, partition_id).train if examples is None else examples
     pad_id = load_tokenizer(cfg.model.name).pad_token_id
     seed = round_seed(cfg.seed, ins.server_round, partition_id)
@@ -134,6 +137,7 @@ def train_round(
         num_examples=result.num_examples,
         train_loss=result.loss,
         train_seconds=result.seconds,
+        load_seconds=load_seconds,
     )
     return res, history
 
@@ -253,6 +257,7 @@ def _private_metrics(res: TrainRes, cfg: Config, history: list[Entry]) -> TrainR
         num_examples=cfg.train.local_steps * cfg.train.batch_size,
         train_loss=None,
         train_seconds=None,
+        load_seconds=None,
         epsilon=spent,
     )
 

@@ -79,6 +79,7 @@ class TrainRes:
     train_seconds: float | None
     compressed: dict[str, Ternary] | None = None
     epsilon: float | None = None  # record-level or local DP: this node's ε so far
+    load_seconds: float | None = None  # time to have the model ready (cached or loaded)
 
 
 def state_to_record(state: State) -> ArrayRecord:
@@ -138,6 +139,7 @@ def encode_train_res(res: TrainRes) -> RecordDict:
             NUM_EXAMPLES: res.num_examples,
             **({} if res.train_loss is None else {"train-loss": res.train_loss}),
             **({} if res.train_seconds is None else {"train-seconds": res.train_seconds}),
+            **({} if res.load_seconds is None else {"load-seconds": res.load_seconds}),
             **({} if res.epsilon is None else {"epsilon": res.epsilon}),
         }
     )
@@ -177,6 +179,7 @@ def decode_train_res(content: RecordDict, expected: State) -> TrainRes:
         train_seconds=None if "train-seconds" not in metrics else _scalar(metrics["train-seconds"]),
         compressed=compressed,
         epsilon=None if "epsilon" not in metrics else _scalar(metrics["epsilon"]),
+        load_seconds=None if "load-seconds" not in metrics else _scalar(metrics["load-seconds"]),
     )
 
 

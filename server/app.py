@@ -178,6 +178,7 @@ class ServerEvaluator:
             "epsilon": stats.epsilon,
             **({"delta": self.cfg.privacy.delta} if self.cfg.privacy.mode != "none" else {}),
             **({"audit": stats.audit} if stats.audit else {}),
+            **_client_seconds(stats),
             "seconds": round(time.perf_counter() - stats.started, 3),
         }
         self.run_log.log_round(record)
@@ -276,6 +277,17 @@ def _canary_estimate(cfg: Config, strategy: AdapterFedAvg, spent: float) -> dict
         spent,
     )
     return {"canary_audit": estimate}
+
+
+def _client_seconds(stats: RoundStats) -> dict[str, Any]:
+    """The slowest client's model-ready and training times this round (none under DP,
+    where clients report no timing)."""
+    if not stats.train_seconds:
+        return {}
+    return {
+        "client_load_seconds_max": round(max(stats.load_seconds, default=0.0), 3),
+        "client_train_seconds_max": round(max(stats.train_seconds), 3),
+    }
 
 
 def _compression_figures(stats: RoundStats) -> dict[str, Any]:

@@ -69,6 +69,9 @@ class RoundStats:
     train_loss: float | None = None
     client_eval: dict[str, float] = field(default_factory=dict)
     audit: dict[str, dict[str, float]] = field(default_factory=dict)  # the audit tap's scores
+    # seconds each client reported: to have its model ready (load), and to train
+    load_seconds: list[float] = field(default_factory=list)
+    train_seconds: list[float] = field(default_factory=list)
     _examples: int = 0
 
     def add_loss(self, loss: float, examples: int) -> None:
@@ -376,6 +379,10 @@ class AdapterFedAvg(FedAvg):
         stats.clients.append(client_id)
         if res.train_loss is not None:
             stats.add_loss(res.train_loss, res.num_examples)
+        if res.load_seconds is not None:
+            stats.load_seconds.append(res.load_seconds)
+        if res.train_seconds is not None:
+            stats.train_seconds.append(res.train_seconds)
         return ClientUpdate(client_id, res.update, res.num_examples, sent=self._sent[node])
 
     def _reject_silent(self, stats: RoundStats, replied: set[int]) -> None:

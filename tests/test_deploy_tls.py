@@ -1,11 +1,11 @@
 """A TLS-secured, node-authenticated deployment on loopback, as the README's deployment
 section runs it: ``fedpeft credentials``, a SuperLink with TLS and
 ``--enable-supernode-auth``, three registered SuperNodes that declare different device
-profiles, one unregistered SuperNode that must be refused, and ``flwr run`` for three
-rounds. One node is killed (SIGKILL) after round 1 and restarted with the same key once
-the SuperLink has marked it offline (two missed heartbeats, about 60 s). Round 2 must
-complete without it and record it, the last round must have it back, the run must
-finish on its own, and no process may outlive the test.
+profiles, one unregistered SuperNode that must be refused, and ``flwr run`` for five
+rounds. One node is killed (SIGKILL) after round 1 and restarted with
+the same key once the SuperLink has marked it offline (two missed heartbeats, about
+60 s). Round 2 must complete without it and record it, the last round must have it
+back, the run must finish on its own, and no process may outlive the test.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow
 
 TINY = (
     "model.name=tiny-bert model.max_length=32 lora.r=4 data.synthetic_samples=300 "
-    "partition.num_clients=3 partition.scheme=iid federation.rounds=4 train.local_steps=2 "
+    "partition.num_clients=3 partition.scheme=iid federation.rounds=5 train.local_steps=2 "
     "federation.min_clients=2 federation.timeout=30"
 )
 NODE_CONFIGS = [
@@ -99,11 +99,11 @@ def test_tls_authenticated_run_survives_a_node_killed_and_restarted(
             for attempt in itertools.count():
                 node = supernode(KILLED, NODE_CONFIGS[KILLED], name=f"restart{attempt}")
                 try:
-                    node.wait(timeout=15)  # refused: it exits
+                    node.wait(timeout=12)  # refused: it exits within a few seconds
                 except subprocess.TimeoutExpired:
                     break  # activated: it keeps running
                 assert time.time() < rejoin_by, f"the node never rejoined\n{_tail(tmp_path)}"
-                time.sleep(5)
+                time.sleep(1)
             status, listing = flwr.final_status(run_id, wait_s=180)
             assert status == "finished:completed", (listing, _tail(tmp_path))
     finally:
@@ -112,12 +112,18 @@ def test_tls_authenticated_run_survives_a_node_killed_and_restarted(
     assert "Failed to activate SuperNode" in (tmp_path / "supernode3.log").read_text()
 
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4, 5]
     assert sorted(rows[0]["clients"]) == [0, 1, 2] and rows[0]["rejected"] == []
     assert sorted(rows[1]["clients"]) == [0, 1]  # the round completed with the others
     # the dead node is recorded, as silent or as unavailable, under its own client id
     assert [r["client"] for r in rows[1]["rejected"]] == [KILLED]
-    assert sorted(rows[3]["clients"]) == [0, 1, 2]  # the restarted node is back
+    # the restarted node is back once the SuperLink had it online again (round 4 or 5,
+    # depending on when its heartbeats expired against the round's start)
+    assert sorted(rows[-1]["clients"]) == [0, 1, 2] and rows[-1]["rejected"] == []
+    # the ClientApp keeps its model between messages: only a fresh process loads it
+    loads = [r["client_load_seconds_max"] for r in rows]
+    print(f"slowest client's model-ready time per round: {loads} s")
+    assert all(isinstance(x, float) and x >= 0 for x in loads)
     summary = json.loads((out_dir / "summary.json").read_text())
     plans = summary["client_plans"]
     assert (plans["0"]["max_rank"], plans["1"]["max_rank"], plans["2"]["max_rank"]) == (2, 16, 4)

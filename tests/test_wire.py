@@ -62,6 +62,13 @@ def test_invalid_replies_are_rejected_with_reason(mutate, fragment: str) -> None
     assert fragment in str(info.value)
 
 
+def test_client_timings_round_trip() -> None:
+    res = wire.TrainRes(SENT, 16, 0.5, 1.25, load_seconds=0.75)
+    back = wire.decode_train_res(wire.encode_train_res(res), SENT)
+    assert (back.train_seconds, back.load_seconds) == (1.25, 0.75)
+    assert wire.decode_train_res(_reply(SENT), SENT).load_seconds is None
+
+
 def test_bad_example_count_is_rejected() -> None:
     with pytest.raises(wire.UpdateRejected, match="positive integer"):
         wire.decode_train_res(_reply(SENT, n=0), SENT)
