@@ -23,7 +23,7 @@ BASE = {**TINY, "federation": {**TINY["federation"], "rounds": 3, "fraction_trai
 
 def _rows(out: Path) -> list[dict[str, Any]]:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]  # timings vary
 
 
 @pytest.mark.slow

@@ -42,10 +42,6 @@ class ServerView:
     cfg: Config  # the round's configuration (model, train recipe, defenses)
     num_labels: int
 
-    @property
-    def adapters_after(self) -> State:
-        return {k: self.sent[k] + d for k, d in self.update.items()}
-
     def global_model(self) -> PeftModel:
         """The model the client started from (base + the adapters sent): the server
         can rebuild it, since it knows both."""
