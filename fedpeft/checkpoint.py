@@ -92,6 +92,16 @@ def resume_problem(cfg: Config, ckpt: Checkpoint) -> str | None:
         return "FLoRA's merged updates live on the nodes"
     if cfg.privacy.canaries:
         return "the canary audit compares against the run's first adapters"
+    checkpointed_rounds = ckpt.config.get("federation", {}).get("rounds")
+    if (
+        cfg.privacy.mode == "user"
+        and cfg.privacy.noise_multiplier is None
+        and cfg.federation.rounds != checkpointed_rounds
+    ):
+        return (
+            f"the noise multiplier was computed to spend ε over {checkpointed_rounds} rounds; "
+            "keep 'federation.rounds' or set 'privacy.noise_multiplier'"
+        )
     ours = _without_rounds(json.loads(cfg.to_json()))
     if ours != _without_rounds(ckpt.config):
         changed = sorted(

@@ -42,6 +42,18 @@ def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(tmp_path: Pa
     assert load_checkpoint(tmp_path / "split").round == 3
 
 
+def test_more_rounds_cannot_stretch_a_budget_the_noise_was_computed_for() -> None:
+    from fedpeft.checkpoint import resume_problem
+
+    federation = {**BASE["federation"], "client_eval": False}
+    private = {**BASE, "federation": federation, "privacy": {"mode": "user", "epsilon": 20.0}}
+    ckpt = Checkpoint(2, config_from_dict(private).to_dict(), {}, {}, {})
+    longer = {**private, "federation": {**private["federation"], "rounds": 6}}
+    problem = resume_problem(config_from_dict(longer), ckpt)
+    assert problem is not None and "computed to spend ε over 3 rounds" in problem
+    assert resume_problem(config_from_dict(private), ckpt) is None
+
+
 def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
     state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
     save_checkpoint(tmp_path, Checkpoint(4, {"seed": 0}, state, {"history": {}}, {"loss": 1.0}))
