@@ -102,13 +102,9 @@ def resume_problem(cfg: Config, ckpt: Checkpoint) -> str | None:
             f"the noise multiplier was computed to spend ε over {checkpointed_rounds} rounds; "
             "keep 'federation.rounds' or set 'privacy.noise_multiplier'"
         )
-    ours = _without_rounds(json.loads(cfg.to_json()))
-    if ours != _without_rounds(ckpt.config):
-        changed = sorted(
-            k
-            for k in set(ours) | set(ckpt.config)
-            if ours.get(k) != _without_rounds(ckpt.config).get(k)
-        )
+    ours, theirs = _without_rounds(json.loads(cfg.to_json())), _without_rounds(ckpt.config)
+    changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    if changed:
         return f"the config differs from the checkpoint's in: {', '.join(changed)}"
     return None
 

@@ -138,6 +138,7 @@ class AdapterFedAvg(FedAvg):
         self._global: State = {}
         self._sent: dict[int, State] = {}  # node id -> the adapters it was sent this round
         self._outbox: list[Message] = []  # this round's messages (their IDs once pushed)
+        self._sent_to: dict[str, int] | None = None  # message ID -> node, from the outbox
         # downlink compression: node id -> the adapters it holds, and their view number
         self._views: dict[int, State] = {}
         self._view_numbers: dict[int, int] = {}
@@ -203,19 +204,20 @@ class AdapterFedAvg(FedAvg):
                 content if ins is full else wire.encode_train_ins(full)
             )
             messages.append(Message(content, dst_node_id=node, message_type=kind))
-        self._outbox = messages
+        self._outbox, self._sent_to = messages, None
         return messages
 
     def _node_of(self, reply: Message) -> int:
         """The node a reply stands for. An error the SuperLink writes on a node's behalf
         ("Node Unavailable") comes from the SuperLink itself, so it is traced back to
         the message it answers (Flower sets the IDs of the messages it pushes)."""
-        sent_to = {
-            m.metadata.message_id: m.metadata.dst_node_id
-            for m in self._outbox
-            if m.metadata.message_id
-        }
-        return sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        if self._sent_to is None:  # message IDs exist only once Flower has pushed them
+            self._sent_to = {
+                m.metadata.message_id: m.metadata.dst_node_id
+                for m in self._outbox
+                if m.metadata.message_id
+            }
+        return self._sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def _compressed_downlink(self, node: int, ins: wire.TrainIns) -> wire.TrainIns:
         """With ``compression.downlink``: send a node that holds a view of the adapters

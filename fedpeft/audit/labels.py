@@ -21,6 +21,7 @@ moves the head by
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -133,12 +134,9 @@ def _head_inputs(view: ServerView, texts: list[str]) -> np.ndarray:
     head = model.get_submodule(module_name(keys.weight))
     captured: list[torch.Tensor] = []
     handle = head.register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
-    tok = load_tokenizer(view.cfg.model.name)
-    data = encode([{"text": t, "label": 0} for t in texts], tok, view.cfg.model.max_length)
     try:
-        for start in range(0, len(texts), 64):
-            index = list(range(start, min(start + 64, len(texts))))
-            model(**collate(data, index, tok.pad_token_id, "classification"))
+        for _ in _forward(view, model, texts):
+            pass
     finally:
         handle.remove()
     return torch.cat(captured).double().numpy()
@@ -148,11 +146,14 @@ def _head_inputs(view: ServerView, texts: list[str]) -> np.ndarray:
 def mean_prediction(view: ServerView, texts: tuple[str, ...]) -> np.ndarray:
     """p̄: the global model's mean softmax over public sentences."""
     model = view.global_model()
+    probs = [torch.softmax(logits, dim=-1) for logits in _forward(view, model, list(texts[:256]))]
+    return torch.cat(probs).mean(0).double().numpy()
+
+
+def _forward(view: ServerView, model: torch.nn.Module, texts: list[str]) -> Iterator[torch.Tensor]:
+    """The model's logits on ``texts``, 64 sentences at a time."""
     tok = load_tokenizer(view.cfg.model.name)
-    data = encode([{"text": t, "label": 0} for t in texts[:256]], tok, view.cfg.model.max_length)
-    probs = []
+    data = encode([{"text": t, "label": 0} for t in texts], tok, view.cfg.model.max_length)
     for start in range(0, len(data), 64):
         index = list(range(start, min(start + 64, len(data))))
-        logits = model(**collate(data, index, tok.pad_token_id, "classification")).logits
-        probs.append(torch.softmax(logits, dim=-1))
-    return torch.cat(probs).mean(0).double().numpy()
+        yield model(**collate(data, index, tok.pad_token_id, "classification")).logits

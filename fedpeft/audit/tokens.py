@@ -23,7 +23,7 @@ import torch
 
 from fedpeft.audit.base import Guess, Public
 from fedpeft.audit.threat import ServerView
-from fedpeft.models import load_tokenizer
+from fedpeft.models import load_base_config, load_tokenizer
 
 EMBEDDING_A = "lora_embedding_A"
 
@@ -55,7 +55,7 @@ class SpanTest:
     def unavailable(self, view: ServerView) -> str | None:
         if not first_layer_a(view.update):
             return "no LoRA on transformer layer 0"
-        if _embeddings(view) is None:
+        if load_base_config(view.cfg.model, view.num_labels).model_type != "bert":
             return "the model has no BERT-style embeddings module (absolute positions)"
         return None
 
@@ -81,8 +81,7 @@ class SpanTest:
     def inside_span(self, view: ServerView, spans: list[Span]) -> dict[int, list[int]]:
         """For every position, the tokens whose layer-0 input passes every span test."""
         model = view.global_model()
-        embeddings = _embeddings(view, model)
-        assert embeddings is not None
+        embeddings = _embeddings(model)
         vocab = len(load_tokenizer(view.cfg.model.name))
         ids = torch.arange(vocab)[:, None]  # (V, 1)
         tests = [
@@ -167,10 +166,9 @@ def row_space(deltas: list[np.ndarray], floor: float) -> np.ndarray:
     return np.asarray(vt[s > max(floor, 1e-6 * s[0])])
 
 
-def _embeddings(view: ServerView, model: torch.nn.Module | None = None) -> torch.nn.Module | None:
+def _embeddings(model: torch.nn.Module) -> torch.nn.Module:
     """The module that maps (token, position, segment) to the layer-0 input."""
-    model = model if model is not None else view.global_model()
     for _, module in model.named_modules():
         if type(module).__name__.endswith("Embeddings") and hasattr(module, "position_embeddings"):
             return module  # type: ignore[no-any-return]
-    return None
+    raise ValueError("The model has no BERT-style embeddings module.")
