@@ -13,9 +13,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import psutil
 from peft import PeftModel
 
 from fedpeft.aggregation import merge_stacks
+from fedpeft.cache import cached_splits, file_stamp
 from fedpeft.compression.codec import dense, unpack
 from fedpeft.compression.compeft import apply_change, compress, rescaled
 from fedpeft.compression.rice import CodecError
@@ -86,12 +88,27 @@ def merge_received(merged_round: int, base_delta: State, ins: TrainIns) -> tuple
 def _client_data(
     data: DataConfig, part: PartitionConfig, model: ModelConfig, seed: int, partition_id: int
 ) -> ClientData:
-    train_rows, test_rows = client_rows(data, part, model.task, seed, partition_id)
-    tok = load_tokenizer(model.name)
-    return ClientData(
-        train=encode(train_rows, tok, model.max_length),
-        test=encode(test_rows, tok, model.max_length),
-    )
+    def build() -> dict[str, Encoded]:
+        train_rows, test_rows = client_rows(data, part, model.task, seed, partition_id)
+        tok = load_tokenizer(model.name)
+        return {
+            "train": encode(train_rows, tok, model.max_length),
+            "test": encode(test_rows, tok, model.max_length),
+        }
+
+    # everything the token ids depend on; a new process per message reads them from disk
+    key = {
+        "data": dataclasses.asdict(data),
+        "sources": [file_stamp(data.source), file_stamp(data.test_source)],
+        "partition": dataclasses.asdict(part),
+        "tokenizer": model.name,
+        "max_length": model.max_length,
+        "task": model.task,
+        "seed": seed,
+        "partition_id": partition_id,
+    }
+    splits = cached_splits(key, ("train", "test"), build)
+    return ClientData(train=splits["train"], test=splits["test"])
 
 
 def client_data(cfg: Config, partition_id: int) -> ClientData:
@@ -118,10 +135,11 @@ def train_round(
     """
     partition_id = ins.partition_id
     cfg = parse_config(ins.config_json)
+    startup_seconds = _startup_seconds()
     started = time.perf_counter()  # a new ClientApp process loads the model; others reuse it
     model = _installed_model(ins, cfg, base_delta or {})
-    load_seconds = time.perf_counter() - started
     train_examples = client_data(cfg, partition_id).train if examples is None else examples
+    load_seconds = time.perf_counter() - started
     pad_id = load_tokenizer(cfg.model.name).pad_token_id
     seed = round_seed(cfg.seed, ins.server_round, partition_id)
     history = list(history or [])
@@ -138,8 +156,25 @@ def train_round(
         train_loss=result.loss,
         train_seconds=result.seconds,
         load_seconds=load_seconds,
+        startup_seconds=startup_seconds,
     )
     return res, history
+
+
+_started_rounds = 0  # rounds this process has begun
+
+
+def _startup_seconds() -> float:
+    """What this round paid for starting its process: the seconds from the process's start
+    to its first round (Python, torch and Flower imports, Flower's FAB install, the message
+    pull), and 0 for later rounds in the same process. Always sent, so that a reply's size
+    does not depend on which process served it."""
+    global _started_rounds
+    _started_rounds += 1
+    if _started_rounds > 1:
+        return 0.0
+    born = float(psutil.Process().create_time())
+    return max(0.0, time.time() - born)
 
 
 class BudgetSpent(RuntimeError):
@@ -258,6 +293,7 @@ def _private_metrics(res: TrainRes, cfg: Config, history: list[Entry]) -> TrainR
         train_loss=None,
         train_seconds=None,
         load_seconds=None,
+        startup_seconds=None,
         epsilon=spent,
     )
 

@@ -39,6 +39,8 @@ class TrainResult:
 
 
 def encode(rows: list[Row], tokenizer: PreTrainedTokenizerBase, max_length: int) -> Encoded:
+    if not rows:  # e.g. no held-out rows (client_test_fraction 0); tokenizers reject []
+        return Encoded(input_ids=[], labels=[])
     ids = tokenizer([r["text"] for r in rows], truncation=True, max_length=max_length)["input_ids"]
     return Encoded(input_ids=list(ids), labels=[int(r.get("label", 0)) for r in rows])
 

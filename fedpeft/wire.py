@@ -79,7 +79,8 @@ class TrainRes:
     train_seconds: float | None
     compressed: dict[str, Ternary] | None = None
     epsilon: float | None = None  # record-level or local DP: this node's ε so far
-    load_seconds: float | None = None  # time to have the model ready (cached or loaded)
+    load_seconds: float | None = None  # time to have the model and the data ready
+    startup_seconds: float | None = None  # process start to its first round; 0: reused
 
 
 def state_to_record(state: State) -> ArrayRecord:
@@ -140,6 +141,7 @@ def encode_train_res(res: TrainRes) -> RecordDict:
             **({} if res.train_loss is None else {"train-loss": res.train_loss}),
             **({} if res.train_seconds is None else {"train-seconds": res.train_seconds}),
             **({} if res.load_seconds is None else {"load-seconds": res.load_seconds}),
+            **({} if res.startup_seconds is None else {"startup-seconds": res.startup_seconds}),
             **({} if res.epsilon is None else {"epsilon": res.epsilon}),
         }
     )
@@ -175,11 +177,12 @@ def decode_train_res(content: RecordDict, expected: State) -> TrainRes:
     return TrainRes(
         update=update,
         num_examples=num_examples,
-        train_loss=None if "train-loss" not in metrics else _scalar(metrics["train-loss"]),
-        train_seconds=None if "train-seconds" not in metrics else _scalar(metrics["train-seconds"]),
+        train_loss=_optional(metrics, "train-loss"),
+        train_seconds=_optional(metrics, "train-seconds"),
         compressed=compressed,
-        epsilon=None if "epsilon" not in metrics else _scalar(metrics["epsilon"]),
-        load_seconds=None if "load-seconds" not in metrics else _scalar(metrics["load-seconds"]),
+        epsilon=_optional(metrics, "epsilon"),
+        load_seconds=_optional(metrics, "load-seconds"),
+        startup_seconds=_optional(metrics, "startup-seconds"),
     )
 
 
@@ -252,6 +255,10 @@ def untrusted_array(arr: Array, dtype: str, what: str) -> np.ndarray:
     if len(data) != math.prod(shape) * found.itemsize:
         raise UpdateRejected(f"'{what}' declares {list(shape)} but carries {len(data)} bytes")
     return np.frombuffer(data, dtype=found).reshape(shape).copy()  # writable, and ours
+
+
+def _optional(metrics: MetricRecord, key: str) -> float | None:
+    return None if key not in metrics else _scalar(metrics[key])
 
 
 def _scalar(value: object) -> float:

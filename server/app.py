@@ -192,9 +192,9 @@ class ServerEvaluator:
         )
         save_checkpoint(self.run_log.out_dir, checkpoint)
         log.info(
-            "round %d/%d: %s | clients %d | uplink %.2f MB | %.1f s",
+            "round %d/%d: %s | clients %d | uplink %.2f MB | %.1f s%s",
             server_round, self.cfg.federation.rounds, _fmt(metrics), len(stats.clients),
-            stats.uplink_bytes / 1e6, record["seconds"],
+            stats.uplink_bytes / 1e6, record["seconds"], _client_readiness(record),
         )  # fmt: skip
         return MetricRecord(metrics) if metrics else None  # type: ignore[arg-type]
 
@@ -280,14 +280,26 @@ def _canary_estimate(cfg: Config, strategy: AdapterFedAvg, spent: float) -> dict
 
 
 def _client_seconds(stats: RoundStats) -> dict[str, Any]:
-    """The slowest client's model-ready and training times this round (none under DP,
-    where clients report no timing)."""
+    """The slowest client's process startup (0 when its process served an earlier round),
+    model-and-data-ready and training times this round (none under DP, where clients
+    report no timing)."""
     if not stats.train_seconds:
         return {}
+    started = stats.startup_seconds
     return {
+        **({"client_startup_seconds_max": round(max(started), 3)} if started else {}),
         "client_load_seconds_max": round(max(stats.load_seconds, default=0.0), 3),
         "client_train_seconds_max": round(max(stats.train_seconds), 3),
     }
+
+
+def _client_readiness(record: dict[str, Any]) -> str:
+    """The round log's view of what the slowest client spent before training."""
+    if "client_load_seconds_max" not in record:
+        return ""
+    startup = record.get("client_startup_seconds_max") or 0.0
+    started = f", process start {startup:.1f} s" if startup > 0 else ""
+    return f" | client ready {record['client_load_seconds_max']:.2f} s{started}"
 
 
 def _compression_figures(stats: RoundStats) -> dict[str, Any]:

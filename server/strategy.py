@@ -69,7 +69,9 @@ class RoundStats:
     train_loss: float | None = None
     client_eval: dict[str, float] = field(default_factory=dict)
     audit: dict[str, dict[str, float]] = field(default_factory=dict)  # the audit tap's scores
-    # seconds each client reported: to have its model ready (load), and to train
+    # seconds each client reported: from its process's start to its first round (0 when
+    # its process served an earlier round), to have its model and data ready, to train
+    startup_seconds: list[float] = field(default_factory=list)
     load_seconds: list[float] = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
     _examples: int = 0
@@ -381,6 +383,8 @@ class AdapterFedAvg(FedAvg):
         stats.clients.append(client_id)
         if res.train_loss is not None:
             stats.add_loss(res.train_loss, res.num_examples)
+        if res.startup_seconds is not None:
+            stats.startup_seconds.append(res.startup_seconds)
         if res.load_seconds is not None:
             stats.load_seconds.append(res.load_seconds)
         if res.train_seconds is not None:

@@ -1,5 +1,5 @@
-"""Test environment: offline, no telemetry, Flower state in a temp dir; and the ``flwr``
-CLI helper that the ``flwr run`` tests share."""
+"""Test environment: offline, no telemetry, Flower's state and fedpeft's cache in temp
+dirs; and the ``flwr`` CLI helper that the ``flwr run`` tests share."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the nodes' partition cache (fedpeft/cache.py): per test session, never the user's
+os.environ.setdefault("FEDPEFT_CACHE", tempfile.mkdtemp(prefix="fedpeft-cache-"))
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
