@@ -77,6 +77,11 @@ class FlwrCli:
         assert started["success"], started
         return int(started["run-id"])
 
+    def log_tail(self, run_id: int, lines: int = 30) -> str:
+        """The end of the run's ServerApp log, for a failure message."""
+        text = self(["log", str(run_id), self.connection, "--show"])
+        return "\n".join(text.splitlines()[-lines:])
+
     def final_status(self, run_id: int, wait_s: float) -> tuple[str, dict[str, object]]:
         """The run's status once it has finished (or the last one seen after ``wait_s``)."""
         deadline = time.time() + wait_s

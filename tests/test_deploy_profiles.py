@@ -104,17 +104,7 @@ def test_nodes_train_with_the_profiles_they_declare(
     began = time.perf_counter()
     try:
         with _processes(tmp_path, flwr.env) as start:
-            link = start(
-                "superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1",
-                "--port", str(link_port), "--disable-runtime-dependency-installation",
-            )  # fmt: skip
-            _wait_for_port(link_port, link)
-            for i, (port, node_config) in enumerate(zip(node_ports, NODE_CONFIGS, strict=True)):
-                start(
-                    f"supernode{i}", "flower-supernode", "--insecure",
-                    "--superlink", f"127.0.0.1:{link_port}", "--port", str(port),
-                    "--node-config", node_config,
-                )  # fmt: skip
+            start_insecure_fleet(start, link_port, dict(zip(node_ports, NODE_CONFIGS, strict=True)))
             run_id = flwr.run(run_config)
             status, listing = flwr.final_status(run_id, wait_s=150)
             assert status == "finished:completed", (listing, _tail(tmp_path))
@@ -142,13 +132,36 @@ def test_nodes_train_with_the_profiles_they_declare(
     assert {r for k, r in ranks.items() if ".layer.0." in k} == {8}
 
 
-def kill_leftovers(ports: list[int]) -> list[int]:
+def start_insecure_fleet(start: Callable[..., Any], link_port: int, nodes: dict[int, str]) -> None:
+    """A SuperLink without TLS on ``link_port`` and one SuperNode per (port, node config)."""
+    link = start(
+        "superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1",
+        "--port", str(link_port), "--disable-runtime-dependency-installation",
+    )  # fmt: skip
+    _wait_for_port(link_port, link)
+    for i, (port, node_config) in enumerate(nodes.items()):
+        start(
+            f"supernode{i}", "flower-supernode", "--insecure",
+            "--superlink", f"127.0.0.1:{link_port}", "--port", str(port),
+            "--node-config", node_config,
+        )  # fmt: skip
+
+
+def kill_leftovers(ports: list[int]) -> list[str]:
     """The test's own descendants (named by its private ports) still alive 20 s after
-    their SuperLink and SuperNodes stopped, killed; returns their PIDs."""
+    their SuperLink and SuperNodes stopped, killed; returns their PIDs and commands."""
     leftovers = _wait_gone(ports, wait_s=20)
+    described = [f"{pid} {_command(pid)}" for pid in leftovers]
     for pid in leftovers:
         os.kill(pid, signal.SIGKILL)
-    return leftovers
+    return described
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+    except OSError:
+        return "?"
 
 
 def _wait_gone(ports: list[int], wait_s: float) -> list[int]:
