@@ -25,10 +25,11 @@ with a server-side warning that names the node and the reason.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from typing import Any
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
 from fedpeft import client, wire
@@ -75,6 +76,18 @@ def evaluate(msg: Message, context: Context) -> Message:
     ins = _received(msg, context)
     n, metrics = client.evaluate_round(ins, _merged_base(ins, context))
     return Message(wire.encode_eval_res(n, metrics), reply_to=msg)
+
+
+def ray_placement(msg: Message, context: Context, call_next: Any) -> Message:
+    """Client mod for simulations on a Ray cluster: each train reply names the Ray node
+    and host that ran it, so that the server can show how clients spread over nodes."""
+    reply: Message = call_next(msg, context)
+    if msg.metadata.message_type == MessageType.TRAIN and not reply.has_error():
+        import ray  # only ever loaded inside a Ray actor
+
+        node = ray.get_runtime_context().get_node_id()
+        wire.write_placement(reply.content, node, socket.gethostname())
+    return reply
 
 
 def make_client_app(mods: Sequence[Any] = ()) -> ClientApp:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 import time
 import warnings
@@ -62,6 +63,21 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def check_ray_cluster(address: str) -> None:
+    """A cluster address nothing answers at fails here: Flower's simulation would wait
+    for its virtual clients forever. (``auto`` is left to Ray to resolve.)"""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"No Ray cluster answers at '{address}' ({err}); start one with "
+            "`ray start --head` or unset 'simulation.ray_address'."
+        ) from err
+
+
 def preflight(cfg: Config) -> None:
     """Load data, partitions, tokenizer, model and fleet plan once in this process before
     Ray starts, so that every user mistake fails here in one sentence (and the server
@@ -70,7 +86,9 @@ def preflight(cfg: Config) -> None:
     from fedpeft.models import build_peft_model, load_base_config, load_tokenizer
     from fedpeft.planning import plan_clients
 
-    if cfg.simulation.client_cpus > available_cpus():
+    if cfg.simulation.ray_address:
+        check_ray_cluster(cfg.simulation.ray_address)
+    elif cfg.simulation.client_cpus > available_cpus():
         raise ConfigError(
             f"'simulation.client_cpus' ({cfg.simulation.client_cpus:g}) exceeds the "
             f"{available_cpus()} CPU cores available."
@@ -102,13 +120,13 @@ def preflight(cfg: Config) -> None:
 
 
 def backend_config(cfg: Config) -> dict[str, Any]:
+    """Flower's Ray backend: a private Ray instance on this machine's cores, or (with
+    ``simulation.ray_address``) an existing cluster, whose nodes state their own cores."""
+    address = cfg.simulation.ray_address
+    cluster = {"address": address} if address else {"num_cpus": available_cpus()}
     return {
         "client_resources": {"num_cpus": cfg.simulation.client_cpus, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": available_cpus(),
-            "logging_level": "ERROR",
-            "log_to_driver": True,
-        },
+        "init_args": {**cluster, "logging_level": "ERROR", "log_to_driver": True},
     }
 
 
@@ -123,6 +141,7 @@ def simulate(
     from flwr.simulation import run_simulation
 
     from clients.app import app as default_client_app
+    from clients.app import make_client_app, ray_placement
     from server.app import checkpoint_to_resume, make_server_app
 
     quiet_flower_env()
@@ -134,6 +153,8 @@ def simulate(
     preflight(cfg)
     if resume:
         checkpoint_to_resume(cfg, out_dir)  # its mistakes end here, in one sentence
+    if client_app is None and cfg.simulation.ray_address:
+        client_app = make_client_app([ray_placement])  # replies say which Ray node ran them
     started = time.time()
     run_simulation(
         server_app=make_server_app(cfg, out_dir, resume),
@@ -147,6 +168,11 @@ def simulate(
     import json
 
     summary: dict[str, Any] = json.loads(summary_path.read_text())
+    for node, entry in summary.get("ray_nodes", {}).items():
+        log.info(
+            "Ray node %s (%s): %d client rounds, clients %s",
+            node[:12], entry["host"], entry["client_rounds"], entry["clients"],
+        )  # fmt: skip
     log.info("done in %.0f s; outputs in %s", time.time() - started, out_dir)
     return summary
 

@@ -293,9 +293,13 @@ class SimulationConfig:
     Args:
         client_cpus: CPU cores given to each virtual client; cores / client_cpus clients
             train at once, each with that many torch threads.
+        ray_address: an existing Ray cluster to run the virtual clients on: its head's
+            ``host:port`` (as ``ray start --head`` prints it) or ``auto``. Null: a
+            private Ray instance on this machine's cores.
     """
 
     client_cpus: float = 2.0
+    ray_address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -724,6 +728,10 @@ def _check_audit(a: AuditConfig) -> None:
 
 def _check_simulation(s: SimulationConfig) -> None:
     _require(s.client_cpus > 0, "'simulation.client_cpus' should be positive.")
+    _require(
+        s.ray_address is None or bool(s.ray_address.strip()),
+        "'simulation.ray_address' should be a Ray head's host:port, 'auto', or null.",
+    )
 
 
 def _validate(cfg: Config) -> None:

@@ -43,6 +43,7 @@ RESIDUAL = "fedpeft-residual"  # node state: the error-feedback residual of the 
 HISTORY = "fedpeft-accountant"  # node state: its privacy accountant's history
 VIEW = "fedpeft-view"  # node state: the adapters it last received (downlink compression)
 VIEW_NUMBER = "fedpeft-view-number"  # node state: which view they are
+PLACEMENT = "placement"  # a reply's Ray node and host (simulations on a Ray cluster)
 
 State = dict[str, np.ndarray]
 
@@ -420,3 +421,15 @@ def record_bytes(content: RecordDict) -> int:
     """Bytes of a message's content as Flower ships it: every object of its tree
     (records, arrays, array chunks), each counted once, as the object store does."""
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
+
+
+def write_placement(content: RecordDict, ray_node: str, host: str) -> None:
+    content[PLACEMENT] = ConfigRecord({"ray-node": ray_node, "host": host})
+
+
+def read_placement(content: RecordDict) -> tuple[str, str] | None:
+    """(Ray node id, host) of the process that produced a reply, when it says."""
+    record = content.config_records.get(PLACEMENT)
+    if record is None:
+        return None
+    return str(record.get("ray-node", "?")), str(record.get("host", "?"))

@@ -364,6 +364,7 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False)
             "client_plans": {str(p): _plan_summary(lo) for p, lo in fleet.client_loras.items()},
             "left_out": {str(p): reason for p, reason in fleet.left_out.items()},
             **_privacy_summary(cfg, strategy, rounds),
+            **_ray_nodes(strategy),
         }
     )
     run_log.write_plots()
@@ -387,6 +388,25 @@ def _trainable_partitions(
             f"{cfg.federation.min_clients}."
         )
     return kept
+
+
+def _ray_nodes(strategy: AdapterFedAvg) -> dict[str, Any]:
+    """How the virtual clients spread over a Ray cluster's nodes, from the replies that
+    said where they ran (``simulation.ray_address``), over this process's rounds."""
+    nodes: dict[str, dict[str, Any]] = {}
+    for stats in strategy.stats.values():
+        for client_id, (node, host) in stats.placement.items():
+            entry = nodes.setdefault(node, {"host": host, "client_rounds": 0, "clients": set()})
+            entry["client_rounds"] += 1
+            entry["clients"].add(client_id)
+    if not nodes:
+        return {}
+    return {
+        "ray_nodes": {
+            node: {**entry, "clients": sorted(entry["clients"])}
+            for node, entry in sorted(nodes.items())
+        }
+    }
 
 
 def _plan_summary(lora: LoraConfig) -> dict[str, Any]:

@@ -72,6 +72,7 @@ class RoundStats:
     # seconds each client reported: from its process's start to its first round (0 when
     # its process served an earlier round), to have its model and data ready, to train
     startup_seconds: list[float] = field(default_factory=list)
+    placement: dict[int, tuple[str, str]] = field(default_factory=dict)  # client: Ray node, host
     load_seconds: list[float] = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
     _examples: int = 0
@@ -385,6 +386,8 @@ class AdapterFedAvg(FedAvg):
             stats.add_loss(res.train_loss, res.num_examples)
         if res.startup_seconds is not None:
             stats.startup_seconds.append(res.startup_seconds)
+        if (placed := wire.read_placement(msg.content)) is not None:
+            stats.placement[client_id] = placed
         if res.load_seconds is not None:
             stats.load_seconds.append(res.load_seconds)
         if res.train_seconds is not None:

@@ -33,6 +33,7 @@ def test_defaults_are_valid() -> None:
     ("raw", "fragment"),
     [
         ({"modle": {}}, "Unknown config key 'modle'"),
+        ({"simulation": {"ray_address": " "}}, "'simulation.ray_address' should be a Ray head"),
         ({"lora": {"rank": 4}}, "Unknown config key 'lora.rank'"),
         ({"lora": {"r": "eight"}}, "'lora.r' should be int, got 'eight'"),
         ({"lora": {"r": 2.5}}, "'lora.r' should be int"),
