@@ -27,4 +27,4 @@ lint: venv
 
 # pytest exits 5 when it collected no test: say so, and fail.
 test: lint
-	$(BIN)/python -m pytest -q || { rc=$$?; [ $$rc -eq 5 ] && echo "no test ran" >&2; exit $$rc; }
+	$(BIN)/python -m pytest -q --durations=12 || { rc=$$?; [ $$rc -eq 5 ] && echo "no test ran" >&2; exit $$rc; }
