@@ -42,12 +42,17 @@ class ModelConfig:
         dropout: probability of every dropout layer of the base model (and its head);
             ``null`` keeps the model's own (0.1 for BERT and GPT-2). LoRA's own dropout
             is ``lora.dropout``.
+        pooling: what the classification head of a BERT-like model reads: ``cls``
+            (the model's pooler, tanh(W h_[CLS])) or ``mean`` (the mean of the token
+            states under the attention mask, the pooling sentence-transformers
+            checkpoints such as all-MiniLM-L6-v2 were trained with).
     """
 
     name: str = "minilm"
     task: Task = "classification"
     max_length: int = 64
     dropout: float | None = None
+    pooling: Literal["cls", "mean"] = "cls"
 
 
 @dataclass(frozen=True)
@@ -522,6 +527,10 @@ def _check_model(m: ModelConfig) -> None:
     _require(m.max_length >= 8, "'model.max_length' should be at least 8.")
     _require(
         m.dropout is None or 0 <= m.dropout < 1, "'model.dropout' should be in [0, 1) or null."
+    )
+    _require(
+        m.pooling == "cls" or m.task == "classification",
+        "'model.pooling: mean' applies to classification only.",
     )
 
 

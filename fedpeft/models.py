@@ -133,10 +133,46 @@ def _instantiate(cfg: ModelConfig, num_labels: int) -> PreTrainedModel:
     return model
 
 
+class MeanPooler(torch.nn.Module):
+    """Masked mean of the last token states, in place of BERT's pooler tanh(W h_[CLS]):
+    the sentence embedding of sentence-transformers (Reimers & Gurevych, 2019, §3), which
+    all-MiniLM-L6-v2 was trained to produce. The encoder's attention mask reaches it
+    through a forward pre-hook on the encoder (:meth:`capture_mask`), since a pooler is
+    called with the hidden states only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: torch.Tensor | None = None
+
+    def capture_mask(self, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # a bound method, not a closure: deepcopy of the model re-binds it to the copy
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        self.mask = mask
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, d)
+        if self.mask is None:
+            return hidden_states.mean(dim=1)
+        weights = self.mask.unsqueeze(-1).to(hidden_states.dtype)  # (B, T, 1)
+        return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def _install_mean_pooling(model: PreTrainedModel, name: str) -> None:
+    encoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if encoder is None or getattr(encoder, "pooler", None) is None:
+        raise ModelError(
+            f"'model.pooling: mean' needs a BERT-like model with a pooler; '{name}' has none."
+        )
+    pooler = MeanPooler()
+    encoder.pooler = pooler
+    encoder.register_forward_pre_hook(pooler.capture_mask, with_kwargs=True)
+
+
 @functools.lru_cache(maxsize=1)
 def _cached_base(cfg: ModelConfig, num_labels: int) -> PreTrainedModel:
     with _fixed_init_seed():
         model = _instantiate(cfg, num_labels)
+    if cfg.pooling == "mean":
+        _install_mean_pooling(model, cfg.name)
     if cfg.dropout is not None:
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):

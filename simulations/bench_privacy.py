@@ -18,7 +18,7 @@ parameters). Writes DIR/table.md and DIR/accuracy_vs_epsilon.png.
 
     python simulations/bench_privacy.py [--rounds 6] [--epsilons inf 8 3 1]
         [--user-clients 40] [--user-local-steps 2] [--user-batch-size 16]
-        [--only record|user] [--seed 0]
+        [--only record|user] [--seed 0] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -94,6 +94,9 @@ def main() -> None:
     parser.add_argument("--only", choices=["record", "user"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench_privacy"))
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override (repeatable)"
+    )
     args = parser.parse_args()
     os.chdir(ROOT)
     setup_logging(verbose=False)
@@ -110,7 +113,7 @@ def main() -> None:
         for eps in args.epsilons:
             priv = [] if math.isinf(eps) else [f"privacy.mode={mode}", f"privacy.epsilon={eps}"]
             name = f"{mode}-eps{eps:g}"
-            r = run(name, [*recipe(args), *extra, *priv], out)
+            r = run(name, [*recipe(args), *extra, *priv, *args.set], out)
             cfg, d = r["cfg"], trainable(r["cfg"])
             if math.isinf(eps):
                 nsr = 0.0
@@ -137,6 +140,7 @@ def main() -> None:
         f"d = {rows[0]['d']} trainable parameters, seed {args.seed}; record-level: batch "
         f"{args.batch_size} x {args.local_steps} steps per round; user-level: batch "
         f"{args.user_batch_size} x {args.user_local_steps} steps"
+        + (f"; overrides: {' '.join(args.set)}" if args.set else "")
     )
     table = "\n".join(lines)
     print(f"\n{title}\n{table}")

@@ -5,9 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedpeft.config import LoraConfig, ModelConfig
-from fedpeft.models import ModelError, adapter_state, build_peft_model, load_adapter_state
+from fedpeft.models import (
+    ModelError,
+    adapter_state,
+    build_peft_model,
+    load_adapter_state,
+    load_base_model,
+)
 
 TINY_BERT = ModelConfig(name="tiny-bert", max_length=32)
 TINY_GPT2 = ModelConfig(name="tiny-gpt2", task="causal_lm", max_length=32)
@@ -126,3 +133,44 @@ def test_model_dropout_sets_every_dropout_layer() -> None:
     assert dropouts and all(p == 0.0 for p in dropouts)
     default = build(ModelConfig(name="tiny-bert"), LoraConfig(r=2), 2)
     assert any(m.p == 0.1 for m in default.modules() if isinstance(m, torch.nn.Dropout))
+
+
+MEAN = ModelConfig(name="tiny-bert", max_length=16, pooling="mean")
+
+
+def _batch(lengths: list[int]) -> dict[str, torch.Tensor]:
+    """Token ids 1000.. with [CLS]/[SEP] framing, right-padded to the longest."""
+    width = max(lengths)
+    ids = torch.zeros((len(lengths), width), dtype=torch.long)
+    mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.tensor([101, *range(1000, 1000 + n - 2), 102])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@torch.no_grad()
+def test_mean_pooling_feeds_the_head_the_masked_mean_of_token_states() -> None:
+    model = load_base_model(MEAN, num_labels=3)
+    batch = _batch([5, 9])
+    out = model(**batch, output_hidden_states=True)
+    states, mask = out.hidden_states[-1], batch["attention_mask"].unsqueeze(-1).float()
+    mean = (states * mask).sum(1) / mask.sum(1)
+    assert torch.allclose(out.logits, model.classifier(mean), atol=1e-6)
+    # padding changes nothing: the first sentence alone gives the same logits
+    alone = model(**_batch([5])).logits
+    assert torch.allclose(alone[0], out.logits[0], atol=1e-5)
+
+
+@torch.no_grad()
+def test_each_copy_of_a_mean_pooling_model_pools_with_its_own_mask() -> None:
+    first, second = load_base_model(MEAN, 3), load_base_model(MEAN, 3)
+    first(**_batch([4, 6]))
+    assert first.bert.pooler.mask is not None and second.bert.pooler.mask is None
+    cls = load_base_model(ModelConfig(name="tiny-bert", max_length=16), 3)
+    assert type(cls.bert.pooler).__name__ == "BertPooler"  # the default keeps BERT's
+
+
+def test_mean_pooling_needs_a_pooler() -> None:
+    with pytest.raises(ModelError, match="needs a BERT-like model with a pooler"):
+        build_peft_model(ModelConfig(name="tiny-gpt2", pooling="mean"), LoraConfig(r=2), 2)

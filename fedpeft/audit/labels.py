@@ -110,7 +110,7 @@ def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def head_inputs(view: ServerView, texts: list[str]) -> np.ndarray:
     """(N, d) inputs of the task head for ``texts`` under the model the client started
     from (what a server can compute for any sentence it can think of)."""
-    digest = hashlib.sha256(view.cfg.model.name.encode())
+    digest = hashlib.sha256(repr(view.cfg.model).encode())  # name, pooling, length
     for key in sorted(view.sent):
         digest.update(key.encode() + view.sent[key].tobytes())
     for text in texts:
