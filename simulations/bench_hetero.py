@@ -8,27 +8,28 @@ laptops (all 6 layers, ranks 8-16), planned from their memory budgets. Prints ac
 profile's plan with its estimated and measured training-step memory.
 
     python simulations/bench_hetero.py [--rounds N] [--aggregators flexlora flora zero_pad fedit]
-        [--scaling fixed|standard|rslora] [--no-homogeneous] [--seed N]
+        [--scaling fixed|standard|rslora] [--no-homogeneous] [--seed N] [--set key=value ...]
 
 ``--scaling`` is the mixed fleet's ``lora.scaling``. The homogeneous fleet has one rank
-(r = 8 = lora.r), where every rule gives the same alpha / 8.
+(r = 8 = lora.r), where every rule gives the same alpha / 8. ``--set`` applies to every run,
+homogeneous included. A run whose directory already holds a finished run of the same
+config is reused, so a benchmark killed halfway resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedpeft.cli import setup_logging, simulate  # noqa: E402
+from fedpeft.cli import setup_logging  # noqa: E402
 from fedpeft.config import load_config  # noqa: E402
 from fedpeft.planning import format_plan, plan_fleet  # noqa: E402
+from simulations.common import run_or_reuse  # noqa: E402
 
 DEVICES = ROOT / "configs" / "devices" / "bench"
 FLEET = [
@@ -40,15 +41,12 @@ FLEET = [
 
 def run(name: str, overrides: list[str], out: Path) -> dict[str, float]:
     cfg = load_config(ROOT / "configs" / "mr.yaml", overrides)
-    start = time.time()
-    summary = simulate(cfg, out / name)
-    rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
-    last3 = sum(r["accuracy"] for r in rows[-3:]) / len(rows[-3:])
+    summary, rows = run_or_reuse(cfg, out / name)
     return {
-        "accuracy": last3,
+        "accuracy": sum(r["accuracy"] for r in rows[-3:]) / len(rows[-3:]),
         "uplink": summary["uplink_bytes_total"],
         "downlink": summary["downlink_bytes_total"],
-        "minutes": (time.time() - start) / 60,
+        "minutes": summary["wall_seconds"] / 60,
     }
 
 
@@ -62,27 +60,31 @@ def main() -> None:
     parser.add_argument("--no-homogeneous", action="store_true", help="skip the reference run")
     parser.add_argument("--seed", type=int, default=0, help="partitions, init, sampling, batches")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench_hetero"))
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override (repeatable)"
+    )
     args = parser.parse_args()
     os.chdir(ROOT)
     setup_logging(verbose=False)
     out = Path(args.out)
-    rounds = f"federation.rounds={args.rounds}"
-    seed = f"seed={args.seed}"
+    base = [f"federation.rounds={args.rounds}", f"seed={args.seed}", *args.set]
     out = out / f"seed{args.seed}"
 
-    print(format_plan(plan_fleet(load_config(ROOT / "configs" / "mr.yaml", FLEET), measure=True)))
+    fleet_cfg = load_config(ROOT / "configs" / "mr.yaml", [*args.set, *FLEET])
+    print(format_plan(plan_fleet(fleet_cfg, measure=True)))
     results = {}
     if not args.no_homogeneous:
-        results["homogeneous r=8 (fedit)"] = run("homogeneous", [rounds, seed], out)
+        results["homogeneous r=8 (fedit)"] = run("homogeneous", base, out)
     scaling = f"lora.scaling={args.scaling}"
     for agg in args.aggregators:
         results[f"mixed fleet ({agg}, {args.scaling})"] = run(
             f"{agg}-{args.scaling}",
-            [rounds, seed, f"federation.aggregator={agg}", scaling, *FLEET],
+            [*base, f"federation.aggregator={agg}", scaling, *FLEET],
             out,
         )
 
-    print(f"\n{args.rounds} rounds, 10 clients, mr, seed {args.seed}")
+    overrides = f", {' '.join(args.set)}" if args.set else ""
+    print(f"\n{args.rounds} rounds, 10 clients, mr, seed {args.seed}{overrides}")
     print(f"{'run':<36}{'accuracy (last 3)':>18}{'uplink MB':>11}{'downlink MB':>13}{'minutes':>9}")
     for name, r in results.items():
         print(
