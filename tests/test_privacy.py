@@ -22,8 +22,8 @@ from fedpeft.privacy.mechanisms import clip, gaussian_noise, global_norm
 from fedpeft.train import encode, evaluate
 
 
-def _tiny(seed: int = 0):
-    mc = ModelConfig(name="tiny-bert", max_length=32)
+def _tiny(seed: int = 0, pooling: str = "cls"):
+    mc = ModelConfig(name="tiny-bert", max_length=32, pooling=pooling)
     ds = load_dataset(DataConfig(synthetic_samples=300, synthetic_classes=2), "classification", 0)
     tok = load_tokenizer(mc.name)
     return build_peft_model(mc, LoraConfig(r=4), ds.num_labels), encode(ds.train, tok, 32), tok
@@ -36,17 +36,27 @@ def _hook_count(model) -> int:
     )
 
 
-@pytest.mark.parametrize(("optimizer", "lr", "momentum"), [("adamw", 5e-3, 0.0), ("sgd", 0.5, 0.9)])
+@pytest.mark.parametrize(
+    ("optimizer", "lr", "momentum", "pooling", "clip_norm"),
+    [
+        ("adamw", 5e-3, 0.0, "cls", 1.0),
+        ("sgd", 0.5, 0.9, "cls", 1.0),
+        # the random tiny-bert's mean-pooled head: at C = 1 the clipped mean gradient
+        # raises its training loss even without noise (0.698 -> 0.807); at C = 3 it falls
+        ("adamw", 5e-3, 0.0, "mean", 3.0),
+    ],
+)
 def test_dpsgd_trains_the_adapters_and_records_every_step(
-    optimizer: str, lr: float, momentum: float
+    optimizer: str, lr: float, momentum: float, pooling: str, clip_norm: float
 ) -> None:
-    """The known silent failure of Opacus + peft: hooks on no module, nothing changes."""
-    model, data, tok = _tiny()
+    """The known silent failure of Opacus + peft: hooks on no module, nothing changes.
+    Under model.pooling: mean the pooler's own pre-hook stays through Opacus's cleanup."""
+    model, data, tok = _tiny(pooling=pooling)
     before = adapter_state(model)
     hooks_before = _hook_count(model)
     loss0 = evaluate(model, data, 64, tok.pad_token_id, "classification")["loss"]
     result, history = train_local_dp(
-        model, data, steps=40, batch_size=32, lr=lr, noise_multiplier=0.5, clip_norm=1.0,
+        model, data, steps=40, batch_size=32, lr=lr, noise_multiplier=0.5, clip_norm=clip_norm,
         pad_id=tok.pad_token_id, task="classification", seed=0, history=[],
         optimizer=optimizer, momentum=momentum,
     )  # fmt: skip
