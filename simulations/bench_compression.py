@@ -32,7 +32,7 @@ from fedpeft.compression import codec  # noqa: E402
 from fedpeft.compression.compeft import compress  # noqa: E402
 from fedpeft.config import load_config  # noqa: E402
 from fedpeft.models import adapter_shapes  # noqa: E402
-from simulations.common import run_or_reuse  # noqa: E402
+from simulations.common import last3_accuracy, run_or_reuse  # noqa: E402
 
 
 def run(name: str, overrides: list[str], out: Path) -> dict[str, Any]:
@@ -44,7 +44,7 @@ def run(name: str, overrides: list[str], out: Path) -> dict[str, Any]:
         for k in ("uplink_payload_bytes", "uplink_bound_bytes", "uplink_kept_values")
     )
     return {
-        "accuracy": sum(r["accuracy"] for r in rows[-3:]) / len(rows[-3:]),
+        "accuracy": last3_accuracy(rows),
         "uplink": summary["uplink_bytes_total"],
         "bits_per_kept": 8 * payload / kept if kept else None,
         "over_bound": payload / bound if bound else None,

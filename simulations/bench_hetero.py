@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from fedpeft.cli import setup_logging  # noqa: E402
 from fedpeft.config import load_config  # noqa: E402
 from fedpeft.planning import format_plan, plan_fleet  # noqa: E402
-from simulations.common import run_or_reuse  # noqa: E402
+from simulations.common import last3_accuracy, run_or_reuse  # noqa: E402
 
 DEVICES = ROOT / "configs" / "devices" / "bench"
 FLEET = [
@@ -43,7 +43,7 @@ def run(name: str, overrides: list[str], out: Path) -> dict[str, float]:
     cfg = load_config(ROOT / "configs" / "mr.yaml", overrides)
     summary, rows = run_or_reuse(cfg, out / name)
     return {
-        "accuracy": sum(r["accuracy"] for r in rows[-3:]) / len(rows[-3:]),
+        "accuracy": last3_accuracy(rows),
         "uplink": summary["uplink_bytes_total"],
         "downlink": summary["downlink_bytes_total"],
         "minutes": summary["wall_seconds"] / 60,

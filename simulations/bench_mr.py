@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from fedpeft.cli import setup_logging, simulate  # noqa: E402
 from fedpeft.config import load_config  # noqa: E402
+from simulations.common import last3_accuracy  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +42,7 @@ def main() -> None:
     for r in rows:
         up_mb = r["uplink_bytes"] / 1e6
         print(f"{r['round']:5d}  {r['accuracy']:.4f}  {up_mb:9.2f}  {r['seconds']:7.1f}")
-    last3 = sum(r["accuracy"] for r in rows[-3:]) / len(rows[-3:])
+    last3 = last3_accuracy(rows)
     print(f"\naccuracy, mean of the last 3 rounds: {last3:.4f} (target >= 0.78)")
     print(
         f"uplink total: {summary['uplink_bytes_total'] / 1e6:.1f} MB; downlink total: "

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from fedpeft.cli import setup_logging  # noqa: E402
 from fedpeft.config import Config, load_config  # noqa: E402
 from fedpeft.models import adapter_shapes  # noqa: E402
-from simulations.common import run_or_reuse  # noqa: E402
+from simulations.common import last3_accuracy, run_or_reuse  # noqa: E402
 
 DELTA = 1e-5
 
@@ -60,7 +60,7 @@ def run(name: str, overrides: list[str], out: Path) -> dict[str, Any]:
     summary, rows = run_or_reuse(cfg, out / name)
     privacy = summary.get("privacy", {})
     return {
-        "accuracy": sum(r["accuracy"] for r in rows[-3:]) / len(rows[-3:]),
+        "accuracy": last3_accuracy(rows),
         "epsilon": privacy.get("epsilon", math.inf),
         "z": privacy.get("noise_multiplier"),
         "minutes": summary["wall_seconds"] / 60,

@@ -26,7 +26,9 @@ def same_config(stored: dict[str, Any], current: dict[str, Any], default: dict[s
 
 def _resolved(value: Any) -> Any:
     """A path that exists, as the file it names (checkouts in other directories read the
-    same ../shared data through different paths)."""
+    same ../shared data through different paths); a list, item by item (fleet.profiles)."""
+    if isinstance(value, list):
+        return [_resolved(v) for v in value]
     if isinstance(value, str) and os.path.exists(value):
         return os.path.realpath(value)
     return value
@@ -44,3 +46,9 @@ def run_or_reuse(cfg: Config, out: Path) -> tuple[dict[str, Any], list[dict[str,
         summary = simulate(cfg, out)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return summary, rows
+
+
+def last3_accuracy(rows: list[dict[str, Any]]) -> float:
+    """Accuracy as the benchmarks report it: the mean of the last 3 rounds (a single round
+    swings by about 3 points)."""
+    return sum(r["accuracy"] for r in rows[-3:]) / len(rows[-3:])
