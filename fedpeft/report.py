@@ -66,6 +66,9 @@ class RunLog:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "plots").mkdir(exist_ok=True)
         self.metrics_path = out_dir / "metrics.jsonl"
+        # an earlier run's summary describes none of the rounds written from here on; left
+        # in place, it would pass a crashed run's outputs off as that finished run's
+        (out_dir / "summary.json").unlink(missing_ok=True)
         self.rounds: list[dict[str, Any]] = []
         if resumed_round and self.metrics_path.is_file():
             lines = self.metrics_path.read_text().splitlines()
