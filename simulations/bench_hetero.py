@@ -8,10 +8,12 @@ laptops (all 6 layers, ranks 8-16), planned from their memory budgets. Prints ac
 profile's plan with its estimated and measured training-step memory.
 
     python simulations/bench_hetero.py [--rounds N] [--aggregators flexlora flora zero_pad fedit]
-        [--scaling fixed|standard|rslora] [--no-homogeneous] [--seed N] [--set key=value ...]
+        [--scaling fixed|standard|rslora] [--homogeneous fedit ...] [--no-homogeneous]
+        [--seed N] [--set key=value ...]
 
 ``--scaling`` is the mixed fleet's ``lora.scaling``. The homogeneous fleet has one rank
-(r = 8 = lora.r), where every rule gives the same alpha / 8. ``--set`` applies to every run,
+(r = 8 = lora.r), where every rule gives the same alpha / 8; ``--homogeneous`` names the
+aggregators it runs under (default fedit, the reference). ``--set`` applies to every run,
 homogeneous included. A run whose directory already holds a finished run of the same
 config is reused, so a benchmark killed halfway resumes where it stopped.
 """
@@ -54,8 +56,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument(
-        "--aggregators", nargs="+", default=["flexlora", "flora", "zero_pad", "fedit"]
+        "--aggregators", nargs="*", default=["flexlora", "flora", "zero_pad", "fedit"]
     )
+    parser.add_argument("--homogeneous", nargs="+", default=["fedit"], metavar="AGGREGATOR")
     parser.add_argument("--scaling", default="fixed", choices=["fixed", "standard", "rslora"])
     parser.add_argument("--no-homogeneous", action="store_true", help="skip the reference run")
     parser.add_argument("--seed", type=int, default=0, help="partitions, init, sampling, batches")
@@ -73,8 +76,11 @@ def main() -> None:
     fleet_cfg = load_config(ROOT / "configs" / "mr.yaml", [*args.set, *FLEET])
     print(format_plan(plan_fleet(fleet_cfg, measure=True)))
     results = {}
-    if not args.no_homogeneous:
-        results["homogeneous r=8 (fedit)"] = run("homogeneous", base, out)
+    for agg in [] if args.no_homogeneous else args.homogeneous:
+        name = "homogeneous" if agg == "fedit" else f"homogeneous-{agg}"  # fedit: earlier runs
+        results[f"homogeneous r=8 ({agg})"] = run(
+            name, [*base, f"federation.aggregator={agg}"], out
+        )
     scaling = f"lora.scaling={args.scaling}"
     for agg in args.aggregators:
         results[f"mixed fleet ({agg}, {args.scaling})"] = run(
