@@ -1,7 +1,7 @@
 """Diagnostic: what exact aggregation of the LoRA products is worth, from the same updates.
 
-FedIT averages A and B separately. Its product differs from the exact mean of the
-clients' products by the covariance of their factor changes,
+FedIT averages A and B separately. With every client at the global rank, its product
+differs from the exact mean of the clients' products by the covariance of their factors,
 
     Σ_k p_k s B'_k A'_k − s B̄' Ā' = s Σ_k p_k (B'_k − B̄')(A'_k − Ā'),
 
@@ -17,7 +17,7 @@ evaluated on the held-out set before FedIT's aggregate becomes the next global s
 - ``exact``: the untruncated W + Σ_k p_k (s B'_k A'_k − s B_k A_k), merged into the base
   weights, so no rank limit applies.
 
-It prints these accuracies per round and FedIT's error as a fraction of the exact round
+It prints accuracy / loss per round and FedIT's error as a fraction of the exact round
 update, ‖fedit − exact‖ / ‖exact − W‖ over all adapted weights.
 
     python simulations/bench_exactness.py [--rounds N] [--seed N] [--fleet] [--set key=value ...]
