@@ -40,11 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedpeft.aggregation import get_aggregator  # noqa: E402
-from fedpeft.aggregation.base import ClientUpdate, State, lora_keys, module_of  # noqa: E402
+from fedpeft.aggregation.base import ClientUpdate, State, lora_keys, module_of, product  # noqa: E402
 from fedpeft.aggregation.flexlora import product_update_terms  # noqa: E402
 from fedpeft.aggregation.lowrank import aggregate_svd  # noqa: E402
 from fedpeft.cli import setup_logging  # noqa: E402
-from fedpeft.client import client_data, round_seed  # noqa: E402
+from fedpeft.client import _cached_model, client_data, round_seed  # noqa: E402
 from fedpeft.config import Config, LoraConfig, load_config  # noqa: E402
 from fedpeft.data import load_dataset  # noqa: E402
 from fedpeft.models import (  # noqa: E402
@@ -88,12 +88,9 @@ class Lab:
     def train_clients(self, global_state: State, server_round: int) -> list[ClientUpdate]:
         """Every client trains FedIT's cut of ``global_state`` as in a real round."""
         cut, scaling = get_aggregator("fedit"), self.cfg.lora.scaling_for
-        models: dict[LoraConfig, Any] = {}
         updates = []
         for pid, lora in self.client_loras.items():
-            if lora not in models:
-                models[lora] = build_peft_model(self.cfg.model, lora, self.num_labels)
-            model = models[lora]
+            model = _cached_model(self.cfg.model, lora, self.num_labels)  # one per plan
             sent = cut.cut(
                 global_state, adapter_shapes(self.cfg.model, lora, self.num_labels), scaling
             )
@@ -124,20 +121,15 @@ class Lab:
 
 def products(state: State, scaling: Any) -> dict[str, np.ndarray]:
     """s B A per adapted module."""
-    out = {}
-    for module in sorted({m for k in state if (m := module_of(k)) is not None}):
-        key_a, key_b = lora_keys(module)
-        rank = state[key_a].shape[0]
-        out[module] = scaling(rank) * state[key_b].astype(np.float64) @ state[key_a]
-    return out
+    modules = sorted({m for k in state if (m := module_of(k)) is not None})
+    return {module: product(state, module, scaling) for module in modules}
 
 
 def exact_products(
-    global_state: State, updates: list[ClientUpdate], scaling: Any
+    global_state: State, old: dict[str, np.ndarray], updates: list[ClientUpdate], scaling: Any
 ) -> dict[str, np.ndarray]:
-    """W + Σ_k p_k (s B'_k A'_k − s B_k A_k) per module, untruncated (W where no client
-    trained the module)."""
-    old = products(global_state, scaling)
+    """W + Σ_k p_k (s B'_k A'_k − s B_k A_k) per module, untruncated (W = ``old`` where no
+    client trained the module)."""
     out = {}
     for module, w in old.items():
         terms = product_update_terms(global_state, updates, module, scaling)
@@ -152,13 +144,14 @@ def compare(lab: Lab, global_state: State, updates: list[ClientUpdate]) -> dict[
     head = {k: v for k, v in states["fedit"].items() if module_of(k) is None}
     row: dict[str, Any] = {"head only": lab.evaluate({**global_state, **head})}
     row.update({name: lab.evaluate(state) for name, state in states.items()})
-    exact = exact_products(global_state, updates, scaling)
+    old = products(global_state, scaling)
+    exact = exact_products(global_state, old, updates, scaling)
     no_adapters = {**global_state, **head}
     for module in exact:
         _, key_b = lora_keys(module)
         no_adapters[key_b] = np.zeros_like(global_state[key_b])
     row["exact"] = lab.evaluate(no_adapters, exact)
-    old, fedit = products(global_state, scaling), products(states["fedit"], scaling)
+    fedit = products(states["fedit"], scaling)
     error = sum(np.linalg.norm(fedit[m] - exact[m]) ** 2 for m in exact)
     change = sum(np.linalg.norm(exact[m] - old[m]) ** 2 for m in exact)
     row["fedit error"] = float(np.sqrt(error / change))

@@ -79,6 +79,12 @@ def lora_keys(module: str) -> tuple[str, str]:
     return f"{module}{LORA_A}weight", f"{module}{LORA_B}weight"
 
 
+def product(state: State, module: str, scaling: Scaling) -> np.ndarray:
+    """s(r) B A of one module (m × n, float64)."""
+    key_a, key_b = lora_keys(module)
+    return scaling(state[key_a].shape[0]) * (state[key_b].astype(np.float64) @ state[key_a])
+
+
 def truncate(global_state: State, shapes: dict[str, tuple[int, ...]]) -> State:
     """The leading block of each global tensor with the requested shape (first r_k rank
     components: rows of A, columns of B)."""

@@ -22,7 +22,15 @@ from collections.abc import Callable
 import numpy as np
 from scipy import stats
 
-from fedpeft.aggregation.base import ClientUpdate, Scaling, State, lora_keys, module_of, pad_to
+from fedpeft.aggregation.base import (
+    ClientUpdate,
+    Scaling,
+    State,
+    lora_keys,
+    module_of,
+    pad_to,
+    product,
+)
 from fedpeft.aggregation.flexlora import FlexLoRA
 from fedpeft.aggregation.lowrank import ThinSVD, refactor
 
@@ -64,7 +72,7 @@ class RobustProduct(FlexLoRA):
             if not changes:
                 new[key_a], new[key_b] = global_state[key_a], global_state[key_b]
                 continue
-            w = scaling(rank) * (global_state[key_b].astype(np.float64) @ global_state[key_a])
+            w = product(global_state, module, scaling)
             u, s, vt = np.linalg.svd(w + self.combine(np.stack(changes)), full_matrices=False)
             lora_b, lora_a = refactor(ThinSVD(u, s, vt), rank, scaling(rank))
             new[key_a], new[key_b] = lora_a.astype(np.float32), lora_b.astype(np.float32)
