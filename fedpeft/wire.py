@@ -15,7 +15,9 @@ from __future__ import annotations
 import io
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -46,6 +48,18 @@ VIEW_NUMBER = "fedpeft-view-number"  # node state: which view they are
 PLACEMENT = "placement"  # a reply's Ray node and host (simulations on a Ray cluster)
 
 State = dict[str, np.ndarray]
+T = TypeVar("T")
+
+# The largest |entry| an update may hold. No training step moves a LoRA factor or a head
+# weight by 1e6; at this bound a product of two factors, summed over any fleet and
+# scaled by a server step, stays far inside float32 (max 3.4e38), so aggregation cannot
+# overflow to inf on values a client was allowed to send.
+MAX_UPDATE_VALUE = 1e6
+MAX_NDIM = 8  # adapters are matrices (and a bias vector); a deeper array is malformed
+# Evaluation replies: a client's held-out count and metric values (accuracy, loss,
+# perplexity), bounded so that their weighted sums stay finite in float64.
+MAX_EVAL_EXAMPLES = 2**31
+MAX_METRIC_VALUE = 1e12
 
 
 class UpdateRejected(ValueError):
@@ -82,6 +96,7 @@ class TrainRes:
     epsilon: float | None = None  # record-level or local DP: this node's ε so far
     load_seconds: float | None = None  # time to have the model and the data ready
     startup_seconds: float | None = None  # process start to its first round; 0: reused
+    placement: tuple[str, str] | None = None  # (Ray node, host) that ran it, when it says
 
 
 def state_to_record(state: State) -> ArrayRecord:
@@ -159,20 +174,42 @@ def _packed_records(packed: codec.Packed) -> tuple[ArrayRecord, ConfigRecord]:
     return arrays, ConfigRecord({k: getattr(packed, k) for k in PACKED_HEADER_KEYS})
 
 
-def decode_train_res(content: RecordDict, expected: State) -> TrainRes:
-    """Decode and validate a reply (fp32 or compressed) against the adapters sent."""
+def decode_train_res(content: RecordDict, expected: State, max_examples: int) -> TrainRes:
+    """Decode and validate a reply (fp32 or compressed) against the adapters sent; a
+    client may claim at most ``max_examples`` (its weight in the mean). Every defect, in
+    any field, is an :class:`UpdateRejected` with the reason: whatever a client sends,
+    the server's round goes on."""
+    return _untrusted(_decode_train_res, content, expected, max_examples)
+
+
+def _untrusted(decode: Callable[..., T], *args: Any) -> T:
+    """Run a decoder of client bytes; an exception it did not foresee (the parsers it
+    calls raise more kinds than they document) is a rejection, never a server crash."""
+    try:
+        return decode(*args)
+    except UpdateRejected:
+        raise
+    except Exception as err:  # the input is hostile; any failure rejects it
+        raise UpdateRejected(f"malformed reply ({type(err).__name__}: {err})"[:300]) from None
+
+
+def _decode_train_res(content: RecordDict, expected: State, max_examples: int) -> TrainRes:
     if METRICS not in content.metric_records:
         raise UpdateRejected(f"reply lacks the '{METRICS}' record")
     metrics = content.metric_records[METRICS]
     num_examples = metrics.get(NUM_EXAMPLES)
     if not isinstance(num_examples, int) or num_examples < 1:
         raise UpdateRejected(f"'{NUM_EXAMPLES}' should be a positive integer, got {num_examples!r}")
+    if num_examples > max_examples:  # the protocol bounds the weight a client may claim
+        raise UpdateRejected(f"claims {num_examples} examples, more than {max_examples}")
     compressed = None
     if UPDATE in content.array_records:
         update = _validated_update(content.array_records[UPDATE], expected)
     elif PACKED in content.array_records and PACKED_HEADER in content.config_records:
         compressed = _unpacked(content, expected)
         update = codec.dense(compressed)
+        for key, value in update.items():
+            _check_magnitude(key, value)
     else:
         raise UpdateRejected(f"reply lacks the '{UPDATE}' or '{PACKED}' arrays")
     return TrainRes(
@@ -184,6 +221,7 @@ def decode_train_res(content: RecordDict, expected: State) -> TrainRes:
         epsilon=_optional(metrics, "epsilon"),
         load_seconds=_optional(metrics, "load-seconds"),
         startup_seconds=_optional(metrics, "startup-seconds"),
+        placement=read_placement(content),
     )
 
 
@@ -215,6 +253,10 @@ def _packed_from(content: RecordDict) -> codec.Packed:
     if stream.dtype != "uint8" or scales.dtype != "float32":
         raise UpdateRejected(
             f"stream/scales should be uint8/float32, got {stream.dtype}/{scales.dtype}"
+        )
+    if len(stream.shape) != 1 or len(scales.shape) != 1:
+        raise UpdateRejected(
+            f"stream/scales should be 1-D, got {list(stream.shape)}/{list(scales.shape)}"
         )
     return codec.Packed(
         stream=untrusted_array(stream, "uint8", "stream").ravel(),
@@ -248,23 +290,37 @@ def untrusted_array(arr: Array, dtype: str, what: str) -> np.ndarray:
             shape, fortran, found = np.lib.format.read_array_header_2_0(buf)
         else:
             raise ValueError(f"npy format {version}")
-    except (ValueError, SyntaxError, TypeError) as err:
-        raise UpdateRejected(f"'{what}' is not a readable array ({err})") from None
+    except Exception as err:  # numpy's header parser raises many kinds
+        raise UpdateRejected(f"'{what}' is not a readable array ({err})"[:300]) from None
     if found != np.dtype(dtype) or fortran:
         raise UpdateRejected(f"'{what}' holds {found}, expected {dtype}")
+    # numpy parses the shape with ast.literal_eval: (-16, -16) is a valid tuple whose
+    # product is positive, so every dimension is checked, not just the byte count
+    if len(shape) > MAX_NDIM or not all(type(d) is int and d >= 0 for d in shape):
+        raise UpdateRejected(f"'{what}' declares the shape {shape!r}")
     data = arr.data[buf.tell() :]
     if len(data) != math.prod(shape) * found.itemsize:
         raise UpdateRejected(f"'{what}' declares {list(shape)} but carries {len(data)} bytes")
     return np.frombuffer(data, dtype=found).reshape(shape).copy()  # writable, and ours
 
 
+def _check_magnitude(what: str, value: np.ndarray) -> None:
+    if value.size and (peak := float(np.abs(value).max())) > MAX_UPDATE_VALUE:
+        raise UpdateRejected(
+            f"'{what}' holds a value of magnitude {peak:.3g}, beyond {MAX_UPDATE_VALUE:g}"
+        )
+
+
 def _optional(metrics: MetricRecord, key: str) -> float | None:
-    return None if key not in metrics else _scalar(metrics[key])
+    """A reported loss, ε or timing: each is non-negative by definition."""
+    return None if key not in metrics else _scalar(metrics[key], key, 0.0, math.inf)
 
 
-def _scalar(value: object) -> float:
-    if not isinstance(value, int | float) or not np.isfinite(value):
-        raise UpdateRejected(f"metric value {value!r} should be a finite number")
+def _scalar(value: object, key: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise UpdateRejected(f"metric '{key}' is {value!r}, expected a finite number")
+    if not low <= value <= high:
+        raise UpdateRejected(f"metric '{key}' is {value!r}, outside [{low:g}, {high:g}]")
     return float(value)
 
 
@@ -288,6 +344,7 @@ def _validated_update(record: ArrayRecord, expected: State) -> State:
             )
         if not np.isfinite(value).all():
             raise UpdateRejected(f"'{key}' holds NaN or Inf")
+        _check_magnitude(key, value)
         update[key] = value
     return update
 
@@ -297,13 +354,19 @@ def encode_eval_res(num_examples: int, metrics: dict[str, float]) -> RecordDict:
 
 
 def decode_eval_res(content: RecordDict) -> tuple[int, dict[str, float]]:
+    """A client's held-out example count and metrics; any defect is UpdateRejected."""
+    return _untrusted(_decode_eval_res, content)
+
+
+def _decode_eval_res(content: RecordDict) -> tuple[int, dict[str, float]]:
     if METRICS not in content.metric_records:
         raise UpdateRejected(f"evaluation reply lacks the '{METRICS}' record")
     record = content.metric_records[METRICS]
     n = record.get(NUM_EXAMPLES)
-    if not isinstance(n, int) or n < 0:
-        raise UpdateRejected(f"'{NUM_EXAMPLES}' should be a non-negative integer, got {n!r}")
-    return n, {k: _scalar(v) for k, v in record.items() if k != NUM_EXAMPLES}
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_EVAL_EXAMPLES:
+        raise UpdateRejected(f"'{NUM_EXAMPLES}' should be an integer in [0, 2^31], got {n!r}")
+    bound = MAX_METRIC_VALUE
+    return n, {k: _scalar(v, k, -bound, bound) for k, v in record.items() if k != NUM_EXAMPLES}
 
 
 def read_merged_base(node_state: RecordDict) -> tuple[int, State]:
@@ -363,8 +426,18 @@ def encode_profile(node_config: dict[str, object]) -> RecordDict:
     return RecordDict({CONFIG: ConfigRecord(values)})  # type: ignore[arg-type]
 
 
-def decode_profile(content: RecordDict) -> dict[str, object]:
-    return dict(content.config_records[CONFIG])
+def decode_declaration(content: RecordDict) -> tuple[int, DeviceProfile | None]:
+    """A node's answer to the query: its declared partition id (-1: none) and device
+    profile. The answer is as untrusted as an update: a missing or mistyped record, like
+    a malformed declaration, is an :class:`UpdateRejected`."""
+    return _untrusted(_decode_declaration, content)
+
+
+def _decode_declaration(content: RecordDict) -> tuple[int, DeviceProfile | None]:
+    if CONFIG not in content.config_records:
+        raise UpdateRejected(f"the answer lacks the '{CONFIG}' config record")
+    reply: dict[str, object] = dict(content.config_records[CONFIG])
+    return declared_partition(reply), declared_profile(reply)
 
 
 # Node-config keys a SuperNode declares itself with (``--node-config "k=v ..."``).

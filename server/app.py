@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord
+from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedpeft import wire
@@ -65,7 +65,7 @@ def discover_nodes(grid: Grid, cfg: Config, wait_s: float = 120.0) -> Discovery:
         if msg.has_error():
             log.warning("node %d did not answer the query and takes no part", node)
             continue
-        answer = read_declaration(node, wire.decode_profile(msg.content))
+        answer = read_declaration(node, msg.content)
         if answer is None:
             continue
         pid, profile = answer
@@ -76,17 +76,15 @@ def discover_nodes(grid: Grid, cfg: Config, wait_s: float = 120.0) -> Discovery:
     return Discovery(partitions, {partitions[n]: p for n, p in profiles.items() if n in partitions})
 
 
-def read_declaration(
-    node: int, reply: dict[str, object]
-) -> tuple[int, DeviceProfile | None] | None:
-    """A node's declared partition id and device profile, or ``None`` (with a warning
-    that names the node and the reason) when its declaration is malformed."""
+def read_declaration(node: int, content: RecordDict) -> tuple[int, DeviceProfile | None] | None:
+    """A node's declared partition id and device profile from its answer to the query,
+    or ``None`` (with a warning that names the node and the reason) when the answer or
+    its declaration is malformed."""
     try:
-        profile = wire.declared_profile(reply)
+        return wire.decode_declaration(content)
     except wire.UpdateRejected as err:
         log.warning("node %d declares a malformed device profile and takes no part: %s", node, err)
         return None
-    return wire.declared_partition(reply), profile
 
 
 def _wait_for_nodes(grid: Grid, cfg: Config, wait_s: float) -> list[int]:

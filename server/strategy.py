@@ -305,6 +305,14 @@ class AdapterFedAvg(FedAvg):
         else:
             aggregate = self.aggregator.aggregate(self._global, updates, self.cfg.lora.scaling_for)
             new_state = server_step(self._global, aggregate, self.cfg.federation.server_lr)
+        if not all(np.isfinite(v).all() for v in new_state.values()):
+            # the last line of defence: whatever the aggregator or the server step made
+            # of accepted updates, a non-finite global model is never installed
+            log.warning(
+                "round %d: the aggregate is not finite; the global adapters stay", server_round
+            )
+            stats.rejected.append({"client": -1, "node": -1, "reason": "non-finite aggregate"})
+            return None, None
         self.final = new_state
         self._account(stats)
         return wire.state_to_record(new_state), MetricRecord(
@@ -360,18 +368,18 @@ class AdapterFedAvg(FedAvg):
         if msg.has_error():
             self._reject(stats, node, f"client error: {_last_line(msg.error.reason)}")
             return None
+        if node not in self._sent:
+            self._reject(stats, node, "a reply from a node that was sent no instruction")
+            return None
         sent_bytes = wire.record_bytes(msg.content)
         stats.uplink_bytes += sent_bytes
+        most = self.cfg.train.local_steps * self.cfg.train.batch_size  # examples a round sees
         try:
-            res = wire.decode_train_res(msg.content, self._sent[node])
+            res = wire.decode_train_res(msg.content, self._sent[node], most)
         except wire.UpdateRejected as err:
             self._reject(stats, node, str(err))
             return None
         _count_compression(stats, res, msg.content, sent_bytes)
-        most = self.cfg.train.local_steps * self.cfg.train.batch_size
-        if res.num_examples > most:  # the weight a client claims is bounded by the protocol
-            self._reject(stats, node, f"claims {res.num_examples} examples, more than {most}")
-            return None
         client_id = self.partitions.get(node, -1)
         bound = self.cfg.federation.max_update_norm
         if bound is not None and (norm := global_norm(res.update)) > bound:
@@ -386,8 +394,8 @@ class AdapterFedAvg(FedAvg):
             stats.add_loss(res.train_loss, res.num_examples)
         if res.startup_seconds is not None:
             stats.startup_seconds.append(res.startup_seconds)
-        if (placed := wire.read_placement(msg.content)) is not None:
-            stats.placement[client_id] = placed
+        if res.placement is not None:
+            stats.placement[client_id] = res.placement
         if res.load_seconds is not None:
             stats.load_seconds.append(res.load_seconds)
         if res.train_seconds is not None:

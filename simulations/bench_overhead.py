@@ -106,7 +106,7 @@ def codec_seconds(cfg: Config, repeats: int = 20) -> float:
         got = wire.decode_train_ins(content)
         reply = wire.encode_train_res(wire.TrainRes(got.adapters, 160, 0.5, 1.0))
         wire.record_bytes(reply)
-        wire.decode_train_res(reply, state)
+        wire.decode_train_res(reply, state, 160)
     return (time.perf_counter() - start) / repeats
 
 

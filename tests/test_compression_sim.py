@@ -46,7 +46,7 @@ def corrupting_client_app(log_path: Path, bad_partition: int) -> ClientApp:
         before = wire.read_residual(context.state)
         reply = call_next(msg, context)
         after = wire.read_residual(context.state)
-        sent = wire.decode_train_res(reply.content, ins.adapters).update
+        sent = wire.decode_train_res(reply.content, ins.adapters, 2**31).update
         entry = {
             "round": ins.server_round, "partition": ins.partition_id, "before": _lists(before),
             "after": _lists(after), "sent": _lists(sent),

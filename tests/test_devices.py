@@ -223,18 +223,26 @@ def test_a_declared_profile_too_small_leaves_only_that_node_out() -> None:
 
 
 def test_the_server_leaves_a_malformed_declaration_out_with_a_warning(caplog) -> None:  # type: ignore[no-untyped-def]
+    from fedpeft import wire
     from fedpeft.devices import DeviceProfile
     from server.app import read_declaration
 
-    assert read_declaration(7, {"partition-id": 1, "memory-mb": 64}) == (
+    def answer(values: dict[str, object]) -> wire.RecordDict:
+        return wire.encode_profile(values)
+
+    assert read_declaration(7, answer({"partition-id": 1, "memory-mb": 64})) == (
         1,
         DeviceProfile("declared", 64.0),
     )
-    assert read_declaration(8, {"partition-id": 0}) == (0, None)
+    assert read_declaration(8, answer({"partition-id": 0})) == (0, None)
     with caplog.at_level("WARNING", logger="fedpeft"):
-        assert read_declaration(9, {"partition-id": 0, "memory-mb": 0}) is None
+        assert read_declaration(9, answer({"partition-id": 0, "memory-mb": 0})) is None
+        # an answer without the record (it crashed discovery: KeyError 'fedpeft')
+        assert read_declaration(10, wire.RecordDict({})) is None
     assert "node 9 declares a malformed device profile" in caplog.text
     assert "'memory-mb' should be a positive number, got 0" in caplog.text
+    assert "node 10 declares a malformed device profile" in caplog.text
+    assert "lacks the 'fedpeft' config record" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import pytest
 from fedpeft import wire
 
 RNG = np.random.default_rng(0)
+MOST = 64  # the most examples a reply may claim
 SENT = {
     "layer.0.query.lora_A.weight": RNG.normal(size=(4, 32)).astype(np.float32),
     "layer.0.query.lora_B.weight": np.zeros((32, 4), np.float32),
@@ -29,7 +30,7 @@ def test_train_ins_round_trip() -> None:
 
 def test_valid_reply_decodes() -> None:
     update = {k: v + 1 for k, v in SENT.items()}
-    res = wire.decode_train_res(_reply(update), SENT)
+    res = wire.decode_train_res(_reply(update), SENT, MOST)
     assert res.num_examples == 16 and np.array_equal(
         res.update["classifier.weight"], update["classifier.weight"]
     )
@@ -58,20 +59,20 @@ def test_invalid_replies_are_rejected_with_reason(mutate, fragment: str) -> None
     update = {k: v.copy() for k, v in SENT.items()}
     mutate(update)
     with pytest.raises(wire.UpdateRejected) as info:
-        wire.decode_train_res(_reply(update), SENT)
+        wire.decode_train_res(_reply(update), SENT, MOST)
     assert fragment in str(info.value)
 
 
 def test_client_timings_round_trip() -> None:
     res = wire.TrainRes(SENT, 16, 0.5, 1.25, load_seconds=0.75)
-    back = wire.decode_train_res(wire.encode_train_res(res), SENT)
+    back = wire.decode_train_res(wire.encode_train_res(res), SENT, MOST)
     assert (back.train_seconds, back.load_seconds) == (1.25, 0.75)
-    assert wire.decode_train_res(_reply(SENT), SENT).load_seconds is None
+    assert wire.decode_train_res(_reply(SENT), SENT, MOST).load_seconds is None
 
 
 def test_bad_example_count_is_rejected() -> None:
     with pytest.raises(wire.UpdateRejected, match="positive integer"):
-        wire.decode_train_res(_reply(SENT, n=0), SENT)
+        wire.decode_train_res(_reply(SENT, n=0), SENT, MOST)
 
 
 def test_record_bytes_is_payload_plus_small_overhead() -> None:
@@ -91,7 +92,7 @@ def test_record_bytes_is_payload_plus_small_overhead() -> None:
 def test_non_finite_metric_and_bad_eval_reply_are_rejected() -> None:
     reply = wire.encode_train_res(wire.TrainRes(SENT, 16, float("nan"), 1.0))
     with pytest.raises(wire.UpdateRejected, match="finite number"):
-        wire.decode_train_res(reply, SENT)
+        wire.decode_train_res(reply, SENT, MOST)
     with pytest.raises(wire.UpdateRejected, match="lacks"):
         wire.decode_eval_res(wire.RecordDict({}))
     assert wire.decode_eval_res(wire.encode_eval_res(5, {"accuracy": 0.4})) == (
@@ -134,7 +135,7 @@ def test_hostile_array_bytes_are_rejected_without_loading_them() -> None:
             }
         )
         with pytest.raises(wire.UpdateRejected):
-            wire.decode_train_res(content, expected)
+            wire.decode_train_res(content, expected, MOST)
         packed = RecordDict(
             {
                 wire.PACKED: ArrayRecord({"stream": arr, "scales": arr}),
@@ -143,5 +144,5 @@ def test_hostile_array_bytes_are_rejected_without_loading_them() -> None:
             }
         )
         with pytest.raises(wire.UpdateRejected):
-            wire.decode_train_res(packed, expected)
+            wire.decode_train_res(packed, expected, MOST)
         assert name
