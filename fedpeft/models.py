@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
+import os
+import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,10 +22,16 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # lazy export
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
 from transformers import (
+    CONFIG_MAPPING,
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -30,19 +41,27 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
 
 from fedpeft.config import LoraConfig, ModelConfig
 from fedpeft.devices import ModelShape
+from fedpeft.errors import ModelError
 
 PACKAGED_MINILM = "minilm"
 TINY_MODELS = ("tiny-bert", "tiny-gpt2")
 # Seed for weights that are not in a checkpoint: identical on every process, independent
 # of the run seed, so server and clients agree on every non-exchanged weight.
 BASE_INIT_SEED = 20240601
-
-
-class ModelError(ValueError):
-    """A model that cannot be found or loaded, in one sentence."""
+# One request to the hub, answered or not within this many seconds, decides whether a hub
+# id is fetched; transformers' own downloads retry an unreachable hub for about a minute.
+HUB_PROBE_TIMEOUT = 3.0
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 
 
 def packaged_minilm_path() -> str:
@@ -52,36 +71,148 @@ def packaged_minilm_path() -> str:
 
 
 def resolve_model_path(name: str) -> str:
-    """Map a model name to something ``from_pretrained`` can load."""
+    """Map a model name to something ``from_pretrained`` can load: a checked local model
+    directory, or a hub id."""
     if name == PACKAGED_MINILM or name in TINY_MODELS:
         # tiny models borrow the packaged tokenizer (offline, 30k WordPiece vocabulary)
         return packaged_minilm_path()
     path = Path(name).expanduser()
-    if path.exists():
+    if path.is_file():
+        raise ModelError(f"Model '{name}' is a file; give its directory.")
+    if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"Model directory '{name}' has no config.json.")
+        _check_config_json(path / "config.json")
         return str(path.resolve())
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelError(f"Model directory '{name}' does not exist.")
+    try:
+        validate_repo_id(name)
+    except HFValidationError as err:
+        raise ModelError(
+            f"{_not_local(name)} nor a valid Hugging Face hub id ('namespace/name')."
+        ) from err
     return name  # a hub id
+
+
+def _check_config_json(file: Path) -> None:
+    """Both the tokenizer and the model read config.json, and transformers reports a broken
+    one misleadingly: invalid JSON as a model that is not there (an OSError), a list as a
+    TypeError, an unknown model type as a paragraph about upgrading."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ModelError(
+            f"'{file}' is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})."
+        ) from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelError(f"'{file}' cannot be read as UTF-8 text ({err}).") from err
+    if not isinstance(config, dict):
+        raise ModelError(f"'{file}' is not a JSON object.")
+    model_type = config.get("model_type")
+    if model_type is None:
+        # transformers may still tell the architecture from the directory's name
+        try:
+            AutoConfig.from_pretrained(file.parent)
+        except ValueError as err:
+            raise ModelError(f"'{file}' has no 'model_type' (e.g. \"bert\").") from err
+    elif model_type not in CONFIG_MAPPING:
+        raise ModelError(
+            f"'{file}' names model_type '{model_type}', which transformers "
+            f"{transformers.__version__} does not know."
+        )
+
+
+def _not_local(name: str) -> str:
+    return f"Model '{name}' is not a local directory (no such path '{Path(name).absolute()}')"
+
+
+def _hub_offline() -> str | None:
+    """Why a hub id must come from the local Hugging Face cache, or None when the hub may
+    be asked. The variables are read now (not at import, as huggingface_hub does), so a
+    value set later in the process also counts."""
+    for variable in OFFLINE_VARIABLES:
+        if os.environ.get(variable, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+            return f"the hub is not asked because {variable} is set"
+    endpoint = hub_constants.ENDPOINT
+    error = _hub_unreachable(endpoint)
+    return None if error is None else f"the Hugging Face hub ({endpoint}) is unreachable ({error})"
+
+
+@functools.lru_cache(maxsize=2)
+def _hub_unreachable(endpoint: str) -> str | None:
+    """What keeps one HEAD request to the hub from being answered, or None when it is
+    (with any HTTP status). Asked once per process, without retries."""
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        request = urllib.request.Request(endpoint, method="HEAD")
+        try:
+            urllib.request.urlopen(request, timeout=HUB_PROBE_TIMEOUT).close()
+            outcome.append(None)
+        except urllib.error.HTTPError:
+            outcome.append(None)  # the hub answered
+        except (OSError, ValueError) as err:
+            outcome.append(str(getattr(err, "reason", err)))
+
+    # a thread bounds the name lookup too, which the socket timeout does not cover
+    thread = threading.Thread(target=probe, name="fedpeft-hub-probe", daemon=True)
+    thread.start()
+    thread.join(HUB_PROBE_TIMEOUT + 1.0)
+    return outcome[0] if outcome else f"no answer within {HUB_PROBE_TIMEOUT:g} s"
+
+
+def _from_pretrained(loader: Any, name: str, path: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained(path)`` with a failure to find the files in one sentence.
+    A hub id is downloaded only when the hub can be asked; otherwise it can still come
+    from the local Hugging Face cache, without a single request."""
+    if Path(path).is_dir():
+        try:
+            return loader.from_pretrained(path, **kwargs)
+        except OSError as err:
+            raise ModelError(
+                f"Model directory '{name}' cannot be loaded: {_first_line(err)}."
+            ) from err
+    offline = _hub_offline()
+    try:
+        return loader.from_pretrained(path, local_files_only=offline is not None, **kwargs)
+    except OSError as err:
+        if offline is None:
+            reason = f"nor a model on the Hugging Face hub ({_first_line(err)})"
+        else:
+            reason = f"nor in the local Hugging Face cache, and {offline}"
+        raise ModelError(
+            f"{_not_local(name)} {reason}; use 'minilm' or a local model directory."
+        ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    """transformers' messages run on with advice over several lines; the first says what."""
+    text = str(err).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(err).__name__
 
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     path = resolve_model_path(name)
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except OSError as err:
-        raise ModelError(_unreachable(name)) from err
+    tok: PreTrainedTokenizerBase = _from_pretrained(AutoTokenizer, name, path)
+    _check_vocabulary(tok, name, path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def _unreachable(name: str) -> str:
-    return (
-        f"Model '{name}' is neither a local model directory nor reachable on the "
-        "Hugging Face hub (offline?); use 'minilm' or a local path."
+def _check_vocabulary(tok: PreTrainedTokenizerBase, name: str, path: str) -> None:
+    """Without tokenizer files transformers builds a tokenizer of the special tokens alone
+    (BERT's 5, GPT-2's 1) and says nothing: every word becomes [UNK] (or vanishes) and
+    training runs on noise."""
+    if len(tok) > len(set(tok.all_special_ids)):
+        return
+    files = ", ".join(dict.fromkeys(["tokenizer.json", *tok.vocab_files_names.values()]))
+    where = f"Model directory '{name}'" if Path(path).is_dir() else f"Hub model '{name}'"
+    raise ModelError(
+        f"{where} has no tokenizer files (none of {files}), so its vocabulary would be "
+        "only the special tokens; save the tokenizer there too (tokenizer.save_pretrained)."
     )
 
 
@@ -125,12 +256,49 @@ def _instantiate(cfg: ModelConfig, num_labels: int) -> PreTrainedModel:
         return model
     path = resolve_model_path(cfg.name)
     kwargs: dict[str, Any] = {"num_labels": num_labels} if cfg.task == "classification" else {}
+    config = _from_pretrained(AutoConfig, cfg.name, path)
+    _check_weight_files(cfg.name, path)
     try:
-        AutoConfig.from_pretrained(path)
-        model = cls.from_pretrained(path, **kwargs)
-    except OSError as err:
-        raise ModelError(_unreachable(cfg.name)) from err
+        model = _from_pretrained(cls, cfg.name, path, **kwargs)
+    except RuntimeError as err:
+        # transformers refuses checkpoint tensors whose shape the config contradicts and
+        # suggests ignore_mismatched_sizes, which would silently re-initialise them
+        if "ignore_mismatched_sizes" not in str(err):
+            raise
+        raise ModelError(_mismatch(cfg, config, num_labels)) from err
+    except ValueError as err:
+        if "Unrecognized configuration class" not in str(err):
+            raise
+        raise ModelError(
+            f"'{cfg.name}' is a {config.model_type} model, which transformers has no "
+            f"{cls.__name__} for; 'model.task: {cfg.task}' needs a text model."
+        ) from err
+    except SafetensorError as err:
+        raise ModelError(
+            f"The weights of '{cfg.name}' are not a valid safetensors file ({err})."
+        ) from err
     return model
+
+
+def _check_weight_files(name: str, path: str) -> None:
+    directory = Path(path)
+    if directory.is_dir() and not any((directory / file).is_file() for file in WEIGHT_FILES):
+        raise ModelError(
+            f"Model directory '{name}' holds no weights (no {' or '.join(WEIGHT_FILES)})."
+        )
+
+
+def _mismatch(cfg: ModelConfig, config: Any, num_labels: int) -> str:
+    """A trained head is refused rather than re-initialised: its training would be lost
+    without a word, and the labels would not mean what they meant."""
+    head = int(getattr(config, "num_labels", num_labels))
+    if cfg.task == "classification" and head != num_labels:
+        return (
+            f"The classification head of '{cfg.name}' has {head} labels but the data has "
+            f"{num_labels}; use data with {head} labels, or a base model without a trained "
+            "head (saved from AutoModel rather than AutoModelForSequenceClassification)."
+        )
+    return f"The weights in '{cfg.name}' do not have the shapes its config.json declares."
 
 
 class MeanPooler(torch.nn.Module):

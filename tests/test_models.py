@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, ViTConfig
 
+from fedpeft import models
 from fedpeft.config import LoraConfig, ModelConfig
 from fedpeft.models import (
     ModelError,
@@ -14,6 +18,8 @@ from fedpeft.models import (
     build_peft_model,
     load_adapter_state,
     load_base_model,
+    load_tokenizer,
+    packaged_minilm_path,
 )
 
 TINY_BERT = ModelConfig(name="tiny-bert", max_length=32)
@@ -52,8 +58,6 @@ def test_rank_pattern_and_layers_to_transform_flow_into_peft() -> None:
 
 def test_base_models_are_identical_across_builds() -> None:
     """Weights outside the adapters never travel, so every process must agree on them."""
-    from fedpeft import models
-
     m1 = build_peft_model(TINY_BERT, LoraConfig(r=4), 3, init_seed=1)
     models._cached_base.cache_clear()  # as in another process: built again from scratch
     m2 = build_peft_model(TINY_BERT, LoraConfig(r=4), 3, init_seed=2)
@@ -91,18 +95,134 @@ def test_packaged_minilm_loads_offline() -> None:
     ("name", "fragment"),
     [
         ("/no/such/model", "does not exist"),
-        ("someone/some-model", "not reachable on the Hugging Face hub"),
+        ("someone/some-model", "is not a local directory (no such path"),
+        ("my model", "nor a valid Hugging Face hub id"),
     ],
 )
 def test_bad_model_names(name: str, fragment: str) -> None:
     with pytest.raises(ModelError) as info:
         build_peft_model(ModelConfig(name=name), LoraConfig(), 2)
-    assert fragment in str(info.value) or "neither a local model directory" in str(info.value)
+    assert fragment in str(info.value)
 
 
 def test_directory_without_config(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"has no config\.json"):
         build_peft_model(ModelConfig(name=str(tmp_path)), LoraConfig(), 2)
+
+
+def _tiny_bert_dir(directory: Path, num_labels: int = 2, tokenizer: bool = True) -> str:
+    """A local model directory as ``save_pretrained`` writes it: a 2-layer BERT with a
+    classification head, and (unless told not to) the packaged MiniLM tokenizer."""
+    config = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=num_labels,
+    )
+    BertForSequenceClassification(config).save_pretrained(directory)
+    if tokenizer:
+        AutoTokenizer.from_pretrained(packaged_minilm_path()).save_pretrained(directory)
+    return str(directory)
+
+
+def test_directory_without_tokenizer_files(tmp_path: Path) -> None:
+    """transformers would build a 5-token tokenizer and every word would be [UNK]."""
+    name = _tiny_bert_dir(tmp_path, tokenizer=False)
+    with pytest.raises(
+        ModelError, match=r"has no tokenizer files \(none of tokenizer\.json, "
+    ) as info:
+        load_tokenizer(name)
+    assert f"'{name}'" in str(info.value) and "vocab.txt" in str(info.value)
+    # a directory with real tokenizer files still loads
+    assert len(load_tokenizer(packaged_minilm_path())) == 30522
+
+
+@pytest.mark.parametrize("name", ["bert-base-uncased", "mymodels/bert"])
+def test_hub_id_while_hf_hub_offline_fails_without_a_request(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # where 'mymodels/bert' surely does not exist
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lookups: list[Any] = []
+    real_getaddrinfo = socket.getaddrinfo
+
+    def recording_getaddrinfo(*args: Any, **kwargs: Any) -> Any:
+        lookups.append(args[0])
+        return real_getaddrinfo(*args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", recording_getaddrinfo)
+    with pytest.raises(ModelError) as info:
+        build_peft_model(ModelConfig(name=name), LoraConfig(), 2)
+    message = str(info.value)
+    assert f"'{name}' is not a local directory (no such path '{tmp_path / name}')" in message
+    assert "HF_HUB_OFFLINE is set" in message and "\n" not in message
+    assert lookups == []  # not a single request, not even a name lookup
+
+
+def test_an_unreachable_hub_is_asked_once_and_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without HF_HUB_OFFLINE, one probe decides (transformers' own download retried for
+    about a minute, with a warning per attempt). The hub is pointed at a loopback port
+    nothing listens on, so no test sends a request off this machine."""
+    from huggingface_hub import constants as hub_constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(hub_constants, "ENDPOINT", "http://127.0.0.1:9")
+    models._hub_unreachable.cache_clear()  # probe again, as a fresh process would
+    with pytest.raises(ModelError) as info:
+        build_peft_model(ModelConfig(name="bert-base-uncased"), LoraConfig(), 2)
+    message = str(info.value)
+    assert "'bert-base-uncased' is not a local directory" in message
+    assert "the Hugging Face hub (http://127.0.0.1:9) is unreachable" in message
+
+
+def test_config_json_that_is_not_json(tmp_path: Path) -> None:
+    name = _tiny_bert_dir(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "bert",\n')
+    with pytest.raises(
+        ModelError, match=r"config\.json' is not valid JSON \(.* line 2, column 1\)"
+    ):
+        build_peft_model(ModelConfig(name=name), LoraConfig(), 2)
+
+
+def test_trained_head_with_another_number_of_labels(tmp_path: Path) -> None:
+    """The head is refused, not silently re-initialised: its training would be lost."""
+    name = _tiny_bert_dir(tmp_path, num_labels=2)
+    with pytest.raises(
+        ModelError, match=r"head of '.*' has 2 labels but the data has 4; use data with 2 labels"
+    ):
+        build_peft_model(ModelConfig(name=name), LoraConfig(r=2), 4)
+
+
+@pytest.mark.parametrize(
+    ("damage", "fragment"),
+    [
+        ("unknown model_type", "names model_type 'frobnicator', which transformers"),
+        ("config.json is a list", "config.json' is not a JSON object"),
+        ("no weights", "holds no weights (no model.safetensors"),
+        ("truncated weights", "are not a valid safetensors file (Error while deserializing"),
+        ("an image model", "is a vit model, which transformers has no AutoModelForSequenceC"),
+    ],
+)
+def test_damaged_model_directories(tmp_path: Path, damage: str, fragment: str) -> None:
+    name = _tiny_bert_dir(tmp_path)
+    config, weights = tmp_path / "config.json", tmp_path / "model.safetensors"
+    if damage == "unknown model_type":
+        config.write_text(config.read_text().replace('"bert"', '"frobnicator"'))
+    elif damage == "config.json is a list":
+        config.write_text("[1, 2]")
+    elif damage == "no weights":
+        weights.unlink()
+    elif damage == "an image model":
+        ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).to_json_file(config)
+    else:
+        weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelError) as info:
+        load_tokenizer(name)  # the CLI's preflight loads the tokenizer first
+        build_peft_model(ModelConfig(name=name), LoraConfig(r=2), 2)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
 def test_target_modules_that_do_not_exist() -> None:
@@ -112,8 +232,6 @@ def test_target_modules_that_do_not_exist() -> None:
 
 def test_local_model_directory(tmp_path: Path) -> None:
     """Any local Hugging Face model directory (weights + tokenizer) loads by path."""
-    from fedpeft.models import load_base_model, load_tokenizer
-
     load_base_model(TINY_BERT, 2).save_pretrained(tmp_path)
     load_tokenizer("tiny-bert").save_pretrained(tmp_path)
     state = adapter_state(build_peft_model(ModelConfig(name=str(tmp_path)), LoraConfig(r=2), 2))
