@@ -20,12 +20,9 @@ from typing import Any
 import numpy as np
 
 from fedpeft.config import DataConfig, PartitionConfig
+from fedpeft.errors import DataError
 
 Row = dict[str, Any]  # {"text": str, "label": int}
-
-
-class DataError(ValueError):
-    """A data source that is missing, malformed or unreachable, in one sentence."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +102,10 @@ def read_rows(path: str, text_field: str, label_field: str | None) -> list[Row]:
             records = _read_jsonl(p)
         else:
             with p.open(newline="", encoding="utf-8-sig") as fh:
-                records = list(csv.DictReader(fh))
+                # a short row leaves its last cells None: missing cells, not JSON nulls
+                records = [
+                    {k: v for k, v in rec.items() if v is not None} for rec in csv.DictReader(fh)
+                ]
     except UnicodeDecodeError as err:
         raise DataError(f"Data file '{path}' is not UTF-8 text.") from err
     except OSError as err:
@@ -133,14 +133,77 @@ def _read_jsonl(p: Path) -> list[dict[str, Any]]:
 
 
 def _row(rec: dict[str, Any], n: int, path: str, text_field: str, label_field: str | None) -> Row:
-    if text_field not in rec or not isinstance(rec[text_field], str):
+    if text_field not in rec:
         raise DataError(f"Data file '{path}' row {n} has no text field '{text_field}'.")
-    row: Row = {"text": rec[text_field]}
+    text = rec[text_field]
+    if not isinstance(text, str):
+        raise DataError(
+            f"Data file '{path}' row {n} has {_describe(text)} in text field '{text_field}', "
+            "not a string."
+        )
+    row: Row = {"text": text}
     if label_field is not None:
-        if label_field not in rec or rec[label_field] in (None, ""):
+        if label_field not in rec:
             raise DataError(f"Data file '{path}' row {n} has no label field '{label_field}'.")
-        row["label"] = rec[label_field]
+        label = rec[label_field]
+        if isinstance(label, str) and not label:  # an empty CSV cell, or ""
+            raise DataError(f"Data file '{path}' row {n} has an empty label field '{label_field}'.")
+        # Floats are refused, not rounded: 1.0 == 1 (one class to a set) while str() makes
+        # "1.0" and "1" two, and a fractional label is a regression target, not a class.
+        # bool is an int subclass: true/false labels pass here, and _check_label_types
+        # keeps them from mixing with integers.
+        if not isinstance(label, str | int):
+            raise DataError(
+                f"Data file '{path}' row {n} has {_describe(label)} in label field "
+                f"'{label_field}', not an integer, a string or a boolean."
+            )
+        row["label"] = label
     return row
+
+
+def _describe(value: Any) -> str:
+    """A JSON value as a sentence names it: 'null', 'the integer 5', 'an array'."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool | int | float | str):
+        return f"the {_label_kind(value)} {json.dumps(value)}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"  # hub datasets may hold other Python objects
+
+
+def _label_kind(value: bool | int | float | str) -> str:
+    """JSON's name of a scalar's type, with integers and floats apart (bool before int:
+    it is an int subclass)."""
+    for kind, cls in (("boolean", bool), ("integer", int), ("float", float)):
+        if isinstance(value, cls):
+            return kind
+    return "string"
+
+
+def _check_label_types(parts: list[tuple[str, list[Row]]]) -> None:
+    """Refuse labels of more than one type over all ``(source, rows)`` parts: labels are
+    matched by str(), which would make 1 and "1" one class and 1 and true two, silently.
+    CSV cells are untyped text: a CSV file's "1" stands for another file's 1, so CSV
+    files are left out and their labels matched by their text."""
+    first: dict[str, tuple[str, int, Any]] = {}  # kind -> its first (source, row, label)
+    for source, rows in parts:
+        if Path(source).suffix == ".csv":
+            continue
+        for n, r in enumerate(rows, 1):
+            first.setdefault(_label_kind(r["label"]), (source, n, r["label"]))
+    if len(first) < 2:
+        return
+    sources = {source for source, _, _ in first.values()}
+    if len(sources) == 1:
+        seen = ", ".join(f"{k} {json.dumps(v)} at row {n}" for k, (_, n, v) in first.items())
+        raise DataError(
+            f"Data file '{sources.pop()}' mixes label types: {seen}; use one type for all labels."
+        )
+    seen = ", ".join(f"{k} {json.dumps(v)} in '{s}' row {n}" for k, (s, n, v) in first.items())
+    raise DataError(f"Labels mix types across files: {seen}; use one type for all labels.")
 
 
 def _label_order(name: str) -> tuple[bool, int, str]:
@@ -149,22 +212,36 @@ def _label_order(name: str) -> tuple[bool, int, str]:
     return (not numeric, int(name) if numeric else 0, name)
 
 
-def _map_labels(train: list[Row], test: list[Row], source: str) -> int:
-    """Map raw labels (ints or strings) to 0..K-1 in sorted order, in place."""
+def _map_labels(train: list[Row], test: list[Row], source: str, test_source: str | None) -> int:
+    """Map raw labels (all of one type: see _check_label_types) to 0..K-1 in sorted
+    order, in place. ``test`` comes from ``test_source``, or is held out of ``source``
+    when that is None."""
     names = sorted({str(r["label"]) for r in train}, key=_label_order)
     if len(names) < 2:
         raise DataError(
             f"Training data of '{source}' has {len(names)} distinct label(s); classification needs 2 or more."
         )
     index = {name: i for i, name in enumerate(names)}
-    for r in test:
+    for n, r in enumerate(test, 1):
         if str(r["label"]) not in index:
-            raise DataError(
-                f"Held-out label {r['label']!r} of '{source}' never occurs in training data."
-            )
+            raise DataError(_unseen_label(r["label"], n, test, source, test_source))
     for r in train + test:
         r["label"] = index[str(r["label"])]
     return len(names)
+
+
+def _unseen_label(label: Any, n: int, test: list[Row], source: str, test_source: str | None) -> str:
+    """The sentence for a held-out label without training rows (row ``n`` of ``test``)."""
+    if test_source is not None:  # test rows are the test file's, in its order
+        return (
+            f"Held-out label {json.dumps(label)} in '{test_source}' row {n} never occurs in "
+            f"training file '{source}'."
+        )
+    count = sum(r["label"] == label for r in test)  # all its rows: none is in training
+    return (
+        f"Label {json.dumps(label)} occurs in {count} row(s) of '{source}', all held out for "
+        "testing; add rows with that label or lower 'data.test_fraction'."
+    )
 
 
 # --------------------------------------------------------------------------- hub
@@ -198,7 +275,7 @@ def load_dataset(cfg: DataConfig, task: str, seed: int) -> Dataset:
 @functools.lru_cache(maxsize=2)
 def _load_dataset_cached(cfg: DataConfig, task: str, seed: int) -> Dataset:
     train, test = _raw_split(cfg, seed)
-    num_labels = _map_labels(train, test, cfg.source)
+    num_labels = _map_labels(train, test, cfg.source, cfg.test_source)
     train = _cap(train, cfg.max_train_samples, seed)
     test = _cap(test, cfg.max_test_samples, seed + 1)
     if task == "causal_lm" and cfg.source == "synthetic":  # files hold LM text as it is
@@ -216,7 +293,10 @@ def _raw_split(cfg: DataConfig, seed: int) -> tuple[list[Row], list[Row]]:
     else:
         rows = read_rows(cfg.source, cfg.text_field, cfg.label_field)
     if cfg.test_source is not None:
-        return rows, read_rows(cfg.test_source, cfg.text_field, cfg.label_field)
+        test = read_rows(cfg.test_source, cfg.text_field, cfg.label_field)
+        _check_label_types([(cfg.source, rows), (cfg.test_source, test)])
+        return rows, test
+    _check_label_types([(cfg.source, rows)])
     order = np.random.default_rng(seed).permutation(len(rows))
     n_test = max(1, round(cfg.test_fraction * len(rows)))
     return [rows[i] for i in order[n_test:]], [rows[i] for i in order[:n_test]]

@@ -158,3 +158,88 @@ def test_csv_with_excel_bom(tmp_path: Path) -> None:
     path = tmp_path / "bom.csv"
     path.write_bytes("\ufefftext,label\nhello,1\n".encode())
     assert read_rows(str(path), "text", "label") == [{"text": "hello", "label": "1"}]
+
+
+def _jsonl(path: Path, records: list[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_unseen_test_label_names_the_test_file(tmp_path: Path) -> None:
+    train = _jsonl(tmp_path / "train.jsonl", [{"text": "x", "label": i % 2} for i in range(10)])
+    test = _jsonl(tmp_path / "test.jsonl", [{"text": "x", "label": 0}, {"text": "y", "label": 7}])
+    with pytest.raises(DataError) as info:
+        load_dataset(DataConfig(source=str(train), test_source=str(test)), "classification", 0)
+    assert str(info.value) == (
+        f"Held-out label 7 in '{test}' row 2 never occurs in training file '{train}'."
+    )
+
+
+@pytest.mark.parametrize(
+    ("record", "found"),
+    [
+        ({"text": 5, "label": 1}, "the integer 5 in text field 'text', not a string"),
+        ({"text": ["a", "b"], "label": 1}, "an array in text field 'text', not a string"),
+        ({"text": None, "label": 1}, "null in text field 'text', not a string"),
+        (
+            {"text": "a", "label": {"id": 1}},
+            "an object in label field 'label', not an integer, a string or a boolean",
+        ),
+        (
+            {"text": "a", "label": [1]},
+            "an array in label field 'label', not an integer, a string or a boolean",
+        ),
+        (
+            {"text": "a", "label": None},
+            "null in label field 'label', not an integer, a string or a boolean",
+        ),
+    ],
+)
+def test_fields_of_the_wrong_type(tmp_path: Path, record: dict[str, object], found: str) -> None:
+    path = _jsonl(tmp_path / "d.jsonl", [{"text": "fine", "label": 0}, record])
+    with pytest.raises(DataError) as info:
+        read_rows(str(path), "text", "label")
+    assert str(info.value) == f"Data file '{path}' row 2 has {found}."
+
+
+def test_mixed_label_types_are_refused_but_csv_text_labels_load(tmp_path: Path) -> None:
+    def load(train: Path, test: Path | None = None) -> int:
+        cfg = DataConfig(source=str(train), test_source=None if test is None else str(test))
+        return load_dataset(cfg, "classification", 0).num_labels
+
+    # 1, "1" and true would have become the classes "1" and "True"
+    mixed = _jsonl(
+        tmp_path / "mixed.jsonl",
+        [{"text": f"t{i}", "label": label} for i, label in enumerate([1, 0, "1", 0, True])],
+    )
+    with pytest.raises(DataError) as info:
+        load(mixed)
+    assert str(info.value) == (
+        f"Data file '{mixed}' mixes label types: integer 1 at row 1, string \"1\" at row 3, "
+        "boolean true at row 5; use one type for all labels."
+    )
+    floats = _jsonl(
+        tmp_path / "floats.jsonl",
+        [{"text": f"t{i}", "label": label} for i, label in enumerate([0, 1, 1.0])],
+    )
+    with pytest.raises(DataError) as info:
+        load(floats)
+    assert str(info.value) == (
+        f"Data file '{floats}' row 3 has the float 1.0 in label field 'label', "
+        "not an integer, a string or a boolean."
+    )
+    ints = _jsonl(tmp_path / "ints.jsonl", [{"text": f"t{i}", "label": i % 2} for i in range(10)])
+    strings = _jsonl(tmp_path / "strings.jsonl", [{"text": "t", "label": "0"}])
+    with pytest.raises(DataError) as info:
+        load(ints, strings)
+    assert str(info.value) == (
+        f"Labels mix types across files: integer 0 in '{ints}' row 1, "
+        f"string \"0\" in '{strings}' row 1; use one type for all labels."
+    )
+    # CSV cells are untyped text: CSV labels load, alone or beside a JSONL file's
+    train_csv, test_csv = tmp_path / "train.csv", tmp_path / "test.csv"
+    train_csv.write_text("text,label\n" + "".join(f"t{i},{i % 3}\n" for i in range(12)))
+    test_csv.write_text("text,label\nu,2\nv,0\n")
+    assert load(train_csv) == 3
+    assert load(train_csv, test_csv) == 3
+    assert load(train_csv, ints) == 3

@@ -98,3 +98,43 @@ def test_logit_adjustment_keeps_a_skewed_client_off_its_prior() -> None:
         gaps[tau] = float(moved[0] - moved[1])
     assert gaps[0.0] > 0.05
     assert gaps[1.0] < 0.5 * gaps[0.0]
+
+
+def _prose(n_chars: int, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    words = "the federated adapter, learns (slowly) from 42 clients' un-shuffled tokens".split()
+    text = " ".join(rng.choice(words, size=n_chars // 6 + 1))
+    return text[:n_chars]
+
+
+def test_encode_reads_a_bounded_head_of_a_huge_row_with_the_same_ids() -> None:
+    from fedpeft.train import text_head
+
+    for name, task in (("minilm", "classification"), ("tiny-gpt2", "causal_lm")):
+        tok = load_tokenizer(name)
+        texts = [
+            *(r["text"] for r in load_dataset(DataConfig(synthetic_samples=50), task, 0).train),
+            _prose(50_000, 0),  # cut: its head has more than max_length tokens
+            " \n\t " * 5_000 + _prose(5_000, 1),  # a whitespace run of 20k characters first
+            "x" * 20_000 + " " + _prose(5_000, 2),  # a 20k-character word is one [UNK]
+            "word " * 3 + "y" * 30_000,  # a long row of few tokens, all of which count
+            "  ".join(_prose(20_000, 3).split(" ")),  # double spaces
+        ]
+        today = tok(texts, truncation=True, max_length=64)["input_ids"]
+        assert encode([{"text": t} for t in texts], tok, 64).input_ids == today
+    huge = _prose(3_000_000, 4)  # finishes in milliseconds, not seconds
+    head = text_head(huge, 8 * 64)
+    assert 8 * 64 <= len(head) < 8 * 64 + 20 and huge.startswith(head)
+    assert (
+        encode([{"text": huge}], tok, 64).input_ids
+        == tok([head], truncation=True, max_length=64)["input_ids"]
+    )
+
+
+def test_encode_logs_progress(caplog) -> None:  # type: ignore[no-untyped-def]
+    tok = load_tokenizer("minilm")
+    rows = [{"text": f"row {i}", "label": 0} for i in range(2_500)]
+    with caplog.at_level("INFO", logger="fedpeft"):
+        encode(rows, tok, 16, progress_s=0.0)
+    assert "Tokenized 1000 of 2500 rows" in caplog.text
+    assert "Tokenized 2500 of 2500 rows" in caplog.text
