@@ -266,15 +266,19 @@ class PrivacyConfig:
             (DP-FedAvg: each client's update clipped to ``clip_norm``, Gaussian noise on
             the server's sum, ε per round of sampling); ``local`` (each client clips and
             adds the noise itself before sending, for an untrusted server).
-        epsilon: the privacy budget ε. Without ``noise_multiplier`` the noise is computed
-            up front to spend exactly it over the configured rounds; with one, it caps
-            the run (``user``: the run stops after the last affordable round).
-        delta: δ of (ε, δ)-DP.
-        noise_multiplier: z, the noise std over the clipping norm; ``null``: from ε.
+        epsilon: the privacy budget ε, in (0, 100] (``prv``: at most 20). Without
+            ``noise_multiplier`` the noise is computed up front to spend exactly it over
+            the configured rounds; with one, it caps the run (``user``: the run stops
+            after the last affordable round).
+        delta: δ of (ε, δ)-DP, in (0, 0.1] (``prv``: at least 1e-10).
+        noise_multiplier: z, the noise std over the clipping norm, in [0.1, 1e6];
+            ``null``: from ε.
         clip_norm: C, the clipping norm (per example for ``record``, per update otherwise).
-        accountant: Opacus accountant, ``rdp`` or ``prv``.
+        accountant: Opacus accountant, ``rdp`` or ``prv`` (tighter, but slow: at most
+            10^4 accounted steps, i.e. rounds, times ``train.local_steps`` for ``record``).
         noise_seed: seed of the ``user``/``local`` noise, for reproducible experiments
-            only (noise anyone can regenerate protects nothing); ``null``: OS entropy.
+            only (noise anyone can regenerate protects nothing), in [0, 2**32);
+            ``null``: OS entropy.
         canaries: ``user`` only: this many canary clients (random updates of norm C)
             join DP-FedAvg's sum, and the run ends with an empirical ε from how visible
             they are in the final model (fedpeft.audit.membership). They perturb the
@@ -341,7 +345,8 @@ class AuditConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """A whole run. ``seed`` controls partitioning, initialization and sampling."""
+    """A whole run. ``seed`` (in [0, 2**32)) controls partitioning, initialization and
+    sampling."""
 
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -502,17 +507,27 @@ def _coerce_scalar(value: Any, hint: Any, key: str) -> Any:
     if hint is Any:  # free-form (audit defenses: checked when applied)
         return value
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        return _finite(float(value), key)
     if hint is float and isinstance(value, str):
         try:  # YAML 1.1 reads "5e-4" as a string
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
+        else:
+            return _finite(number, key)
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if hint in (str, bool) and isinstance(value, hint):
         return value
     raise ConfigError(f"'{key}' should be {hint.__name__}, got {value!r}.")
+
+
+def _finite(value: float, key: str) -> float:
+    """Every float of a config is finite: inf passes every 'positive' rule below and nan
+    every comparison a section does not happen to make (``.inf``/``.nan`` are YAML)."""
+    if not math.isfinite(value):
+        raise ConfigError(f"'{key}' should be a finite number, got {value}.")
+    return value
 
 
 # --------------------------------------------------------------------------- rules
@@ -646,6 +661,19 @@ def _check_compression(c: CompressionConfig) -> None:
     )
 
 
+# The accepted budgets. ε: Ponomareva et al. (2023, "How to DP-fy ML") call ε <= 10 a
+# reasonable guarantee and above it few formal protections remain; deployments stay
+# below ~20. 100 leaves experiments room (tests run up to 50); past it e^ε > 10^43.
+# The RDP search for z takes at most ~7 s anywhere in this range (PRV: see
+# _check_accountant). δ: the chance the guarantee fails outright; it should be well
+# below 1 / n, and above 0.1 it is no guarantee (PRV cannot compute ε at δ ~ 1 at all).
+# z: Opacus's RDP series never ends near z = 1e-155 and overflows near 1e155, and PRV
+# fails at 0.01; local DP accounts z / 2, which stays >= accounting.MIN_NOISE (0.05).
+MAX_EPSILON = 100.0
+MAX_DELTA = 0.1
+NOISE_RANGE = (0.1, 1e6)
+
+
 def _check_privacy(cfg: Config) -> None:
     p = cfg.privacy
     _require(p.canaries >= 0, "'privacy.canaries' should be non-negative.")
@@ -659,16 +687,24 @@ def _check_privacy(cfg: Config) -> None:
         p.epsilon is not None or p.noise_multiplier is not None,
         f"'privacy.mode: {p.mode}' needs 'privacy.epsilon' or 'privacy.noise_multiplier'.",
     )
-    _require(p.epsilon is None or p.epsilon > 0, "'privacy.epsilon' should be positive.")
-    _require(0 < p.delta < 1, "'privacy.delta' should be in (0, 1).")
     _require(
-        p.noise_multiplier is None or p.noise_multiplier > 0,
-        "'privacy.noise_multiplier' should be positive.",
+        p.epsilon is None or 0 < p.epsilon <= MAX_EPSILON,
+        f"'privacy.epsilon' should be in (0, {MAX_EPSILON:g}]: beyond that one record or "
+        "user may change the odds of any outcome e^ε-fold, which protects nothing.",
     )
+    _require(
+        0 < p.delta <= MAX_DELTA,
+        f"'privacy.delta' should be in (0, {MAX_DELTA:g}]: δ is the chance the guarantee "
+        "fails outright, kept well below 1 / the records or users protected (1e-5 is usual).",
+    )
+    _require(
+        p.noise_multiplier is None or NOISE_RANGE[0] <= p.noise_multiplier <= NOISE_RANGE[1],
+        "'privacy.noise_multiplier' should be in [0.1, 1e6]: below 0.1 one step at q = 1 "
+        "spends ε ≈ 90 or more, and Opacus's accountants fail far outside this range.",
+    )
+    _check_accountant(cfg)
     _require(0 < p.clip_norm < float("inf"), "'privacy.clip_norm' should be a positive number.")
-    _require(
-        p.noise_seed is None or p.noise_seed >= 0, "'privacy.noise_seed' should be non-negative."
-    )
+    _check_seed(p.noise_seed, "privacy.noise_seed", nullable=True)
     _require(
         not cfg.federation.client_eval,
         "'federation.client_eval' reports unprotected client metrics; turn it off under DP.",
@@ -687,6 +723,34 @@ def _check_privacy(cfg: Config) -> None:
         )
     if p.mode in ("user", "local") and p.epsilon is not None:
         _check_budget(cfg)
+
+
+def _check_accountant(cfg: Config) -> None:
+    """What Opacus's PRV accountant computes in reasonable time (RDP takes any steps and
+    δ): its mesh grows with ε and the steps, and its floating-point error with 1 / δ."""
+    p, fed = cfg.privacy, cfg.federation
+    if p.accountant != "prv":
+        return
+    from fedpeft.privacy.accounting import PRV_MAX_EPSILON, PRV_MAX_STEPS, PRV_MIN_DELTA
+
+    _require(
+        p.epsilon is None or p.epsilon <= PRV_MAX_EPSILON,
+        f"'privacy.accountant: prv' takes minutes to search a noise multiplier above ε = "
+        f"{PRV_MAX_EPSILON:g} (its mesh grows with ε); use 'rdp' there.",
+    )
+    _require(
+        p.delta >= PRV_MIN_DELTA,
+        f"'privacy.accountant: prv' cannot compute ε below δ = {PRV_MIN_DELTA:g} (its "
+        f"floating-point error exceeds δ); use 'rdp' or a larger 'privacy.delta'.",
+    )
+    per_round = cfg.train.local_steps if p.mode == "record" else 1
+    steps = fed.rounds * per_round
+    what = "federation.rounds × train.local_steps" if p.mode == "record" else "federation.rounds"
+    _require(
+        steps <= PRV_MAX_STEPS,
+        f"'privacy.accountant: prv' takes minutes per ε beyond {PRV_MAX_STEPS} accounted "
+        f"steps and this run has {steps} ({what}); use 'rdp' or fewer steps.",
+    )
 
 
 def _check_budget(cfg: Config) -> None:
@@ -743,8 +807,23 @@ def _check_simulation(s: SimulationConfig) -> None:
     )
 
 
+# torch.manual_seed takes < 2**64, numpy's default_rng and random.Random any size; 2**32
+# is what every seeding API accepts (numpy's legacy RandomState too) and leaves room for
+# the derived seeds: seed + 7919 (canaries), seed * 7919 + client (random.Random),
+# [seed, round] (default_rng) and round_seed's (...) % 2**31 (torch)
+SEED_LIMIT = 2**32
+
+
+def _check_seed(seed: int | None, key: str, nullable: bool = False) -> None:
+    _require(
+        (seed is None and nullable) or (seed is not None and 0 <= seed < SEED_LIMIT),
+        f"'{key}' should be an integer from 0 to 2**32 - 1 ({SEED_LIMIT - 1})"
+        + (", or null." if nullable else "."),
+    )
+
+
 def _validate(cfg: Config) -> None:
-    _require(cfg.seed >= 0, "'seed' should be a non-negative integer.")
+    _check_seed(cfg.seed, "seed")
     _check_model(cfg.model)
     _check_lora(cfg.lora)
     _check_data(cfg.data)

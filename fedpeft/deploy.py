@@ -12,7 +12,8 @@
 The SuperLink gets ``--ssl-ca-certfile ca.crt --ssl-certfile server.crt --ssl-keyfile
 server.key``, each SuperNode ``--root-certificates ca.crt`` and its key pair, and the
 ``flwr`` CLI ``root-certificates = "ca.crt"`` in its connection. Private keys are
-written with mode 0600.
+written with mode 0600. A directory that already holds any of these files is refused
+unless ``--force``: a new CA and new keys would lock out every node deployed so far.
 """
 
 from __future__ import annotations
@@ -27,13 +28,45 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from fedpeft.config import ConfigError
+
 VALID_DAYS = 3650
 
 
-def write_credentials(out: Path, nodes: int, hosts: list[str] | None = None) -> list[Path]:
+def write_credentials(
+    out: Path, nodes: int, hosts: list[str] | None = None, force: bool = False
+) -> list[Path]:
     """Write the CA, the SuperLink's certificate and ``nodes`` node key pairs; returns
-    the files written."""
-    out.mkdir(parents=True, exist_ok=True)
+    the files written.
+
+    Refuses (:class:`fedpeft.config.ConfigError`, one sentence) when any of those files
+    already exists, unless ``force``: a new CA and new node keys silently replacing the
+    old ones would make the SuperLink stop trusting every node deployed with them.
+    """
+    names = ["ca.crt", "ca.key", "server.crt", "server.key"]
+    names += [f"node-{i}{suffix}" for i in range(nodes) for suffix in ("", ".pub")]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(
+            f"Cannot create the credentials directory '{out}' ({err.strerror or err})."
+        ) from err
+    # lexists: a dangling symlink named ca.key would still be written through
+    existing = [out / name for name in names if os.path.lexists(out / name)]
+    if existing and not force:
+        raise ConfigError(
+            f"'{existing[0]}' already exists; pass --force to replace the credentials in "
+            f"'{out}' (every node set up with the old CA or keys then has to get the new ones)."
+        )
+    try:
+        return _write_all(out, nodes, hosts)
+    except OSError as err:
+        raise ConfigError(
+            f"Cannot write the credentials file '{err.filename or out}' ({err.strerror or err})."
+        ) from err
+
+
+def _write_all(out: Path, nodes: int, hosts: list[str] | None) -> list[Path]:
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = _certificate("fedpeft CA", ca_key.public_key(), ca_key, None, ca=True)
     server_key = ec.generate_private_key(ec.SECP384R1())

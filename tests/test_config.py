@@ -121,8 +121,8 @@ def test_config_is_hashable_and_round_trips_json() -> None:
 @pytest.mark.parametrize(
     ("raw", "fragment"),
     [
-        ({"seed": -1}, "'seed' should be a non-negative integer."),
-        ({"lora": {"alpha": float("inf")}}, "'lora.alpha' should be a positive number."),
+        ({"seed": -1}, "'seed' should be an integer from 0 to 2**32 - 1"),
+        ({"lora": {"alpha": -2.0}}, "'lora.alpha' should be a positive number."),
         ({"lora": {"target_modules": []}}, "'lora.target_modules' should list module names"),
         ({"fleet": {"profiles": ["a.yaml"]}}, "'fleet.profiles' and 'fleet.mix' go together."),
         (
@@ -161,3 +161,75 @@ def test_non_utf8_config_and_relative_paths(
     assert cfg.data.source == str(
         tmp_path / "data" / "train.jsonl"
     )  # clients elsewhere read the same file
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.lr=.inf",
+        "train.lr=-.inf",
+        "train.lr=.nan",
+        "train.lr=inf",  # YAML reads a string here; float() turns it into inf
+        "train.lr=1e999",
+        "train.weight_decay=.inf",
+        "train.logit_adjustment=.inf",
+        "lora.alpha=.inf",
+        "partition.alpha=.inf",
+        "federation.timeout=.inf",
+        "federation.max_update_norm=.nan",
+        "compression.density=.nan",
+        "simulation.client_cpus=.inf",
+        "privacy.delta=.nan",  # checked even with privacy.mode: none
+        "privacy.epsilon=.inf",
+    ],
+)
+def test_non_finite_numbers_are_refused(tmp_path: Path, override: str) -> None:
+    """inf passed every 'positive' rule and nan every rule a mode did not reach."""
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, [override])
+    key = override.partition("=")[0]
+    message = str(info.value)
+    assert f"'{key}' should be a finite number" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999999", str(2**32), "-1"])
+def test_seed_out_of_range_is_one_sentence(tmp_path: Path, seed: str) -> None:
+    """A huge seed passed validation and ended in torch.manual_seed's OverflowError."""
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, [f"seed={seed}"])
+    assert str(info.value) == "'seed' should be an integer from 0 to 2**32 - 1 (4294967295)."
+
+
+def test_the_largest_seed_works_in_every_consumer(tmp_path: Path) -> None:
+    """Every use of the seed in the code base, with the offsets it adds, at 2**32 - 1."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from fedpeft.client import round_seed
+
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 1\n")
+    seed = load_config(path, [f"seed={2**32 - 1}"]).seed
+    torch.manual_seed(seed)  # models.build_peft_model(init_seed=seed)
+    torch.manual_seed(round_seed(seed, 10**6, 10**4))  # train.train_local's dropout
+    np.random.default_rng([seed, 10**6])  # server sampling
+    for offset in (0, 1, 2, 7919, 7920, 7921):  # data caps, canaries
+        np.random.default_rng(seed + offset)
+    random.Random(seed * 7919 + 10**4).shuffle([1, 2])  # data.client_rows
+    random.Random(seed).shuffle([1, 2])  # devices.assign_profiles
+
+
+def test_noise_seed_has_the_seed_range(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 1\n")
+    with pytest.raises(ConfigError, match=r"'privacy.noise_seed' should be an integer from 0"):
+        load_config(
+            path, ["privacy.mode=user", "privacy.noise_multiplier=1", f"privacy.noise_seed={2**32}"]
+        )

@@ -167,3 +167,114 @@ def test_a_compressed_update_over_the_clip_norm_is_brought_back_to_it() -> None:
     assert global_norm(dense(res2.compressed)) <= 1.0
     # error feedback keeps exactly what was not sent
     np.testing.assert_allclose(res2.update["w"] + residual2["w"], clipped["w"], atol=1e-5)
+
+
+# --------------------------------------------------------------------------- bounds
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _bounded(code: str, seconds: float = 90.0) -> str:
+    """Run ``code`` in a fresh interpreter and return its stdout; a search that spins
+    fails the test after ``seconds`` instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-W", "ignore", "-c", code],
+            capture_output=True, text=True, timeout=seconds, cwd=ROOT,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running after {seconds:.0f} s: {code}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
+def _config_error(overrides: list[str]) -> str:
+    """The ConfigError of ``load_config(quickstart, overrides)``, in a bounded child."""
+    return _bounded(
+        "from fedpeft.config import ConfigError, load_config\n"
+        "try:\n"
+        f"    load_config('configs/quickstart.yaml', {overrides!r})\n"
+        "except ConfigError as err:\n"
+        "    print(err)\n"
+        "else:\n"
+        "    print('accepted')\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        # spun at 100% CPU in Opacus's bisection, which cannot get within 0.01 of 1e15
+        (["privacy.mode=user", "privacy.epsilon=1e15"], "'privacy.epsilon' should be in (0, 100]"),
+        (["privacy.mode=record", "privacy.epsilon=101"], "'privacy.epsilon' should be in (0, 100]"),
+        (["privacy.mode=user", "privacy.epsilon=8", "privacy.delta=0.5"], "'privacy.delta' should be in (0, 0.1]"),
+        # the RDP series behind one round's ε never ends at z = 1e-200; z = 1e200 overflows
+        (["privacy.mode=user", "privacy.epsilon=8", "privacy.noise_multiplier=1e-200"], "'privacy.noise_multiplier' should be in [0.1, 1e6]"),
+        (["privacy.mode=user", "privacy.epsilon=8", "privacy.noise_multiplier=1e200"], "'privacy.noise_multiplier' should be in [0.1, 1e6]"),
+        # the PRV accountant's cost grows with ε and the steps: minutes per search beyond
+        # ε = 20 or 10^4 steps; below δ = 1e-16 it fails, which read as "ε too small"
+        (
+            ["privacy.mode=user", "privacy.epsilon=50", "privacy.accountant=prv"],
+            "'privacy.accountant: prv' takes minutes to search a noise multiplier above ε = 20",
+        ),
+        (
+            ["privacy.mode=user", "privacy.epsilon=8", "privacy.accountant=prv", "privacy.delta=1e-20"],
+            "'privacy.accountant: prv' cannot compute ε below δ = 1e-10",
+        ),
+        (
+            ["privacy.mode=record", "privacy.epsilon=8", "privacy.accountant=prv", "federation.rounds=10000"],
+            "'privacy.accountant: prv' takes minutes per ε beyond 10000 accounted steps",
+        ),
+    ],
+)  # fmt: skip
+def test_absurd_budgets_end_in_one_sentence(overrides: list[str], fragment: str) -> None:
+    message = _config_error(overrides)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_a_budget_at_the_edges_of_the_range_is_searched_quickly() -> None:
+    """ε = 100 (the largest accepted) and a budget too small for one round both end."""
+    assert _config_error(["privacy.mode=user", "privacy.epsilon=100"]) == "accepted"
+    message = _config_error(["privacy.mode=user", "privacy.epsilon=1e-12"])
+    assert "'privacy.epsilon' 1e-12 is too small for 5 rounds" in message
+
+
+def test_the_noise_search_is_bounded_for_any_budget() -> None:
+    """Called directly (no config in between), an ε no z can spend ends at the smallest
+    z fedpeft searches, which spends less than that ε; before, the bisection spun."""
+    out = _bounded(
+        "from fedpeft.privacy import accounting as a\n"
+        "z = a.noise_for_budget(1e15, 1e-5, 0.4, 1, 'rdp')\n"
+        "print(z, a.epsilon([a.Entry(z, 0.4, 1)], 1e-5, 'rdp'))\n"
+    )
+    z, spent = map(float, out.split())
+    assert z == accounting.MIN_NOISE and 100 < spent < 1e15
+    # PRV's mesh grows with ε: past what config.py accepts it refuses instead of taking
+    # minutes (or all memory) per probe
+    with pytest.raises(ValueError, match="The PRV accountant takes minutes"):
+        accounting.noise_for_budget(1e15, 1e-5, 0.4, 1, "prv")
+    with pytest.raises(ValueError, match="The PRV accountant takes minutes"):
+        accounting.affordable_steps(1.0, 0.1, 2.0, 1e-5, 10**5, "prv")
+
+
+def test_affordable_steps_costs_the_log_of_the_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """federation.rounds = 10**30 used to cost 100 evaluations of ε (40 s at 0.4 s each)
+    for a budget that affords a handful of rounds."""
+    calls: list[int] = []
+    real = accounting.epsilon
+
+    def counted(history: list[Entry], delta: float, kind: accounting.AccountantName = "rdp"):
+        calls.append(history[0].steps)
+        return real(history, delta, kind)
+
+    monkeypatch.setattr(accounting, "epsilon", counted)
+    n = accounting.affordable_steps(2.0, 0.1, 3.0, 1e-5, 10**30, "rdp")
+    assert real([Entry(2.0, 0.1, n)], 1e-5) <= 3.0 < real([Entry(2.0, 0.1, n + 1)], 1e-5)
+    assert n == 134 and len(calls) <= 2 * math.log2(n) + 3
+    calls.clear()  # a budget that affords every round: one evaluation
+    assert accounting.affordable_steps(5.0, 0.1, 2.0, 1e-5, 50, "rdp") == 50
+    assert len(calls) == 1

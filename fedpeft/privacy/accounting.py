@@ -1,4 +1,5 @@
-"""Privacy accounting with Opacus's own accountants; fedpeft never does the math itself.
+"""Privacy accounting with Opacus's own accountants; fedpeft never does the math itself
+(it only bounds the searches over z and over step counts that ask them for ε).
 
 An accountant's whole state is its history of (noise multiplier z, sample rate q, steps),
 Opacus's composition record. It travels as plain lists (a node's Flower state, the
@@ -17,12 +18,13 @@ round (DESIGN.md, known traps).
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
-from opacus.accountants.utils import get_noise_multiplier
+from opacus.accountants.utils import MAX_SIGMA
 
 AccountantName = Literal["rdp", "prv"]
 
@@ -58,21 +60,71 @@ def add_steps(history: list[Entry], z: float, q: float, steps: int) -> list[Entr
     return [*history, Entry(z, q, steps)]
 
 
+# Bounds of the searches below, so that no budget can make them spin. Opacus's
+# get_noise_multiplier halves z toward 0 while ε(z) stays under the target: for ε = 1e15
+# it never gets within 0.01 of it (adjacent floats of z are further apart in ε), and below
+# z ~ 1e-155 its RDP series never ends (1 / z² overflows); PRV fails below z ~ 0.01.
+MIN_NOISE = 0.05  # one step at q = 1 spends ε ≈ 280 here: nothing below it protects
+MAX_NOISE = MAX_SIGMA  # Opacus's own top: past it, "the privacy budget is too low"
+MAX_HALVINGS = 40  # Opacus needs up to ~22; 40 narrow the bracket to 1e-12 of its top
+EPSILON_TOLERANCE = 0.01  # Opacus's default: the search stops within 0.01 below ε
+# PRV composes on a mesh of about ε √steps points (ε of the probed z), so its searches
+# slow down with both: at 10^4 steps 15-35 s up to ε = 20, but 2.5 min at ε = 100 (and
+# 2 min at 10^3 steps); one ε alone took 16 s at 10^5 steps. Beyond these, use RDP.
+PRV_MAX_STEPS = 10_000
+PRV_MAX_EPSILON = 20.0
+# PRV refuses a δ below its floating-point error times its mesh size ("Floating point
+# errors will dominate"): at 5 steps it failed at δ = 1e-16; 1e-10 leaves the mesh of
+# PRV_MAX_STEPS steps room
+PRV_MIN_DELTA = 1e-10
+
+
 @functools.lru_cache(maxsize=64)  # a binary search over ε; asked every round
 def noise_for_budget(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, kind: AccountantName
 ) -> float:
-    """The noise multiplier z that spends exactly ε at δ after ``steps`` of rate q
-    (Opacus's binary search, to 0.01 in ε)."""
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=kind,
+    """The noise multiplier z that spends ε at δ after ``steps`` of rate q, to 0.01 below
+    ε: Opacus's get_noise_multiplier (its brackets, accountant and tolerance, so the same
+    z), with the search bounded to z in [MIN_NOISE, MAX_NOISE] and MAX_HALVINGS halvings.
+
+    A budget larger than MIN_NOISE spends gets MIN_NOISE (it spends less: still within
+    the budget); one too small for MAX_NOISE raises ValueError, as Opacus does.
+    """
+    _check_prv(steps, kind, target_epsilon)
+
+    def spent(z: float) -> float:
+        return epsilon([Entry(z, sample_rate, steps)], delta, kind)
+
+    low, high, eps_high = 0.0, 10.0, math.inf
+    while eps_high > target_epsilon:
+        high = 2 * high
+        eps_high = spent(high)
+        if high > MAX_NOISE:
+            raise ValueError("The privacy budget is too low.")
+    for _ in range(MAX_HALVINGS):
+        if target_epsilon - eps_high <= EPSILON_TOLERANCE:
+            break
+        z = (low + high) / 2
+        if z < MIN_NOISE:  # Opacus would halve on toward 0; the floor is the last try
+            if spent(MIN_NOISE) < target_epsilon:
+                return MIN_NOISE
+            low = MIN_NOISE
+            continue
+        eps = spent(z)
+        if eps < target_epsilon:
+            high, eps_high = z, eps
+        else:
+            low = z
+    return high  # spends eps_high <= ε even when the halvings ran out
+
+
+def _check_prv(steps: int, kind: AccountantName, target_epsilon: float = 0.0) -> None:
+    """PRV's cost grows with the steps and ε (config.py refuses both up front)."""
+    if kind == "prv" and (steps > PRV_MAX_STEPS or target_epsilon > PRV_MAX_EPSILON):
+        raise ValueError(
+            f"The PRV accountant takes minutes beyond {PRV_MAX_STEPS} steps or ε = "
+            f"{PRV_MAX_EPSILON:g} ({steps} steps, ε = {target_epsilon:g} here); use RDP."
         )
-    )
 
 
 def noise_multiplier(
@@ -95,11 +147,22 @@ def affordable_steps(
     z: float, q: float, budget: float, delta: float, most: int, kind: AccountantName
 ) -> int:
     """The most steps of (z, q), up to ``most``, whose ε stays within ``budget``. ε grows
-    with the steps, so a binary search over the count is exact."""
-    low, high = 0, most
+    with the steps, so a search over the count is exact: doubling, then halving, which
+    costs about 2 log2 of the answer in ε evaluations however large ``most`` is."""
+    _check_prv(most, kind)
+
+    def fits(steps: int) -> bool:
+        return epsilon([Entry(z, q, steps)], delta, kind) <= budget
+
+    if most <= 0 or fits(most):
+        return max(most, 0)
+    low, high = 0, 1  # fits(low); not fits(most), so some high <= most fails
+    while high < most and fits(high):
+        low, high = high, 2 * high
+    high = min(high, most) - 1  # the answer is in [low, high]
     while low < high:
         mid = (low + high + 1) // 2
-        if epsilon([Entry(z, q, mid)], delta, kind) <= budget:
+        if fits(mid):
             low = mid
         else:
             high = mid - 1
