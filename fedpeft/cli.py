@@ -3,15 +3,17 @@
     fedpeft simulate CONFIG [--set key=value ...] [--out DIR] [--verbose] [--resume]
     fedpeft plan CONFIG [--set key=value ...] [--measure]
     fedpeft audit CONFIG [--set key=value ...] [--out DIR]
-    fedpeft credentials DIR [--nodes N] [--host NAME ...]
+    fedpeft credentials DIR [--nodes N] [--host NAME ...] [--force]
 
 A user mistake (config, data, model) ends in one sentence on stderr and exit code 2,
-never a traceback.
+never a traceback. Ctrl-C stops a run within seconds, with exit code 130, keeping what the
+last finished round wrote.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import socket
@@ -37,8 +39,7 @@ def quiet_flower_env() -> None:
 quiet_flower_env()
 
 from fedpeft.config import Config, ConfigError, load_config  # noqa: E402
-from fedpeft.data import DataError  # noqa: E402
-from fedpeft.models import ModelError  # noqa: E402
+from fedpeft.errors import DataError, ModelError  # noqa: E402
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
@@ -155,6 +156,10 @@ def simulate(
         checkpoint_to_resume(cfg, out_dir)  # its mistakes end here, in one sentence
     if client_app is None and cfg.simulation.ray_address:
         client_app = make_client_app([ray_placement])  # replies say which Ray node ran them
+    log.info(
+        "starting Flower's simulation runtime: %d virtual clients on Ray (the first round "
+        "waits for its actors to load the model)", cfg.partition.num_clients,
+    )  # fmt: skip
     started = time.time()
     run_simulation(
         server_app=make_server_app(cfg, out_dir, resume),
@@ -196,6 +201,7 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
     )
+    sim.add_argument("--force", action="store_true", help="replace a run already in --out")
     plan = sub.add_parser("plan", help="per device profile: LoRA depth, ranks, size, memory")
     plan.add_argument("config", help="YAML config with a fleet section")
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -210,12 +216,14 @@ def _parser() -> argparse.ArgumentParser:
     creds.add_argument(
         "--host", action="append", default=[], help="a name or IP nodes dial (repeatable)"
     )
+    creds.add_argument("--force", action="store_true", help="replace credentials already in DIR")
     audit = sub.add_parser("audit", help="gradient-inversion attacks against each defense")
     audit.add_argument(
         "config", help="YAML config with an audit section, e.g. configs/audit/mr.yaml"
     )
     audit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     audit.add_argument("--out", help="output directory (default: outputs/audit-<config name>)")
+    audit.add_argument("--force", action="store_true", help="replace an audit already in --out")
     return parser
 
 
@@ -223,51 +231,119 @@ def _out_dir(args: argparse.Namespace) -> Path:
     default = Path("outputs") / (
         f"audit-{Path(args.config).stem}" if args.command == "audit" else Path(args.config).stem
     )
-    out = Path(args.out or default)
+    return Path(args.out or default)
+
+
+# What marks a directory as holding a run (simulate) or an audit's results.
+RUN_FILES = ("metrics.jsonl", "checkpoint.npz", "summary.json")
+AUDIT_FILES = ("audit.md", "audit.json")
+
+
+def refuse_overwrite(out: Path, command: str, resume: bool, force: bool) -> None:
+    """A run's outputs are never replaced silently: ``--resume`` continues them,
+    ``--force`` replaces them, anything else is a one-sentence refusal."""
+    found = [f for f in (AUDIT_FILES if command == "audit" else RUN_FILES) if (out / f).exists()]
+    if not found or resume or force:
+        return
+    what = "a finished run" if "summary.json" in found else f"a run ({', '.join(found)})"
+    hint = (
+        "pass --force to replace it"
+        if command == "audit"
+        else "pass --resume to continue it or --force to replace it"
+    )
+    raise ConfigError(f"'{out}' already holds {what}; {hint}, or choose another --out.")
+
+
+def make_out_dir(out: Path) -> bool:
+    """Create the output directory; True when this call created it (so a run that fails
+    before writing anything can remove it again)."""
+    existed = out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"Output directory '{out}' cannot be created ({err.strerror}).") from err
-    return out
+    return not existed
+
+
+def remove_if_empty(out: Path) -> None:
+    """A run that failed before its first output leaves no empty directory behind."""
+    with contextlib.suppress(OSError):
+        out.rmdir()  # only succeeds when empty
+
+
+def stop_now(code: int) -> None:
+    """Exit at once: stop Ray's processes, flush, and skip the join of Flower's ServerApp
+    thread (it blocks in ``InMemoryGrid.send_and_receive`` and would hold the exit open
+    forever). What the last finished round wrote is already on disk: metrics lines are
+    fsynced and checkpoints are replaced atomically."""
+    for name in ("flwr", "ray"):  # their threads log the actors' deaths as tracebacks
+        logging.getLogger(name).disabled = True
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        with contextlib.suppress(Exception):  # exiting anyway; nothing is left to protect
+            ray.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _credentials(args: argparse.Namespace) -> int:
+    from fedpeft.deploy import write_credentials
+
+    if args.nodes < 0:
+        raise ConfigError("'--nodes' should be non-negative.")
+    for path in write_credentials(Path(args.dir), args.nodes, args.host, force=args.force):
+        print(path)
+    return 0
+
+
+def _run(args: argparse.Namespace, out: Path) -> int:
+    """The verbs that load a config: plan, audit, simulate."""
+    cfg = load_config(args.config, args.set)
+    if args.command == "plan":
+        from fedpeft.planning import format_plan, plan_fleet
+
+        print(format_plan(plan_fleet(cfg, measure=args.measure)))
+        return 0
+    if args.command == "audit":
+        from fedpeft.audit.sweep import run_audit
+
+        run_audit(cfg, out)
+        print(f"audit: {out / 'audit.md'}")
+        return 0
+    simulate(cfg, out, resume=args.resume)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
-    if args.command == "credentials":
-        from fedpeft.deploy import write_credentials
-
-        if args.nodes < 0:
-            print("fedpeft: '--nodes' should be non-negative.", file=sys.stderr)
-            return 2
-        for path in write_credentials(Path(args.dir), args.nodes, args.host):
-            print(path)
-        return 0
+    created = False
+    out = _out_dir(args) if args.command in ("simulate", "audit") else None
     try:
-        cfg = load_config(args.config, args.set)
-        if args.command == "plan":
-            from fedpeft.planning import format_plan, plan_fleet
-
-            print(format_plan(plan_fleet(cfg, measure=args.measure)))
-            return 0
-        out = _out_dir(args)
-        if args.command == "audit":
-            from fedpeft.audit.sweep import run_audit
-
-            run_audit(cfg, out)
-            print(f"audit: {out / 'audit.md'}")
-            return 0
-        simulate(cfg, out, resume=args.resume)
+        if args.command == "credentials":
+            return _credentials(args)
+        log.info("%s %s: loading", args.command, args.config)  # the imports take seconds
+        if out is not None:
+            refuse_overwrite(out, args.command, getattr(args, "resume", False), args.force)
+            created = make_out_dir(out)
+        return _run(args, out or Path("."))
     except USER_ERRORS as err:
+        if created and out is not None:
+            remove_if_empty(out)
         print(f"fedpeft: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            "fedpeft: interrupted; metrics.jsonl and the last adapter checkpoint are kept.",
-            file=sys.stderr,
+        if created and out is not None:
+            remove_if_empty(out)
+        kept = (
+            ""
+            if out is None or not (out / "metrics.jsonl").exists()
+            else (f"; {out} keeps the rounds finished so far (continue with --resume)")
         )
-        return 130
-    return 0
+        print(f"fedpeft: interrupted{kept}.", file=sys.stderr)
+        stop_now(130)
+        return 130  # not reached
 
 
 if __name__ == "__main__":

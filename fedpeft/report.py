@@ -54,6 +54,15 @@ def _ratio(num: float, den: float) -> float | None:
     return round(num / den, 4) if den else None
 
 
+def _record(line: str) -> dict[str, Any] | None:
+    """One metrics line; ``None`` for a blank one or one a killed process cut short."""
+    try:
+        record = json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and "round" in record else None
+
+
 class RunLog:
     """Appends round records and writes the summary and plots of one run."""
 
@@ -72,7 +81,7 @@ class RunLog:
         self.rounds: list[dict[str, Any]] = []
         if resumed_round and self.metrics_path.is_file():
             lines = self.metrics_path.read_text().splitlines()
-            records = [json.loads(line) for line in lines if line.strip()]
+            records = [r for line in lines if (r := _record(line)) is not None]
             self.rounds = [r for r in records if r["round"] <= resumed_round]
         atomic_write_text(
             self.metrics_path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in self.rounds)
