@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, ViTConfig
+from transformers import AutoTokenizer, BertForSequenceClassification, ViTConfig
 
 from fedpeft import models
 from fedpeft.config import LoraConfig, ModelConfig
@@ -113,17 +113,11 @@ def test_directory_without_config(tmp_path: Path) -> None:
 def _tiny_bert_dir(directory: Path, num_labels: int = 2, tokenizer: bool = True) -> str:
     """A local model directory as ``save_pretrained`` writes it: a 2-layer BERT with a
     classification head, and (unless told not to) the packaged MiniLM tokenizer."""
-    config = BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=num_labels,
-    )
+    tok = AutoTokenizer.from_pretrained(packaged_minilm_path())
+    config = models._tiny_config("tiny-bert", tok.vocab_size, num_labels)  # as tiny-bert is built
     BertForSequenceClassification(config).save_pretrained(directory)
     if tokenizer:
-        AutoTokenizer.from_pretrained(packaged_minilm_path()).save_pretrained(directory)
+        tok.save_pretrained(directory)
     return str(directory)
 
 
