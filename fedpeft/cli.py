@@ -21,7 +21,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 
 def quiet_flower_env() -> None:
@@ -271,7 +271,7 @@ def remove_if_empty(out: Path) -> None:
         out.rmdir()  # only succeeds when empty
 
 
-def stop_now(code: int) -> None:
+def stop_now(code: int) -> NoReturn:
     """Exit at once: stop Ray's processes, flush, and skip the join of Flower's ServerApp
     thread (it blocks in ``InMemoryGrid.send_and_receive`` and would hold the exit open
     forever). What the last finished round wrote is already on disk: metrics lines are
@@ -336,14 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if created and out is not None:
             remove_if_empty(out)
-        kept = (
-            ""
-            if out is None or not (out / "metrics.jsonl").exists()
-            else (f"; {out} keeps the rounds finished so far (continue with --resume)")
-        )
+        finished = out is not None and (out / "checkpoint.npz").exists()
+        kept = f"; {out} keeps the rounds finished so far (continue with --resume)"
+        kept = kept if finished else ""
         print(f"fedpeft: interrupted{kept}.", file=sys.stderr)
         stop_now(130)
-        return 130  # not reached
 
 
 if __name__ == "__main__":
