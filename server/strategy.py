@@ -206,7 +206,11 @@ class AdapterFedAvg(FedAvg):
             stats.downlink_fp32_bytes += wire.record_bytes(
                 content if ins is full else wire.encode_train_ins(full)
             )
-            messages.append(Message(content, dst_node_id=node, message_type=kind))
+            # the round waits ``timeout`` for replies; an instruction older than that is
+            # void, so a node back from a crash trains on the current round, not on the
+            # rounds the SuperLink queued while it was away (each a round behind)
+            ttl = self.cfg.federation.timeout
+            messages.append(Message(content, dst_node_id=node, message_type=kind, ttl=ttl))
         self._outbox, self._sent_to = messages, None
         return messages
 

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 TINY = (
     "model.name=tiny-bert model.max_length=32 lora.r=4 data.synthetic_samples=300 "
     "partition.num_clients=3 partition.scheme=iid federation.rounds=5 train.local_steps=2 "
-    "federation.min_clients=2 federation.timeout=30"
+    "federation.min_clients=2 federation.timeout=45"
 )
 NODE_CONFIGS = [
     "partition-id=0 device='phone' memory-mb=5 max-rank=2",

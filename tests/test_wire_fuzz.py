@@ -89,6 +89,12 @@ def _strategy(aggregator: str, *overrides: str) -> tuple[AdapterFedAvg, list[Mes
     return strategy, list(sent)
 
 
+def test_instructions_expire_with_the_round(task_identity) -> None:  # type: ignore[no-untyped-def]
+    """A node that rejoins after a crash must not train on rounds that have timed out."""
+    strategy, sent = _strategy("fedit")
+    assert {m.metadata.ttl for m in sent} == {strategy.cfg.federation.timeout}
+
+
 def through_flower(content: RecordDict) -> RecordDict | None:
     """The content as the other side of Flower's wire gets it: every object deflated,
     checked as the SuperLink checks it, and inflated again. ``None``: Flower itself
