@@ -234,7 +234,9 @@ def _out_dir(args: argparse.Namespace) -> Path:
     return Path(args.out or default)
 
 
-# What marks a directory as holding a run (simulate) or an audit's results.
+# What marks a directory as holding a run (simulate) or an audit's results. The names are
+# spelled here rather than imported (fedpeft.checkpoint.FILE, RunLog's files): those
+# modules import Flower and numpy, and the CLI checks this before its slow imports.
 RUN_FILES = ("metrics.jsonl", "checkpoint.npz", "summary.json")
 AUDIT_FILES = ("audit.md", "audit.json")
 
