@@ -32,7 +32,7 @@ from typing import Any
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
-from fedpeft import client, wire
+from fedpeft import client, threads, wire
 
 
 def query(msg: Message, context: Context) -> Message:
@@ -90,9 +90,20 @@ def ray_placement(msg: Message, context: Context, call_next: Any) -> Message:
     return reply
 
 
-def make_client_app(mods: Sequence[Any] = ()) -> ClientApp:
-    """fedpeft's ClientApp, optionally behind Flower client mods (taps, timers, DP)."""
-    built = ClientApp(mods=list(mods))
+def client_threads(msg: Message, context: Context, call_next: Any) -> Message:
+    """Client mod: in a Ray actor, torch gets as many threads as the actor holds CPUs
+    (``simulation.client_cpus``); see :mod:`fedpeft.threads`. Elsewhere, a no-op."""
+    threads.use_client_threads()
+    reply: Message = call_next(msg, context)
+    return reply
+
+
+def make_client_app(mods: Sequence[Any] = (), torch_threads: bool = True) -> ClientApp:
+    """fedpeft's ClientApp, optionally behind Flower client mods (taps, timers, DP).
+
+    ``torch_threads``: first of all mods, :func:`client_threads` (benchmarks turn it off
+    to measure what it changes)."""
+    built = ClientApp(mods=[client_threads, *mods] if torch_threads else list(mods))
     built.query()(query)
     built.train()(train)
     built.evaluate()(evaluate)

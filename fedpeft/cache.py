@@ -33,7 +33,7 @@ from fedpeft.train import Encoded
 CACHE_ENV = "FEDPEFT_CACHE"
 # Bump when what a cached file means changes (partitioning, encoding), so that old files
 # are ignored rather than misread.
-FORMAT = 1
+FORMAT = 2
 
 
 def cache_root() -> Path | None:
@@ -57,26 +57,46 @@ def digest(parts: Mapping[str, object]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+def _ragged(arrays: dict[str, np.ndarray], key: str, lists: list[list[int]]) -> None:
+    arrays[f"{key}.lengths"] = np.array([len(x) for x in lists], dtype=np.int64)
+    arrays[key] = np.array([v for x in lists for v in x], dtype=np.int64)
+
+
+def _unragged(arrays: Mapping[str, np.ndarray], key: str, count: int) -> list[list[int]]:
+    flat, lengths = arrays[key], arrays[f"{key}.lengths"]
+    if int(lengths.sum()) != len(flat) or len(lengths) != count:
+        raise ValueError(f"inconsistent cached array '{key}'")
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    return [flat[a:b].tolist() for a, b in itertools.pairwise(bounds)]
+
+
 def pack(named: Mapping[str, Encoded]) -> dict[str, np.ndarray]:
-    """Ragged token id lists as one flat array and their lengths, per split."""
+    """Ragged token id lists as one flat array and their lengths, per split (and for
+    instructions the targets, the prompts and the references as UTF-8 bytes)."""
     arrays: dict[str, np.ndarray] = {}
     for name, enc in named.items():
-        lengths = np.array([len(ids) for ids in enc.input_ids], dtype=np.int64)
-        flat = [token for ids in enc.input_ids for token in ids]
-        arrays[f"{name}.ids"] = np.array(flat, dtype=np.int64)
-        arrays[f"{name}.lengths"] = lengths
+        _ragged(arrays, f"{name}.ids", enc.input_ids)
         arrays[f"{name}.labels"] = np.array(enc.labels, dtype=np.int64)
+        if enc.targets is not None and enc.prompts is not None and enc.references is not None:
+            _ragged(arrays, f"{name}.targets", enc.targets)
+            _ragged(arrays, f"{name}.prompts", enc.prompts)
+            refs = [list(r.encode("utf-8")) for r in enc.references]
+            _ragged(arrays, f"{name}.references", refs)
     return arrays
 
 
 def unpack(arrays: Mapping[str, np.ndarray], name: str) -> Encoded:
-    ids, lengths = arrays[f"{name}.ids"], arrays[f"{name}.lengths"]
-    if int(lengths.sum()) != len(ids) or len(lengths) != len(arrays[f"{name}.labels"]):
-        raise ValueError(f"inconsistent cached split '{name}'")
-    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    count = len(arrays[f"{name}.labels"])
+    ids = _unragged(arrays, f"{name}.ids", count)
+    if f"{name}.targets" not in arrays:
+        return Encoded(input_ids=ids, labels=arrays[f"{name}.labels"].tolist())
+    refs = _unragged(arrays, f"{name}.references", count)
     return Encoded(
-        input_ids=[ids[a:b].tolist() for a, b in itertools.pairwise(bounds)],
+        input_ids=ids,
         labels=arrays[f"{name}.labels"].tolist(),
+        targets=_unragged(arrays, f"{name}.targets", count),
+        prompts=_unragged(arrays, f"{name}.prompts", count),
+        references=[bytes(r).decode("utf-8") for r in refs],
     )
 
 

@@ -4,6 +4,7 @@
     fedpeft plan CONFIG [--set key=value ...] [--measure]
     fedpeft audit CONFIG [--set key=value ...] [--out DIR]
     fedpeft credentials DIR [--nodes N] [--host NAME ...] [--force]
+    fedpeft generate DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P]
 
 A user mistake (config, data, model) ends in one sentence on stderr and exit code 2,
 never a traceback. Ctrl-C stops a run within seconds, with exit code 130, keeping what the
@@ -23,6 +24,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from fedpeft.threads import keep_driver_niceness
+
 
 def quiet_flower_env() -> None:
     """No telemetry, update checks or runtime installs: this must run offline. Flower
@@ -34,6 +37,7 @@ def quiet_flower_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # inherited by Ray workers
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    keep_driver_niceness()  # client actors at this process's niceness, not 15 above it
 
 
 quiet_flower_env()
@@ -94,6 +98,10 @@ def preflight(cfg: Config) -> None:
             f"'simulation.client_cpus' ({cfg.simulation.client_cpus:g}) exceeds the "
             f"{available_cpus()} CPU cores available."
         )
+    from fedpeft import accel
+
+    accel.check_devices(cfg)
+    accel.check_client_gpus(cfg)
     dataset = load_dataset(cfg.data, cfg.model.task, cfg.seed)
     for pid in range(cfg.partition.num_clients):
         train, _ = client_rows(cfg.data, cfg.partition, cfg.model.task, cfg.seed, pid)
@@ -103,7 +111,13 @@ def preflight(cfg: Config) -> None:
                 "partition; use fewer clients or more data."
             )
     load_tokenizer(cfg.model.name)
-    build_peft_model(cfg.model, cfg.lora, dataset.num_labels, init_seed=cfg.seed)
+    build_peft_model(
+        cfg.model,
+        cfg.lora,
+        dataset.num_labels,
+        init_seed=cfg.seed,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+    )
     base_cfg = load_base_config(cfg.model, dataset.num_labels)
     limit = getattr(base_cfg, "max_position_embeddings", None) or getattr(
         base_cfg, "n_positions", None
@@ -126,7 +140,10 @@ def backend_config(cfg: Config) -> dict[str, Any]:
     address = cfg.simulation.ray_address
     cluster = {"address": address} if address else {"num_cpus": available_cpus()}
     return {
-        "client_resources": {"num_cpus": cfg.simulation.client_cpus, "num_gpus": 0.0},
+        "client_resources": {
+            "num_cpus": cfg.simulation.client_cpus,
+            "num_gpus": cfg.simulation.client_gpus,
+        },
         "init_args": {**cluster, "logging_level": "ERROR", "log_to_driver": True},
     }
 
@@ -224,7 +241,27 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     audit.add_argument("--out", help="output directory (default: outputs/audit-<config name>)")
     audit.add_argument("--force", action="store_true", help="replace an audit already in --out")
+    gen = sub.add_parser("generate", help="answer a prompt with a causal-LM run's adapter")
+    gen.add_argument("dir", help="the run's output directory (simulate --out)")
+    gen.add_argument("--prompt", required=True, help="the user turn to answer")
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
+    gen.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)"
+    )
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's p")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--base", action="store_true", help="answer with the base model alone")
     return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from fedpeft.generate import Sampling, answer, load_run_model
+
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    sampling.check()  # before the model loads
+    cfg, model = load_run_model(Path(args.dir), use_adapter=not args.base)
+    print(answer(model, cfg, args.prompt, sampling))
+    return 0
 
 
 def _out_dir(args: argparse.Namespace) -> Path:
@@ -325,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "credentials":
             return _credentials(args)
+        if args.command == "generate":
+            log.info("generate %s: loading", args.dir)
+            return _generate(args)
         log.info("%s %s: loading", args.command, args.config)  # the imports take seconds
         if out is not None:
             refuse_overwrite(out, args.command, getattr(args, "resume", False), args.force)

@@ -41,7 +41,14 @@ from fedpeft.models import (
 from fedpeft.privacy.accounting import Entry, add_steps, epsilon, noise_multiplier
 from fedpeft.privacy.dpsgd import sample_rate, train_local_dp
 from fedpeft.privacy.mechanisms import clip, gaussian_noise, global_norm
-from fedpeft.train import Encoded, TrainResult, encode, evaluate, train_local
+from fedpeft.train import (
+    Encoded,
+    TrainResult,
+    encode,
+    evaluate,
+    generation_metrics,
+    train_local,
+)
 from fedpeft.wire import State, TrainIns, TrainRes
 
 
@@ -62,14 +69,17 @@ def parse_lora(lora_json: str) -> LoraConfig:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_model(model: ModelConfig, lora: LoraConfig, num_labels: int) -> PeftModel:
+def _cached_model(
+    model: ModelConfig, lora: LoraConfig, num_labels: int, checkpointing: bool
+) -> PeftModel:
     # Every trainable tensor is overwritten by the received adapters each round, so one
     # model per (process, plan) serves every round and every partition with that plan.
-    return build_peft_model(model, lora, num_labels)
+    return build_peft_model(model, lora, num_labels, gradient_checkpointing=checkpointing)
 
 
 def _installed_model(ins: TrainIns, cfg: Config, base_delta: State) -> PeftModel:
-    model = _cached_model(cfg.model, parse_lora(ins.lora_json), ins.num_labels)
+    lora = parse_lora(ins.lora_json)
+    model = _cached_model(cfg.model, lora, ins.num_labels, cfg.train.gradient_checkpointing)
     set_base_deltas(model, base_delta)
     load_adapter_state(model, ins.adapters)
     return model
@@ -366,6 +376,8 @@ def evaluate_round(ins: TrainIns, base_delta: State | None = None) -> tuple[int,
     data = client_data(cfg, ins.partition_id)
     if len(data.test) == 0:
         return 0, {}
-    pad_id = load_tokenizer(cfg.model.name).pad_token_id
-    metrics = evaluate(model, data.test, cfg.federation.eval_batch_size, pad_id, cfg.model.task)
-    return len(data.test), metrics
+    tok = load_tokenizer(cfg.model.name)
+    batch = cfg.federation.eval_batch_size
+    metrics = evaluate(model, data.test, batch, tok.pad_token_id, cfg.model.task)
+    generated, _ = generation_metrics(model, data.test, tok, cfg.eval, batch)
+    return len(data.test), {**generated, **metrics}

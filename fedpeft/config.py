@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -48,6 +49,9 @@ class ModelConfig:
             (the model's pooler, tanh(W h_[CLS])) or ``mean`` (the mean of the token
             states under the attention mask, the pooling sentence-transformers
             checkpoints such as all-MiniLM-L6-v2 were trained with).
+        load_in_4bit: QLoRA (Dettmers et al., 2023): the frozen base in 4-bit NF4 with
+            double quantization, the adapters in fp32. Needs a CUDA GPU and bitsandbytes;
+            without either the run is refused before loading.
     """
 
     name: str = "minilm"
@@ -55,6 +59,7 @@ class ModelConfig:
     max_length: int = 64
     dropout: float | None = None
     pooling: Literal["cls", "mean"] = "cls"
+    load_in_4bit: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,20 @@ class DataConfig:
         max_test_samples: cap on held-out examples (``null``: all).
         synthetic_samples: examples generated for the synthetic task.
         synthetic_classes: number of classes of the synthetic task.
+        format: how a row of a ``causal_lm`` run reads (classification ignores it):
+            ``auto`` (an ``instruction``/``output`` record is ``alpaca``, a ``messages``
+            record ``chat``, anything else ``text``); ``alpaca`` (``instruction``, an
+            optional ``input``, ``output``); ``chat`` (``messages``: role/content turns
+            ending with the assistant's); ``text`` (the text field as it is, every token
+            trained; with ``prompt`` each labelled row becomes an instruction).
+            Instructions are rendered with the tokenizer's chat template and trained on
+            the response tokens only.
+        prompt: turns a labelled row of a ``causal_lm`` run into an instruction: the
+            user turn, with ``{text}`` replaced by the row's text; the answer is its
+            label's word in ``label_words``.
+        label_words: the answer for each label, in label order (numeric labels in
+            numeric order, others alphabetically), e.g. ``[negative, positive]``;
+            ``null`` uses the label names themselves.
     """
 
     source: str = "synthetic"
@@ -125,6 +144,9 @@ class DataConfig:
     max_test_samples: int | None = None
     synthetic_samples: int = 2000
     synthetic_classes: int = 4
+    format: Literal["auto", "alpaca", "chat", "text"] = "auto"
+    prompt: str | None = None
+    label_words: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +187,16 @@ class TrainConfig:
             et al., 2022): CE(logits + τ log π_client, y), with π_client the client's label
             prior. Under label skew a client then learns features rather than its prior;
             0 is the plain loss. Classification only.
+        device: where to train: ``auto`` (the first of CUDA, MPS and CPU), ``cpu``,
+            ``cuda``, ``cuda:N`` or ``mps``; one that is absent is refused before loading.
+            In a simulation a client sees a GPU only with ``simulation.client_gpus``.
+        precision: autocast dtype of the forward pass: ``auto`` (bf16 on a CUDA GPU with
+            native bf16, compute capability 8.0+; fp32 elsewhere), ``fp32``, ``bf16`` (such
+            a GPU, or a CPU when asked for) or ``fp16`` (CUDA only, with loss scaling).
+            The adapters, their gradients and the optimizer state stay fp32.
+        gradient_checkpointing: recompute each layer's activations during backward
+            instead of keeping them (less activation memory, about a third more compute);
+            the gradients are the same.
     """
 
     local_steps: int = 10
@@ -174,6 +206,9 @@ class TrainConfig:
     logit_adjustment: float = 0.0
     optimizer: str = "adamw"
     momentum: float = 0.0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
@@ -307,10 +342,14 @@ class SimulationConfig:
         ray_address: an existing Ray cluster to run the virtual clients on: its head's
             ``host:port`` (as ``ray start --head`` prints it) or ``auto``. Null: a
             private Ray instance on this machine's cores.
+        client_gpus: GPUs given to each virtual client (Flower's ``num_gpus``; 0.5: two
+            clients share one). With 0, Ray hides the GPUs from the clients and
+            ``train.device: auto`` trains on the CPU.
     """
 
     client_cpus: float = 2.0
     ray_address: str | None = None
+    client_gpus: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -346,6 +385,24 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """What evaluation of a ``causal_lm`` run generates (greedy decoding).
+
+    Args:
+        max_new_tokens: tokens generated per held-out prompt; an answer longer than
+            this is cut and so scored wrong.
+        generate_examples: held-out prompts answered per evaluation (the first ones; the
+            token loss covers them all); 0 skips generation.
+        samples: prompt / reference / generation triples written to ``samples.jsonl``
+            per evaluated round.
+    """
+
+    max_new_tokens: int = 16
+    generate_examples: int = 200
+    samples: int = 3
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run. ``seed`` (in [0, 2**32)) controls partitioning, initialization and
     sampling."""
@@ -362,6 +419,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -553,6 +611,7 @@ def _check_model(m: ModelConfig) -> None:
 
 LORA_SCALINGS = ("standard", "rslora", "fixed")
 OPTIMIZERS = ("adamw", "sgd")
+DEVICE_CHOICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 
 
 def _check_lora(lo: LoraConfig) -> None:
@@ -584,6 +643,29 @@ def _check_data(d: DataConfig) -> None:
     for key in ("max_train_samples", "max_test_samples"):
         cap = getattr(d, key)
         _require(cap is None or cap >= 1, f"'data.{key}' should be positive or null.")
+    _require(
+        d.prompt is None or "{text}" in d.prompt,
+        "'data.prompt' should contain {text}, where each row's text goes.",
+    )
+    _require(
+        d.label_words is None or d.prompt is not None,
+        "'data.label_words' applies with 'data.prompt' only.",
+    )
+    _require(
+        d.label_words is None or all(w.strip() for w in d.label_words),
+        "'data.label_words' should be non-empty words.",
+    )
+    _require(
+        d.prompt is None or d.format in ("auto", "text"),
+        f"'data.prompt' turns labelled text rows into instructions; 'data.format: "
+        f"{d.format}' rows are instructions already.",
+    )
+
+
+def _check_eval(e: EvalConfig) -> None:
+    _require(1 <= e.max_new_tokens <= 4096, "'eval.max_new_tokens' should be in [1, 4096].")
+    _require(e.generate_examples >= 0, "'eval.generate_examples' should be non-negative.")
+    _require(e.samples >= 0, "'eval.samples' should be non-negative.")
 
 
 def _check_partition(p: PartitionConfig) -> None:
@@ -610,6 +692,10 @@ def _check_train(t: TrainConfig) -> None:
     _require(
         t.momentum == 0 or t.optimizer == "sgd",
         "'train.momentum' applies to 'train.optimizer: sgd' only.",
+    )
+    _require(
+        DEVICE_CHOICE.fullmatch(t.device) is not None,
+        f"'train.device' should be auto, cpu, cuda, cuda:N or mps, got {t.device!r}.",
     )
 
 
@@ -717,6 +803,11 @@ def _check_privacy(cfg: Config) -> None:
             "'privacy.mode: record' needs 'train.logit_adjustment: 0' (the logit-adjusted "
             "loss uses the client's label counts, which DP-SGD does not protect).",
         )
+        _require(
+            not cfg.train.gradient_checkpointing,
+            "'privacy.mode: record' needs 'train.gradient_checkpointing: false' (Opacus gets "
+            "no per-example gradients of the adapters in recomputed layers).",
+        )
     if p.mode == "user":
         _require(
             cfg.federation.aggregator == "fedit" and not cfg.fleet.profiles,
@@ -803,6 +894,7 @@ def _check_audit(a: AuditConfig) -> None:
 
 def _check_simulation(s: SimulationConfig) -> None:
     _require(s.client_cpus > 0, "'simulation.client_cpus' should be positive.")
+    _require(s.client_gpus >= 0, "'simulation.client_gpus' should be non-negative.")
     _require(
         s.ray_address is None or bool(s.ray_address.strip()),
         "'simulation.ray_address' should be a Ray head's host:port, 'auto', or null.",
@@ -842,3 +934,18 @@ def _validate(cfg: Config) -> None:
     )
     _check_simulation(cfg.simulation)
     _check_audit(cfg.audit)
+    _check_eval(cfg.eval)
+    _require(
+        not (cfg.model.load_in_4bit and cfg.federation.aggregator == "flora"),
+        "'federation.aggregator: flora' merges updates into the base weights, which a "
+        "4-bit base ('model.load_in_4bit') cannot hold; use another aggregator.",
+    )
+    _require(
+        not (cfg.train.precision == "fp16" and cfg.privacy.mode == "record"),
+        "'train.precision: fp16' scales the loss, which Opacus's per-example clipping "
+        "would clip at the wrong norm; use bf16 or fp32 with 'privacy.mode: record'.",
+    )
+    _require(
+        cfg.model.task == "causal_lm" or (cfg.data.prompt is None and cfg.data.format == "auto"),
+        "'data.prompt' and 'data.format' shape causal-LM rows; set 'model.task: causal_lm'.",
+    )

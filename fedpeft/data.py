@@ -21,8 +21,10 @@ import numpy as np
 
 from fedpeft.config import DataConfig, PartitionConfig
 from fedpeft.errors import DataError
+from fedpeft.instruct import Chat, alpaca_chat, classification_chat, messages_chat
 
-Row = dict[str, Any]  # {"text": str, "label": int}
+# {"text": str, "label": int}, and for an instruction of a causal LM {"messages": Chat}
+Row = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -79,19 +81,16 @@ def synthetic_rows(n: int, num_classes: int, seed: int) -> list[Row]:
     return rows
 
 
-def instruction_text(row: Row, label_names: list[str]) -> str:
-    """Instruction-style causal-LM text for a labelled row (Alpaca-like prompt)."""
-    return (
-        "### Instruction: name the topic of the sentence.\n"
-        f"### Input: {row['text']}\n### Response: {label_names[row['label']]}"
-    )
+SYNTHETIC_PROMPT = "Name the topic of this sentence in one word.\n\n{text}"
 
 
 # --------------------------------------------------------------------------- files
 
 
-def read_rows(path: str, text_field: str, label_field: str | None) -> list[Row]:
-    """Read a ``.jsonl`` or ``.csv`` file into rows with ``text`` and ``label``."""
+def read_rows(path: str, text_field: str, label_field: str | None, fmt: str = "text") -> list[Row]:
+    """Read a ``.jsonl`` or ``.csv`` file into rows with ``text`` and ``label``; with
+    ``fmt`` ``auto``, ``alpaca`` or ``chat`` (``data.format``), instruction records
+    become rows with ``messages`` (and a label only if they have one)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"Data file '{path}' does not exist.")
@@ -112,7 +111,53 @@ def read_rows(path: str, text_field: str, label_field: str | None) -> list[Row]:
         raise DataError(f"Data file '{path}' cannot be read ({err.strerror}).") from err
     if not records:
         raise DataError(f"Data file '{path}' has no rows.")
-    return [_row(r, i, path, text_field, label_field) for i, r in enumerate(records, 1)]
+    kinds = [_record_format(r, fmt) for r in records]
+    if "text" in kinds and len(set(kinds)) > 1:
+        n = kinds.index("text") + 1
+        raise DataError(
+            f"Data file '{path}' row {n} is not an instruction record (no 'instruction'/"
+            "'output' or 'messages') while others are; use one kind of row per file."
+        )
+    return [
+        _row(r, i, path, text_field, label_field)
+        if kind == "text"
+        else _instruction_row(r, i, path, kind, label_field)
+        for i, (r, kind) in enumerate(zip(records, kinds, strict=True), 1)
+    ]
+
+
+def _record_format(rec: dict[str, Any], fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    if "messages" in rec:
+        return "chat"
+    if "instruction" in rec or "output" in rec:
+        return "alpaca"
+    return "text"
+
+
+def _instruction_row(
+    rec: dict[str, Any], n: int, path: str, kind: str, label_field: str | None
+) -> Row:
+    """An Alpaca or chat record as a row; its text (what the audit and plots show) is
+    the user's turns, and its label (what partitions it) is optional."""
+    line = rec.get(_LINE)
+    where = f"Data file '{path}' " + (f"line {line}" if line else f"row {n}")
+    chat: Chat = alpaca_chat(rec, where) if kind == "alpaca" else messages_chat(rec, where)
+    text = "\n\n".join(t["content"] for t in chat if t["role"] == "user")
+    row: Row = {"text": text, "messages": chat}
+    if label_field is not None and label_field in rec:
+        label = rec[label_field]
+        if not isinstance(label, str | int) or label == "":
+            raise DataError(
+                f"{where} has {_describe(label)} in label field '{label_field}', not an "
+                "integer, a string or a boolean."
+            )
+        row["label"] = label
+    return row
+
+
+_LINE = "\0line"  # the JSONL line a record came from, for instruction rows' errors
 
 
 def _read_jsonl(p: Path) -> list[dict[str, Any]]:
@@ -128,6 +173,7 @@ def _read_jsonl(p: Path) -> list[dict[str, Any]]:
             ) from err
         if not isinstance(rec, dict):
             raise DataError(f"Data file '{p}' line {lineno} should be a JSON object.")
+        rec[_LINE] = lineno
         records.append(rec)
     return records
 
@@ -193,7 +239,8 @@ def _check_label_types(parts: list[tuple[str, list[Row]]]) -> None:
         if Path(source).suffix == ".csv":
             continue
         for n, r in enumerate(rows, 1):
-            first.setdefault(_label_kind(r["label"]), (source, n, r["label"]))
+            if "label" in r:  # instruction rows may have none
+                first.setdefault(_label_kind(r["label"]), (source, n, r["label"]))
     if len(first) < 2:
         return
     sources = {source for source, _, _ in first.values()}
@@ -212,10 +259,12 @@ def _label_order(name: str) -> tuple[bool, int, str]:
     return (not numeric, int(name) if numeric else 0, name)
 
 
-def _map_labels(train: list[Row], test: list[Row], source: str, test_source: str | None) -> int:
+def _map_labels(
+    train: list[Row], test: list[Row], source: str, test_source: str | None
+) -> list[str]:
     """Map raw labels (all of one type: see _check_label_types) to 0..K-1 in sorted
-    order, in place. ``test`` comes from ``test_source``, or is held out of ``source``
-    when that is None."""
+    order, in place; returns the label names in that order. ``test`` comes from
+    ``test_source``, or is held out of ``source`` when that is None."""
     names = sorted({str(r["label"]) for r in train}, key=_label_order)
     if len(names) < 2:
         raise DataError(
@@ -227,7 +276,7 @@ def _map_labels(train: list[Row], test: list[Row], source: str, test_source: str
             raise DataError(_unseen_label(r["label"], n, test, source, test_source))
     for r in train + test:
         r["label"] = index[str(r["label"])]
-    return len(names)
+    return names
 
 
 def _unseen_label(label: Any, n: int, test: list[Row], source: str, test_source: str | None) -> str:
@@ -274,26 +323,64 @@ def load_dataset(cfg: DataConfig, task: str, seed: int) -> Dataset:
 
 @functools.lru_cache(maxsize=2)
 def _load_dataset_cached(cfg: DataConfig, task: str, seed: int) -> Dataset:
-    train, test = _raw_split(cfg, seed)
-    num_labels = _map_labels(train, test, cfg.source, cfg.test_source)
+    fmt = cfg.format if task == "causal_lm" else "text"
+    train, test = _raw_split(cfg, seed, fmt)
+    if _unlabelled_instructions(train + test, cfg):
+        for r in train + test:
+            r["label"] = 0  # one class: partitions differ in size, not in labels
+        names = ["all"]
+    else:
+        names = _map_labels(train, test, cfg.source, cfg.test_source)
     train = _cap(train, cfg.max_train_samples, seed)
     test = _cap(test, cfg.max_test_samples, seed + 1)
-    if task == "causal_lm" and cfg.source == "synthetic":  # files hold LM text as it is
-        names = list(_TOPICS)[:num_labels]
-        train = [{"text": instruction_text(r, names), "label": r["label"]} for r in train]
-        test = [{"text": instruction_text(r, names), "label": r["label"]} for r in test]
-    return Dataset(train=train, test=test, num_labels=num_labels)
+    prompt = cfg.prompt or (SYNTHETIC_PROMPT if cfg.source == "synthetic" else None)
+    if task == "causal_lm" and prompt is not None:
+        words = _label_words(cfg, names)
+        train = [_as_instruction(r, prompt, words) for r in train]
+        test = [_as_instruction(r, prompt, words) for r in test]
+    return Dataset(train=train, test=test, num_labels=len(names))
 
 
-def _raw_split(cfg: DataConfig, seed: int) -> tuple[list[Row], list[Row]]:
+def _unlabelled_instructions(rows: list[Row], cfg: DataConfig) -> bool:
+    """Instruction rows need no label; if one has a label, all must."""
+    labelled = ["label" in r for r in rows]
+    if all(labelled):
+        return False
+    if any(labelled):
+        n = labelled.index(False) + 1
+        raise DataError(
+            f"Instruction rows of '{cfg.source}' have a '{cfg.label_field}' field in some "
+            f"rows but not all (row {n} has none); label all of them or none."
+        )
+    return True
+
+
+def _label_words(cfg: DataConfig, names: list[str]) -> list[str]:
+    words = list(cfg.label_words) if cfg.label_words else names
+    if cfg.source == "synthetic" and not cfg.label_words:
+        words = list(_TOPICS)[: len(names)]
+    if len(words) != len(names):
+        raise DataError(
+            f"'data.label_words' has {len(words)} words but the data has {len(names)} "
+            f"labels ({', '.join(names)}); give one word per label, in that order."
+        )
+    return words
+
+
+def _as_instruction(row: Row, prompt: str, words: list[str]) -> Row:
+    chat = classification_chat(row["text"], prompt, words[row["label"]])
+    return {"text": row["text"], "label": row["label"], "messages": chat}
+
+
+def _raw_split(cfg: DataConfig, seed: int, fmt: str) -> tuple[list[Row], list[Row]]:
     if cfg.source == "synthetic":
         rows = synthetic_rows(cfg.synthetic_samples, cfg.synthetic_classes, seed)
     elif cfg.source.startswith("hf:"):
         rows = _hub_rows(cfg.source[3:], "train", cfg)
     else:
-        rows = read_rows(cfg.source, cfg.text_field, cfg.label_field)
+        rows = read_rows(cfg.source, cfg.text_field, cfg.label_field, fmt)
     if cfg.test_source is not None:
-        test = read_rows(cfg.test_source, cfg.text_field, cfg.label_field)
+        test = read_rows(cfg.test_source, cfg.text_field, cfg.label_field, fmt)
         _check_label_types([(cfg.source, rows), (cfg.test_source, test)])
         return rows, test
     _check_label_types([(cfg.source, rows)])

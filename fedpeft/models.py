@@ -27,7 +27,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # lazy export
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, TaskType, get_peft_model
+from peft import PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors import SafetensorError
@@ -50,7 +50,7 @@ from transformers.utils import (
     WEIGHTS_NAME,
 )
 
-from fedpeft import packaged
+from fedpeft import accel, packaged
 from fedpeft.config import LoraConfig, ModelConfig
 from fedpeft.devices import ModelShape
 from fedpeft.errors import ModelError
@@ -271,12 +271,15 @@ def _model_class(task: str) -> Any:
 
 def _instantiate(cfg: ModelConfig, num_labels: int) -> PreTrainedModel:
     cls = _model_class(cfg.task)
+    # a 4-bit base lands on the GPU this process sees first (a Ray actor's own)
+    quantization = accel.quantization_kwargs(cfg.load_in_4bit, accel.resolve_device("auto"))
     if cfg.name in TINY_MODELS:
         tiny = _tiny_config(cfg.name, load_tokenizer(cfg.name).vocab_size, num_labels)
         model: PreTrainedModel = cls.from_config(tiny)
-        return model
+        return accel.reload_quantized(model, quantization) if quantization else model
     path = resolve_model_path(cfg.name)
     kwargs: dict[str, Any] = {"num_labels": num_labels} if cfg.task == "classification" else {}
+    kwargs |= quantization
     config = _from_pretrained(AutoConfig, cfg.name, path)
     _check_weight_files(cfg.name, path)
     try:
@@ -406,10 +409,19 @@ def _fixed_alpha_pattern(lora: LoraConfig) -> dict[str, float]:
 
 
 def build_peft_model(
-    model_cfg: ModelConfig, lora: LoraConfig, num_labels: int, init_seed: int = 0
+    model_cfg: ModelConfig,
+    lora: LoraConfig,
+    num_labels: int,
+    init_seed: int = 0,
+    gradient_checkpointing: bool = False,
 ) -> PeftModel:
-    """Base model + LoRA adapters; ``init_seed`` draws the A factors (B starts at zero)."""
+    """Base model + LoRA adapters; ``init_seed`` draws the A factors (B starts at zero).
+    ``gradient_checkpointing``: ``train.gradient_checkpointing``."""
     base = load_base_model(model_cfg, num_labels)
+    if model_cfg.load_in_4bit:  # QLoRA: norms and head in fp32, the base frozen
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)  # type: ignore[no-untyped-call]
+    if gradient_checkpointing:
+        accel.enable_gradient_checkpointing(base)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         try:

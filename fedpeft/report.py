@@ -1,5 +1,6 @@
-"""Run outputs: ``metrics.jsonl`` (one line per round), ``summary.json``, ``adapter/``
-(Hugging Face PEFT format) and ``plots/*.png``.
+"""Run outputs: ``metrics.jsonl`` (one line per round), ``samples.jsonl`` (a causal LM's
+answers to a few held-out prompts, per round), ``summary.json``, ``adapter/`` (Hugging
+Face PEFT format) and ``plots/*.png``.
 
 Every file is written so that a crash never leaves a half-written one: JSON lines are
 flushed and fsynced per round; whole files and the adapter directory are written to a
@@ -86,6 +87,23 @@ class RunLog:
         atomic_write_text(
             self.metrics_path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in self.rounds)
         )
+        self.samples_path = out_dir / "samples.jsonl"
+        kept = []
+        if resumed_round and self.samples_path.is_file():
+            lines = self.samples_path.read_text().splitlines()
+            kept = [r for line in lines if (r := _record(line)) and r["round"] <= resumed_round]
+        self.samples_path.unlink(missing_ok=True)
+        if kept:
+            atomic_write_text(self.samples_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def log_samples(self, server_round: int, samples: list[dict[str, str]]) -> None:
+        """Append a round's (prompt, reference, generation) triples, one per line."""
+        if not samples:
+            return
+        with self.samples_path.open("a") as fh:
+            fh.writelines(json.dumps({"round": server_round, **s}) + "\n" for s in samples)
+            fh.flush()
+            os.fsync(fh.fileno())
 
     def log_round(self, record: dict[str, Any]) -> None:
         record = {k: _finite_or_none(v) for k, v in record.items()}
@@ -99,7 +117,11 @@ class RunLog:
         last = self.rounds[-1] if self.rounds else {}
         summary = {
             "rounds": len(self.rounds),
-            "final": {k: last.get(k) for k in ("accuracy", "loss", "perplexity") if k in last},
+            "final": {
+                k: last.get(k)
+                for k in ("accuracy", "exact_match", "loss", "perplexity")
+                if k in last
+            },
             "uplink_bytes_total": sum(r["uplink_bytes"] for r in self.rounds),
             "downlink_bytes_total": sum(r["downlink_bytes"] for r in self.rounds),
             "rejected_total": sum(len(r["rejected"]) for r in self.rounds),
@@ -158,11 +180,11 @@ class RunLog:
 
         rounds = [r["round"] for r in self.rounds]
         paths = []
-        metric = "accuracy" if "accuracy" in self.rounds[0] else "perplexity"
-        scored = [r for r in self.rounds if r.get(metric) is not None]
-        if scored:
-            xs = [r["round"] for r in scored]
-            paths.append(self._plot(plt, xs, {metric: [r[metric] for r in scored]}, metric))
+        for metric in ("accuracy", "exact_match", "perplexity"):
+            scored = [r for r in self.rounds if r.get(metric) is not None]
+            if scored:
+                xs = [r["round"] for r in scored]
+                paths.append(self._plot(plt, xs, {metric: [r[metric] for r in scored]}, metric))
         mb = {
             "uplink": [r["uplink_bytes"] / 1e6 for r in self.rounds],
             "downlink": [r["downlink_bytes"] / 1e6 for r in self.rounds],

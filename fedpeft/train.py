@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fedpeft.config import TrainConfig
+from fedpeft import accel, instruct
+from fedpeft.config import EvalConfig, TrainConfig
 from fedpeft.data import Row
 
 log = logging.getLogger("fedpeft")
@@ -25,10 +26,17 @@ log = logging.getLogger("fedpeft")
 
 @dataclass(frozen=True)
 class Encoded:
-    """Tokenized examples: token id lists (unpadded) and labels."""
+    """Tokenized examples: token id lists (unpadded) and labels.
+
+    Instructions (rows with ``messages``) also carry ``targets``, the token labels
+    (-100 outside the responses), ``prompts``, what a model answers after, and
+    ``references``, the expected answers."""
 
     input_ids: list[list[int]]
     labels: list[int]
+    targets: list[list[int]] | None = None
+    prompts: list[list[int]] | None = None
+    references: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -49,6 +57,8 @@ def encode(
     on a slow CPU) a log line every ``progress_s`` seconds says how far it got."""
     if not rows:  # e.g. no held-out rows (client_test_fraction 0); tokenizers reject []
         return Encoded(input_ids=[], labels=[])
+    if "messages" in rows[0]:
+        return encode_instructions(rows, tokenizer, max_length, progress_s)
     texts = [r["text"] for r in rows]
     ids: list[list[int]] = []
     start = last = time.perf_counter()
@@ -61,10 +71,52 @@ def encode(
     return Encoded(input_ids=ids, labels=[int(r.get("label", 0)) for r in rows])
 
 
+def encode_instructions(
+    rows: list[Row], tokenizer: PreTrainedTokenizerBase, max_length: int, progress_s: float = 5.0
+) -> Encoded:
+    """Chat rows through the tokenizer's chat template, trained on the responses only. A
+    row longer than ``max_length`` loses the start of its prompt; one whose response
+    alone is longer is left out, with a warning (it would train nothing)."""
+    ids, targets, prompts, refs, labels = [], [], [], [], []
+    dropped = 0
+    start = last = time.perf_counter()
+    for n, row in enumerate(rows, 1):
+        chat = [
+            {**t, "content": text_head(t["content"], _CONTENT_CHARS * max_length)}
+            for t in row["messages"]
+        ]
+        full, trained = instruct.chat_tokens(tokenizer, chat)
+        cut = instruct.truncate(full, trained, max_length)
+        if cut is None:
+            dropped += 1
+            continue
+        ids.append(cut[0])
+        targets.append(cut[1])
+        # the last answer starts after the last ignored id: before it is prompt_tokens
+        answer = len(trained) - trained[::-1].index(instruct.IGNORE)
+        prompts.append(instruct.truncate_prompt(full[:answer], max_length))
+        refs.append(instruct.reference(chat))
+        labels.append(int(row.get("label", 0)))
+        now = time.perf_counter()
+        if now - last >= progress_s:
+            log.info("Tokenized %d of %d instructions (%.0f s)", n, len(rows), now - start)
+            last = now
+    if dropped:
+        log.warning(
+            "%d of %d instructions left out: their response alone is longer than "
+            "model.max_length (%d tokens)", dropped, len(rows), max_length,
+        )  # fmt: skip
+    return Encoded(ids, labels, targets=targets, prompts=prompts, references=refs)
+
+
 _CHUNK_ROWS = 1000  # rows per tokenizer call: a progress line can follow any of them
 # First guess of a head's length, in characters per token of max_length: about twice
 # English prose's ~4.5 under WordPiece; a guess that falls short is doubled (_token_ids)
 HEAD_CHARS_PER_TOKEN = 8
+# A turn's content is cut to this many characters per token of max_length before it is
+# rendered, a bound on the tokenizer's work for a huge row: a turn that long has more
+# than max_length tokens in any prose (a head of the text, as in _token_ids)
+_CONTENT_CHARS = 2 * HEAD_CHARS_PER_TOKEN
 _CUT = re.compile(r"\S ")  # a non-space, then the space a head ends before
 
 
@@ -130,8 +182,12 @@ def collate(
         mask[row, : len(seq)] = 1
     if task == "classification":
         labels = torch.tensor([data.labels[i] for i in index])
-    else:  # causal LM: predict every real token, ignore padding
-        labels = ids.masked_fill(mask == 0, -100)
+    elif data.targets is not None:  # instructions: the response tokens only
+        labels = torch.full((len(seqs), width), instruct.IGNORE, dtype=torch.long)
+        for row, i in enumerate(index):
+            labels[row, : len(data.targets[i])] = torch.tensor(data.targets[i])
+    else:  # causal LM on plain text: predict every real token, ignore padding
+        labels = ids.masked_fill(mask == 0, instruct.IGNORE)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -171,24 +227,30 @@ def train_local(
     start = time.perf_counter()
     torch.manual_seed(seed)  # dropout
     rng = np.random.default_rng(seed)
-    log_prior = _log_label_prior(data, model) if task == "classification" else None
+    device = accel.resolve_device(cfg.device)
+    dtype = accel.autocast_dtype(device, cfg.precision)
+    model.to(device)  # before the optimizer takes the parameters
+    log_prior = _log_label_prior(data, model).to(device) if task == "classification" else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
+    scaler = accel.grad_scaler(device, dtype)  # fp16 only; a pass-through otherwise
     model.train()
     losses = []
     seen = 0
     for index in batch_indices(len(data), cfg.batch_size, cfg.local_steps, rng):
         # forward
-        batch = collate(data, index, pad_id, task)
-        out = model(**batch)
-        loss = out.loss
-        if log_prior is not None and cfg.logit_adjustment > 0:
-            adjusted = out.logits + cfg.logit_adjustment * log_prior  # (B, K)
-            loss = torch.nn.functional.cross_entropy(adjusted, batch["labels"])
+        batch = {k: v.to(device) for k, v in collate(data, index, pad_id, task).items()}
+        with accel.autocast(device, dtype):
+            out = model(**batch)
+            loss = out.loss
+            if log_prior is not None and cfg.logit_adjustment > 0:
+                adjusted = out.logits.float() + cfg.logit_adjustment * log_prior  # (B, K)
+                loss = torch.nn.functional.cross_entropy(adjusted, batch["labels"])
         # backward + step
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         losses.append(float(loss.detach()))
         seen += len(index)
     model.eval()
@@ -217,11 +279,12 @@ def evaluate(
     metrics are sums over examples, so the order does not change them.
     """
     model.eval()
+    device = next(model.parameters()).device  # fp32, wherever training left the model
     total_loss, correct, count, tokens = 0.0, 0, 0, 0
     order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
-        batch = collate(data, index, pad_id, task)
+        batch = {k: v.to(device) for k, v in collate(data, index, pad_id, task).items()}
         out = model(**batch)
         if task == "classification":
             total_loss += float(out.loss) * len(index)
@@ -235,3 +298,38 @@ def evaluate(
         return {"accuracy": correct / max(count, 1), "loss": total_loss / max(count, 1)}
     loss = total_loss / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def generation_metrics(
+    model: torch.nn.Module,
+    data: Encoded,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: EvalConfig,
+    batch_size: int,
+) -> tuple[dict[str, float], list[dict[str, str]]]:
+    """Exact match of greedy answers to the first ``cfg.generate_examples`` held-out
+    prompts, and the first ``cfg.samples`` (prompt, reference, generation) triples."""
+    if data.prompts is None or data.references is None or cfg.generate_examples == 0:
+        return {}, []
+    n = min(cfg.generate_examples, len(data.prompts))
+    if n == 0:
+        return {}, []
+    answers = instruct.generate(
+        model,
+        data.prompts[:n],
+        pad_id=int(tokenizer.pad_token_id),
+        eos_id=instruct.end_of_answer(tokenizer)[1],
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=batch_size,
+    )
+    texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
+    hits = sum(instruct.exact_match(t, r) for t, r in zip(texts, data.references, strict=False))
+    samples = [
+        {
+            "prompt": str(tokenizer.decode(data.prompts[i], skip_special_tokens=False)),
+            "reference": data.references[i],
+            "generation": texts[i],
+        }
+        for i in range(min(cfg.samples, n))
+    ]
+    return {"exact_match": hits / n}, samples

@@ -33,7 +33,7 @@ from fedpeft.models import (
 from fedpeft.planning import FleetPlan, plan_clients
 from fedpeft.privacy.accounting import affordable_steps
 from fedpeft.report import RunLog, save_adapter
-from fedpeft.train import encode, evaluate
+from fedpeft.train import encode, evaluate, generation_metrics
 from server.strategy import AdapterFedAvg, RoundStats
 
 log = logging.getLogger("fedpeft")
@@ -133,20 +133,21 @@ class ServerEvaluator:
         self.run_log = run_log
         self.model = model
         self.test = test
-        self.pad_id = load_tokenizer(cfg.model.name).pad_token_id
+        self.tokenizer = load_tokenizer(cfg.model.name)
+        self.pad_id = self.tokenizer.pad_token_id
         self.initial: dict[str, float] = {}
+        self.samples: list[dict[str, str]] = []  # the last evaluation's generations
         self._export: Any = None  # FLoRA's export model, refilled every round
 
     def _evaluate(self) -> dict[str, float]:
         if not self.cfg.federation.server_eval:
             return {}
-        return evaluate(
-            self.model,
-            self.test,
-            self.cfg.federation.eval_batch_size,
-            self.pad_id,
-            self.cfg.model.task,
+        batch = self.cfg.federation.eval_batch_size
+        metrics = evaluate(self.model, self.test, batch, self.pad_id, self.cfg.model.task)
+        generated, self.samples = generation_metrics(
+            self.model, self.test, self.tokenizer, self.cfg.eval, batch
         )
+        return {**generated, **metrics}
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         state = wire.record_to_state(arrays)
@@ -157,6 +158,7 @@ class ServerEvaluator:
             if self.strategy.round_offset == 0:
                 self.initial = metrics
                 log.info("round 0 (initial adapters): %s", _fmt(metrics))
+                self._log_samples(0)
             else:
                 log.info("resumed after round %d: %s", self.strategy.round_offset, _fmt(metrics))
             return MetricRecord(metrics) if metrics else None  # type: ignore[arg-type]
@@ -180,6 +182,7 @@ class ServerEvaluator:
             "seconds": round(time.perf_counter() - stats.started, 3),
         }
         self.run_log.log_round(record)
+        self._log_samples(server_round)
         save_adapter(self._exported(), self.run_log.out_dir / "adapter")
         checkpoint = Checkpoint(
             server_round,
@@ -195,6 +198,15 @@ class ServerEvaluator:
             stats.uplink_bytes / 1e6, record["seconds"], _client_readiness(record),
         )  # fmt: skip
         return MetricRecord(metrics) if metrics else None  # type: ignore[arg-type]
+
+    def _log_samples(self, server_round: int) -> None:
+        self.run_log.log_samples(server_round, self.samples)
+        if self.samples:  # the prompts are in samples.jsonl
+            first = self.samples[0]
+            log.info(
+                "  sample answer: %r (reference %r)", first["generation"][:120],
+                first["reference"][:120],
+            )  # fmt: skip
 
     def _exported(self) -> Any:
         """The model whose adapter is saved: the global adapter, or with merged updates

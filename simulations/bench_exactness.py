@@ -90,7 +90,7 @@ class Lab:
         cut, scaling = get_aggregator("fedit"), self.cfg.lora.scaling_for
         updates = []
         for pid, lora in self.client_loras.items():
-            model = _cached_model(self.cfg.model, lora, self.num_labels)  # one per plan
+            model = _cached_model(self.cfg.model, lora, self.num_labels, False)  # one per plan
             sent = cut.cut(
                 global_state, adapter_shapes(self.cfg.model, lora, self.num_labels), scaling
             )

@@ -17,6 +17,7 @@ from fedpeft.audit.threat import initial_adapters, warmed_adapters
 from fedpeft.cli import main
 from fedpeft.config import Config, config_from_dict
 from fedpeft.data import synthetic_rows
+from fedpeft.models import load_tokenizer
 
 NUM_LABELS = 2
 SENTENCES = (
@@ -123,6 +124,27 @@ def test_span_test_cannot_be_exact_when_the_batch_outnumbers_the_rank() -> None:
     rows = [{"text": t, "label": i % 2} for i, t in enumerate(SENTENCES)]  # ~36 pairs > 16
     view, secret = _observe(cfg, rows, warm=True)
     assert _run("span", view, secret)["token_recall"] < 0.9
+
+
+def test_span_test_on_a_rotary_llama_recovers_the_vocabulary_tokens() -> None:
+    """Llama adds positions after the projections (RoPE), so layer-0 inputs are
+    RMSNorm(E[v]) at every position: the test finds which tokens, not where. The last
+    token of a causal-LM row predicts nothing and reaches no earlier position, so its
+    input gets no gradient and stays out of the span."""
+    cfg = config_from_dict(
+        {
+            "model": {"name": "tiny-llama", "task": "causal_lm", "max_length": 16},
+            "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]},
+            "data": {"source": "synthetic"},
+            "train": {"optimizer": "sgd", "lr": 10.0, "local_steps": 1},
+        }
+    )
+    view, _ = _observe(cfg, [{"text": "the movie was great fun", "label": 1}], warm=True)
+    guess = build_attack("span").run(view, Public(candidates=()))
+    tok = load_tokenizer("tiny-llama")
+    ids = tok("the movie was great fun")["input_ids"]
+    assert set(ids[:-1]) <= guess.tokens <= set(ids)
+    assert guess.texts is None  # no positions, so no sentence
 
 
 def test_attacks_say_what_they_need() -> None:

@@ -30,8 +30,12 @@ def test_synthetic_is_seeded_and_balanced() -> None:
 
 def test_synthetic_causal_lm_rows_are_instructions() -> None:
     ds = load_dataset(DataConfig(synthetic_samples=100), "causal_lm", seed=0)
-    assert ds.train[0]["text"].startswith("### Instruction:")
-    assert "### Response:" in ds.test[0]["text"]
+    user, answer = ds.train[0]["messages"]
+    assert user["role"] == "user" and user["content"].endswith(ds.train[0]["text"])
+    assert answer == {
+        "role": "assistant",
+        "content": "sports food technology weather".split()[ds.train[0]["label"]],
+    }
 
 
 def test_jsonl_and_csv_with_string_labels(tmp_path: Path) -> None:

@@ -171,17 +171,38 @@ def test_same_seed_same_metrics_other_seed_differs(run: dict[str, Any]) -> None:
     assert third != first
 
 
-def test_causal_lm_federation(tmp_path: Path) -> None:
+def test_instruction_tuning_federation_and_generate(tmp_path: Path, capsys: Any) -> None:
+    """tiny-llama (SmolLM2's tokenizer and chat template) on the synthetic topics asked as
+    questions: exact match and perplexity per round, samples.jsonl, and ``fedpeft
+    generate`` answering with the saved adapter exactly as the server's model did."""
+    from fedpeft.cli import main
+
     raw = {
         **TINY,
-        "model": {"name": "tiny-gpt2", "task": "causal_lm", "max_length": 48},
+        "model": {"name": "tiny-llama", "task": "causal_lm", "max_length": 64},
         "partition": {"num_clients": 2, "scheme": "iid"},
-        "federation": {"rounds": 1, "min_clients": 2},
+        "train": {"local_steps": 3, "batch_size": 4, "lr": 5e-2},
+        "federation": {"rounds": 2, "min_clients": 2, "eval_batch_size": 16},
+        "eval": {"max_new_tokens": 5, "generate_examples": 10, "samples": 2},
     }
-    simulate(config_from_dict(raw), tmp_path / "lm")
-    (row,) = _read_jsonl(tmp_path / "lm" / "metrics.jsonl")
-    assert "perplexity" in row and np.isfinite(row["perplexity"]) and "accuracy" not in row
-    assert (tmp_path / "lm" / "plots" / "perplexity.png").is_file()
+    out = tmp_path / "lm"
+    simulate(config_from_dict(raw), out)
+    rows = _read_jsonl(out / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2] and "accuracy" not in rows[0]
+    assert all(0 <= r["exact_match"] <= 1 and np.isfinite(r["perplexity"]) for r in rows)
+    assert (out / "plots" / "exact_match.png").is_file()
+    samples = _read_jsonl(out / "samples.jsonl")
+    assert [s["round"] for s in samples] == [0, 0, 1, 1, 2, 2]
+    last = samples[-1]
+    assert last["reference"] in ("sports", "food", "technology")
+    user = (
+        last["prompt"]
+        .split("<|im_start|>user\n")[1]
+        .removesuffix("<|im_end|>\n<|im_start|>assistant\n")
+    )
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", user, "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip() == last["generation"].strip()
 
 
 @pytest.mark.parametrize(

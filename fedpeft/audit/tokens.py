@@ -13,10 +13,16 @@
   the layer's adapted maps) iff it was in the batch — exactly so when the batch has no
   more (token, position) pairs than the row space has dimensions (≤ the summed ranks).
   Sums of plain SGD steps on one batch stay in the span (fedAvg with SGD); Adam's
-  per-coordinate scaling, noise and sparsification do not.
+  per-coordinate scaling, noise and sparsification do not. A rotary-position decoder
+  (Llama) adds positions after the projections, so its layer-0 inputs are RMSNorm(E[v])
+  for every position alike: the test then recovers which vocabulary tokens were in the
+  batch, not where.
 """
 
 from __future__ import annotations
+
+import re
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,8 +61,11 @@ class SpanTest:
     def unavailable(self, view: ServerView) -> str | None:
         if not first_layer_a(view.update):
             return "no LoRA on transformer layer 0"
-        if load_base_config(view.cfg.model, view.num_labels).model_type != "bert":
-            return "the model has no BERT-style embeddings module (absolute positions)"
+        if load_base_config(view.cfg.model, view.num_labels).model_type not in SPAN_MODELS:
+            return (
+                "layer-0 inputs are computed for BERT (absolute positions) and Llama "
+                "(rotary positions) only"
+            )
         return None
 
     def run(self, view: ServerView, public: Public) -> Guess:
@@ -67,6 +76,8 @@ class SpanTest:
         if view.cfg.train.batch_size != 1:
             return Guess(tokens=tokens, notes=notes)
         tok = load_tokenizer(view.cfg.model.name)
+        if load_base_config(view.cfg.model, view.num_labels).model_type == "llama":
+            return Guess(tokens=tokens, notes=notes)  # tokens, but not their order
         sequence = [vs[0] for _, vs in sorted(found.items()) if len(vs) == 1]
         text = str(tok.decode(sequence, skip_special_tokens=True))
         return Guess(tokens=tokens, texts=(text,), notes=notes)
@@ -80,8 +91,7 @@ class SpanTest:
     @torch.no_grad()
     def inside_span(self, view: ServerView, spans: list[Span]) -> dict[int, list[int]]:
         """For every position, the tokens whose layer-0 input passes every span test."""
-        model = view.global_model()
-        embeddings = _embeddings(model)
+        embeddings = _layer0_inputs(view.global_model())
         vocab = len(load_tokenizer(view.cfg.model.name))
         ids = torch.arange(vocab)[:, None]  # (V, 1)
         tests = [
@@ -89,12 +99,9 @@ class SpanTest:
             for p, q in spans
         ]
         found: dict[int, list[int]] = {}
-        for position in range(view.cfg.model.max_length):
-            x = embeddings(
-                input_ids=ids,
-                token_type_ids=torch.zeros_like(ids),
-                position_ids=torch.full_like(ids, position),
-            )[:, 0]  # (V, n)
+        rotary = load_base_config(view.cfg.model, view.num_labels).model_type == "llama"
+        for position in [0] if rotary else range(view.cfg.model.max_length):
+            x = embeddings(ids, position)  # (V, n)
             distance = torch.zeros(vocab)
             for projection, q in tests:
                 y = x if projection is None else x @ projection.T  # (V, n) or (V, r)
@@ -137,9 +144,14 @@ class ProjectedSpanTest(SpanTest):
         return out
 
 
+SPAN_MODELS = ("bert", "llama")
+# the maps of transformer layer 0 that read the layer's input (BERT's or Llama's naming)
+_FIRST_LAYER_A = re.compile(r"\.layers?\.0\..*\b(query|key|value|q_proj|k_proj|v_proj)\.lora_A\.")
+
+
 def first_layer_keys(update: dict[str, np.ndarray]) -> list[str]:
-    """The A factors of every adapted map of transformer layer 0 (BERT naming)."""
-    return [k for k in sorted(update) if ".layer.0." in k and ".lora_A." in k]
+    """The A factors of every adapted map of transformer layer 0 that reads its input."""
+    return [k for k in sorted(update) if _FIRST_LAYER_A.search(k)]
 
 
 def first_layer_a(update: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -166,9 +178,17 @@ def row_space(deltas: list[np.ndarray], floor: float) -> np.ndarray:
     return np.asarray(vt[s > max(floor, 1e-6 * s[0])])
 
 
-def _embeddings(model: torch.nn.Module) -> torch.nn.Module:
-    """The module that maps (token, position, segment) to the layer-0 input."""
+def _layer0_inputs(model: torch.nn.Module) -> Any:
+    """(token ids (V, 1), position) -> the (V, n) inputs of layer 0's attention maps."""
     for _, module in model.named_modules():
         if type(module).__name__.endswith("Embeddings") and hasattr(module, "position_embeddings"):
-            return module  # type: ignore[no-any-return]
-    raise ValueError("The model has no BERT-style embeddings module.")
+            bert = module  # LN(E[v] + P[p] + T[0])
+            return lambda ids, p: bert(
+                input_ids=ids,
+                token_type_ids=torch.zeros_like(ids),
+                position_ids=torch.full_like(ids, p),
+            )[:, 0]
+        if hasattr(module, "embed_tokens") and hasattr(module, "layers"):
+            embed, norm = module.embed_tokens, module.layers[0].input_layernorm
+            return lambda ids, _p: norm(embed(ids))[:, 0]  # RMSNorm(E[v]); RoPE comes later
+    raise ValueError("The model has neither BERT-style embeddings nor a Llama decoder.")

@@ -108,6 +108,8 @@ def train_local_dp(
                     engine.accountant.step(noise_multiplier=noise_multiplier, sample_rate=q)
                     continue
                 batch = collate(data, index.tolist(), pad_id, task)
+                device = next(model.parameters()).device
+                batch = {k: v.to(device) for k, v in batch.items()}
                 loss = model(**batch).loss
                 dp_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
