@@ -45,8 +45,7 @@ from fedpeft.train import (
     Encoded,
     TrainResult,
     encode,
-    evaluate,
-    generation_metrics,
+    score,
     train_local,
 )
 from fedpeft.wire import State, TrainIns, TrainRes
@@ -378,6 +377,5 @@ def evaluate_round(ins: TrainIns, base_delta: State | None = None) -> tuple[int,
         return 0, {}
     tok = load_tokenizer(cfg.model.name)
     batch = cfg.federation.eval_batch_size
-    metrics = evaluate(model, data.test, batch, tok.pad_token_id, cfg.model.task)
-    generated, _ = generation_metrics(model, data.test, tok, cfg.eval, batch)
-    return len(data.test), {**generated, **metrics}
+    metrics, _ = score(model, data.test, tok, cfg.eval, batch, cfg.model.task)
+    return len(data.test), metrics

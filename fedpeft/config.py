@@ -133,6 +133,9 @@ class DataConfig:
         label_words: the answer for each label, in label order (numeric labels in
             numeric order, others alphabetically), e.g. ``[negative, positive]``;
             ``null`` uses the label names themselves.
+        system: the system turn of every instruction that has none (``fedpeft
+            generate`` asks with it too); ``null`` leaves it to the chat template (which
+            may add its own default: SmolLM2's is 16 tokens), ``""`` an empty turn.
     """
 
     source: str = "synthetic"
@@ -147,6 +150,7 @@ class DataConfig:
     format: Literal["auto", "alpaca", "chat", "text"] = "auto"
     prompt: str | None = None
     label_words: tuple[str, ...] | None = None
+    system: str | None = None
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 
 from fedpeft.config import DataConfig, PartitionConfig
 from fedpeft.errors import DataError
-from fedpeft.instruct import Chat, alpaca_chat, classification_chat, messages_chat
+from fedpeft.instruct import Chat, alpaca_chat, classification_chat, messages_chat, with_system
 
 # {"text": str, "label": int}, and for an instruction of a causal LM {"messages": Chat}
 Row = dict[str, Any]
@@ -338,7 +338,16 @@ def _load_dataset_cached(cfg: DataConfig, task: str, seed: int) -> Dataset:
         words = _label_words(cfg, names)
         train = [_as_instruction(r, prompt, words) for r in train]
         test = [_as_instruction(r, prompt, words) for r in test]
+    if task == "causal_lm" and cfg.system is not None:
+        train, test = _with_system(train, cfg.system), _with_system(test, cfg.system)
     return Dataset(train=train, test=test, num_labels=len(names))
+
+
+def _with_system(rows: list[Row], system: str) -> list[Row]:
+    return [
+        {**r, "messages": with_system(r["messages"], system)} if "messages" in r else r
+        for r in rows
+    ]
 
 
 def _unlabelled_instructions(rows: list[Row], cfg: DataConfig) -> bool:

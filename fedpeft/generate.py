@@ -71,9 +71,8 @@ def answer(model: torch.nn.Module, cfg: Config, prompt: str, sampling: Sampling)
     """The model's reply to one user turn."""
     sampling.check()
     tok = load_tokenizer(cfg.model.name)
-    ids = instruct.prompt_tokens(
-        tok, [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
-    )
+    chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
+    ids = instruct.prompt_tokens(tok, instruct.with_system(chat, cfg.data.system))
     options = None
     if sampling.temperature > 0:
         options = {"temperature": sampling.temperature, "top_p": sampling.top_p}

@@ -85,6 +85,13 @@ def classification_chat(text: str, prompt: str, word: str) -> Chat:
     ]
 
 
+def with_system(chat: Chat, system: str | None) -> Chat:
+    """The chat with ``system`` as its first turn, unless it has one or ``system`` is None."""
+    if system is None or (chat and chat[0]["role"] == "system"):
+        return chat
+    return [{"role": "system", "content": system}, *chat]
+
+
 def reference(chat: Chat) -> str:
     """The answer a held-out row expects: its last assistant turn."""
     return chat[-1]["content"]

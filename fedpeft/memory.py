@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from fedpeft.train import forward_loss
+
 
 def _storage_key(t: torch.Tensor) -> tuple[int, int]:
     storage = t.untyped_storage()
@@ -36,8 +38,10 @@ def measure_step_memory(
     trainable = [p for p in params if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**batch).loss
-    loss.backward()
+        # what training computes (a causal LM's logits only where a target follows)
+        task = "classification" if batch["labels"].dim() == 1 else "causal_lm"
+        loss, _ = forward_loss(model, batch, task)
+    loss.backward()  # type: ignore[no-untyped-call]
     optimizer.step()
     state: list[Any] = [v for s in optimizer.state.values() for v in s.values()]
     model.eval()

@@ -1,17 +1,22 @@
 """Local training and evaluation: a flat loop, one comment per phase.
 
 Batches are padded to their own longest sequence (dynamic padding), which on short
-texts is most of the speed on a CPU.
+texts is most of the speed on a CPU. A causal LM's logits are computed only at the
+positions a target token follows (transformers' ``logits_to_keep``): an instruction's
+loss covers its answer, and on a small model with a large vocabulary (SmolLM2: 49k
+words, 576 wide) the output layer over every position is a fifth of a training step.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -204,6 +209,44 @@ def batch_indices(
         pos += batch_size
 
 
+def _keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs)."""
+    inner: Any = getattr(model, "_module", model)  # under Opacus, its GradSampleModule
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # peft
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def lm_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal LM's logits (B, P, V) at the positions P some row's next token is a
+    target at, and those next tokens (B, P), -100 where a row has none there."""
+    following = batch["labels"][:, 1:]  # (B, T-1): the token each position predicts
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if not _keeps_logits(model):
+        return model(**inputs).logits[:, :-1], following
+    kept = (following != instruct.IGNORE).any(0).nonzero().squeeze(1)  # (P,)
+    return model(**inputs, logits_to_keep=kept).logits, following[:, kept]
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Token cross-entropy over the targets (-100 ignored), in fp32 as transformers does."""
+    return torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=instruct.IGNORE,
+        reduction=reduction,
+    )  # fmt: skip
+
+
+def forward_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The training loss of a batch, and a classifier's logits (None for a causal LM)."""
+    if task == "classification":
+        out = model(**batch)
+        return out.loss, out.logits
+    return lm_loss(*lm_logits(model, batch)), None
+
+
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """The local optimizer of ``train.optimizer`` over the trainable parameters."""
     if cfg.optimizer == "sgd":
@@ -241,14 +284,13 @@ def train_local(
         # forward
         batch = {k: v.to(device) for k, v in collate(data, index, pad_id, task).items()}
         with accel.autocast(device, dtype):
-            out = model(**batch)
-            loss = out.loss
-            if log_prior is not None and cfg.logit_adjustment > 0:
-                adjusted = out.logits.float() + cfg.logit_adjustment * log_prior  # (B, K)
+            loss, logits = forward_loss(model, batch, task)
+            if logits is not None and log_prior is not None and cfg.logit_adjustment > 0:
+                adjusted = logits.float() + cfg.logit_adjustment * log_prior  # (B, K)
                 loss = torch.nn.functional.cross_entropy(adjusted, batch["labels"])
         # backward + step
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
         scaler.step(optimizer)
         scaler.update()
         losses.append(float(loss.detach()))
@@ -285,44 +327,115 @@ def evaluate(
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate(data, index, pad_id, task).items()}
-        out = model(**batch)
         if task == "classification":
+            out = model(**batch)
             total_loss += float(out.loss) * len(index)
             correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
             count += len(index)
         else:
-            n_tok = int((batch["labels"][:, 1:] != -100).sum())
-            total_loss += float(out.loss) * n_tok
-            tokens += n_tok
+            logits, targets = lm_logits(model, batch)
+            total_loss += float(lm_loss(logits, targets, reduction="sum"))
+            tokens += int((targets != instruct.IGNORE).sum())
     if task == "classification":
         return {"accuracy": correct / max(count, 1), "loss": total_loss / max(count, 1)}
     loss = total_loss / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
-def generation_metrics(
+def score(
+    model: torch.nn.Module,
+    data: Encoded,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: EvalConfig,
+    batch_size: int,
+    task: str,
+) -> tuple[dict[str, float], list[dict[str, str]]]:
+    """A round's held-out metrics, and for instructions its (prompt, reference,
+    generation) samples: :func:`instruction_metrics` or :func:`evaluate`."""
+    if task == "causal_lm" and data.prompts is not None and data.references is not None:
+        return instruction_metrics(model, data, tokenizer, cfg, batch_size)
+    return evaluate(model, data, batch_size, int(tokenizer.pad_token_id), task), []
+
+
+def _last_answer(targets: list[int]) -> list[int]:
+    """The ids of a row's last assistant turn: its targets after the last -100."""
+    return targets[len(targets) - targets[::-1].index(instruct.IGNORE) :]
+
+
+def _settled(
+    predicted: list[int], data: Encoded, i: int, eos_id: int | None, max_new_tokens: int
+) -> list[int] | None:
+    """Row i's greedy answer if teacher forcing already decides it, else None.
+
+    Greedy decoding after the prompt emits the argmax token, then continues from it. So
+    if the argmax at every position of the reference answer, through its end-of-answer
+    token, is the reference's next token, decoding reproduces the reference and stops
+    there (within ``max_new_tokens``). This needs the row's context to be the prompt
+    generation starts from (not so for a row truncated on the left)."""
+    assert data.targets is not None and data.prompts is not None
+    answer = _last_answer(data.targets[i])
+    if eos_id is None or eos_id not in answer:
+        return None
+    end = answer.index(eos_id) + 1
+    start = len(data.input_ids[i]) - len(answer)
+    if end > max_new_tokens or data.input_ids[i][:start] != data.prompts[i]:
+        return None
+    if predicted[len(predicted) - len(answer) :][:end] != answer[:end]:
+        return None
+    return answer[: end - 1]
+
+
+@torch.no_grad()
+def instruction_metrics(
     model: torch.nn.Module,
     data: Encoded,
     tokenizer: PreTrainedTokenizerBase,
     cfg: EvalConfig,
     batch_size: int,
 ) -> tuple[dict[str, float], list[dict[str, str]]]:
-    """Exact match of greedy answers to the first ``cfg.generate_examples`` held-out
-    prompts, and the first ``cfg.samples`` (prompt, reference, generation) triples."""
-    if data.prompts is None or data.references is None or cfg.generate_examples == 0:
-        return {}, []
-    n = min(cfg.generate_examples, len(data.prompts))
+    """Token loss and perplexity on the held-out responses, exact match of the greedy
+    answers to the first ``cfg.generate_examples`` prompts, and the first
+    ``cfg.samples`` (prompt, reference, generation) triples.
+
+    One teacher-forced pass gives the loss and settles every answer whose greedy
+    decoding it already determines (:func:`_settled`: a trained model's usual case);
+    only the others, and the samples, are generated. The exact match is that of greedy
+    decoding of every prompt, up to ties between logits broken differently by padding.
+    """
+    assert data.targets is not None and data.prompts is not None and data.references is not None
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id = int(tokenizer.pad_token_id)
+    eos_id = instruct.end_of_answer(tokenizer)[1]
+    n = min(cfg.generate_examples, len(data))
+    answers: dict[int, list[int]] = {}
+    total_loss, tokens = 0.0, 0
+    order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate(data, index, pad_id, "causal_lm").items()}
+        logits, targets = lm_logits(model, batch)
+        total_loss += float(lm_loss(logits, targets, reduction="sum"))
+        tokens += int((targets != instruct.IGNORE).sum())
+        predicted = logits.argmax(-1)  # (B, P)
+        for row, i in enumerate(index):
+            if cfg.samples <= i < n:  # the samples are always generated
+                at = predicted[row][targets[row] != instruct.IGNORE].tolist()
+                settled = _settled(at, data, i, eos_id, cfg.max_new_tokens)
+                if settled is not None:
+                    answers[i] = settled
+    loss = total_loss / max(tokens, 1)
+    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
     if n == 0:
-        return {}, []
-    answers = instruct.generate(
-        model,
-        data.prompts[:n],
-        pad_id=int(tokenizer.pad_token_id),
-        eos_id=instruct.end_of_answer(tokenizer)[1],
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=batch_size,
-    )
-    texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
+        return metrics, []
+    rest = [i for i in range(n) if i not in answers]
+    generated = instruct.generate(
+        model, [data.prompts[i] for i in rest], pad_id=pad_id, eos_id=eos_id,
+        max_new_tokens=cfg.max_new_tokens, batch_size=batch_size,
+    )  # fmt: skip
+    answers.update(zip(rest, generated, strict=True))
+    log.debug("Exact match: %d of %d answers generated, the rest settled", len(rest), n)
+    texts = tokenizer.batch_decode([answers[i] for i in range(n)], skip_special_tokens=True)
     hits = sum(instruct.exact_match(t, r) for t, r in zip(texts, data.references, strict=False))
     samples = [
         {
@@ -332,4 +445,4 @@ def generation_metrics(
         }
         for i in range(min(cfg.samples, n))
     ]
-    return {"exact_match": hits / n}, samples
+    return {**metrics, "exact_match": hits / n}, samples

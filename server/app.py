@@ -33,7 +33,7 @@ from fedpeft.models import (
 from fedpeft.planning import FleetPlan, plan_clients
 from fedpeft.privacy.accounting import affordable_steps
 from fedpeft.report import RunLog, save_adapter
-from fedpeft.train import encode, evaluate, generation_metrics
+from fedpeft.train import encode, score
 from server.strategy import AdapterFedAvg, RoundStats
 
 log = logging.getLogger("fedpeft")
@@ -143,17 +143,18 @@ class ServerEvaluator:
         if not self.cfg.federation.server_eval:
             return {}
         batch = self.cfg.federation.eval_batch_size
-        metrics = evaluate(self.model, self.test, batch, self.pad_id, self.cfg.model.task)
-        generated, self.samples = generation_metrics(
-            self.model, self.test, self.tokenizer, self.cfg.eval, batch
+        metrics, self.samples = score(
+            self.model, self.test, self.tokenizer, self.cfg.eval, batch, self.cfg.model.task
         )
-        return {**generated, **metrics}
+        return metrics
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         state = wire.record_to_state(arrays)
         set_base_deltas(self.model, self.strategy.base_delta)  # FLoRA's merged updates
         load_adapter_state(self.model, state)
+        began = time.perf_counter()
         metrics = self._evaluate()
+        eval_seconds = round(time.perf_counter() - began, 3)
         if server_round == 0:  # before any training in this process
             if self.strategy.round_offset == 0:
                 self.initial = metrics
@@ -179,6 +180,7 @@ class ServerEvaluator:
             **({"delta": self.cfg.privacy.delta} if self.cfg.privacy.mode != "none" else {}),
             **({"audit": stats.audit} if stats.audit else {}),
             **_client_seconds(stats),
+            "server_eval_seconds": eval_seconds,
             "seconds": round(time.perf_counter() - stats.started, 3),
         }
         self.run_log.log_round(record)

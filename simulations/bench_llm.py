@@ -49,12 +49,12 @@ def _held_out(cfg: Config) -> tuple[Any, Any, Any]:
 
 
 def _scores(model: Any, cfg: Config, tok: Any, test: Any) -> dict[str, Any]:
-    from fedpeft.train import evaluate, generation_metrics
+    from fedpeft.train import score
 
-    batch = cfg.federation.eval_batch_size
-    metrics = evaluate(model, test, batch, tok.pad_token_id, cfg.model.task)
-    generated, samples = generation_metrics(model, test, tok, cfg.eval, batch)
-    return {**generated, **metrics, "samples": samples}
+    metrics, samples = score(
+        model, test, tok, cfg.eval, cfg.federation.eval_batch_size, "causal_lm"
+    )
+    return {**metrics, "samples": samples}
 
 
 def full_test(cfg: Config, model: Any) -> dict[str, Any]:
@@ -62,11 +62,9 @@ def full_test(cfg: Config, model: Any) -> dict[str, Any]:
     them): at 1066 rows its standard error is about a point."""
     full = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_test_samples=None))
     full = dataclasses.replace(full, eval=dataclasses.replace(cfg.eval, generate_examples=10**6))
-    from fedpeft.train import generation_metrics
-
-    _, tok, test = _held_out(full)  # exact match only: a loss pass would double the time
-    scores, _ = generation_metrics(model, test, tok, full.eval, cfg.federation.eval_batch_size)
-    return {"exact_match": scores["exact_match"], "rows": len(test)}
+    _, tok, test = _held_out(full)
+    scores = _scores(model, full, tok, test)
+    return {"exact_match": scores["exact_match"], "loss": scores["loss"], "rows": len(test)}
 
 
 def zero_shot(cfg: Config) -> dict[str, Any]:
@@ -134,11 +132,12 @@ def central(cfg: Config) -> dict[str, Any]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    lines = ["round  exact_match    loss  uplink_MB  seconds"]
+    lines = ["round  exact_match    loss  uplink_MB  seconds  (server eval)"]
     for r in rows:
         lines.append(
             f"{r['round']:5d}  {r.get('exact_match', float('nan')):11.4f}  {r['loss']:6.4f}"
             f"  {r['uplink_bytes'] / 1e6:9.3f}  {r['seconds']:7.1f}"
+            f"  ({r.get('server_eval_seconds', float('nan')):.1f})"
         )
     return "\n".join(lines)
 

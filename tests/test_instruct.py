@@ -4,6 +4,7 @@ without a chat template (tiny-gpt2's)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -11,13 +12,13 @@ from typing import Any
 import pytest
 import torch
 
-from fedpeft import instruct
+from fedpeft import instruct, train
 from fedpeft.cache import pack, unpack
 from fedpeft.config import DataConfig, EvalConfig, LoraConfig, ModelConfig
 from fedpeft.data import load_dataset
 from fedpeft.errors import DataError
 from fedpeft.models import build_peft_model, load_tokenizer
-from fedpeft.train import collate, encode, generation_metrics
+from fedpeft.train import collate, encode, forward_loss, instruction_metrics, lm_logits
 
 LLAMA = ModelConfig(name="tiny-llama", task="causal_lm", max_length=96)
 
@@ -118,6 +119,10 @@ def test_loss_covers_the_response_tokens_only(tok: Any) -> None:
     )
     assert torch.allclose(loss, manual, atol=1e-5)
     assert int((labels != -100).sum()) == 6  # two 3-token answers
+    # training computes the logits only where a target follows, to the same loss
+    kept, _ = lm_logits(model, batch)
+    assert kept.shape[1] < batch["input_ids"].shape[1] - 1
+    assert torch.allclose(forward_loss(model, batch, "causal_lm")[0], loss, atol=1e-5)
 
 
 def test_left_padded_batches_answer_as_single_prompts(tok: Any) -> None:
@@ -134,19 +139,75 @@ def test_left_padded_batches_answer_as_single_prompts(tok: Any) -> None:
     assert all(0 < len(a) <= 6 for a in alone)
 
 
-def test_generation_metrics_score_and_sample(tok: Any) -> None:
+def test_instruction_metrics_score_and_sample(tok: Any) -> None:
     rows = [{"text": str(i), "label": 0, "messages": _chat(f"q{i}", "yes")} for i in range(5)]
     data = encode(rows, tok, 64)
     assert data.prompts == [instruct.prompt_tokens(tok, r["messages"]) for r in rows]
     model = build_peft_model(LLAMA, LoraConfig(r=2), num_labels=2)
-    metrics, samples = generation_metrics(
+    metrics, samples = instruction_metrics(
         model, data, tok, EvalConfig(max_new_tokens=3, generate_examples=4, samples=2), 8
     )
-    assert set(metrics) == {"exact_match"} and 0.0 <= metrics["exact_match"] <= 1.0
+    assert set(metrics) == {"loss", "perplexity", "exact_match"}
+    assert 0.0 <= metrics["exact_match"] <= 1.0
     assert len(samples) == 2 and samples[0]["reference"] == "yes"
     assert samples[0]["prompt"].endswith("<|im_start|>assistant\n")
-    none, _ = generation_metrics(model, data, tok, EvalConfig(generate_examples=0), 8)
-    assert none == {}
+    none, _ = instruction_metrics(model, data, tok, EvalConfig(generate_examples=0), 8)
+    assert set(none) == {"loss", "perplexity"} and none["loss"] == metrics["loss"]
+
+
+@pytest.fixture(scope="module")
+def overfit(tok: Any) -> tuple[Any, Any]:
+    """A tiny Llama trained on 8 rows until its greedy answers are mostly theirs (its
+    frozen, random output layer keeps the loss high; the argmax is what it learns)."""
+    words = ["yes", "no", "maybe so", "yes"]
+    rows = [
+        {"text": str(i), "label": 0, "messages": _chat(f"question {i}", words[i % 4])}
+        for i in range(8)
+    ]
+    data = encode(rows, tok, 64)
+    model = build_peft_model(LLAMA, LoraConfig(r=8, alpha=16), num_labels=2, init_seed=0)
+    cfg = train.TrainConfig(local_steps=60, batch_size=8, lr=2e-2)
+    train.train_local(model, data, cfg, int(tok.pad_token_id), "causal_lm", seed=0)
+    return model, data
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 4])  # an answer and its end: 2 tokens or more
+def test_settled_answers_score_as_greedy_decoding_does(
+    tok: Any, overfit: tuple[Any, Any], max_new_tokens: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, data = overfit
+    # held out: the same prompts, some with a reference the model never learned
+    refs = [r if i % 3 else "elephant" for i, r in enumerate(data.references or [])]
+    held = dataclasses.replace(data, references=refs)
+    generated: list[int] = []
+    real = instruct.generate
+    monkeypatch.setattr(
+        instruct, "generate", lambda m, p, *a, **k: generated.append(len(p)) or real(m, p, *a, **k)
+    )
+    cfg = EvalConfig(max_new_tokens=max_new_tokens, generate_examples=8, samples=1)
+    metrics, _ = instruction_metrics(model, held, tok, cfg, 3)
+    greedy = real(
+        model, data.prompts or [], int(tok.pad_token_id), tok.eos_token_id, max_new_tokens, 3
+    )
+    texts = tok.batch_decode(greedy, skip_special_tokens=True)
+    expected = sum(instruct.exact_match(t, r) for t, r in zip(texts, refs, strict=True)) / 8
+    assert metrics["exact_match"] == expected > 0
+    if max_new_tokens == 1:  # no answer ends within 1 token: teacher forcing settles none
+        assert sum(generated) == 8
+    else:  # teacher forcing settled some answers: they were not generated
+        assert sum(generated) < 8
+
+
+def test_a_system_turn_is_added_where_a_chat_has_none(tmp_path: Path) -> None:
+    rows = [{"text": f"review {i}", "label": i % 2} for i in range(20)]
+    cfg = DataConfig(
+        source=_write(tmp_path / "mr.jsonl", rows), prompt="{text}", system="Be brief."
+    )
+    ds = load_dataset(cfg, "causal_lm", 0)
+    assert all(r["messages"][0] == {"role": "system", "content": "Be brief."} for r in ds.train)
+    own = [{"role": "system", "content": "Mine."}, *_chat("q", "a")]
+    assert instruct.with_system(own, "Be brief.") == own
+    assert instruct.with_system(own[1:], None) == own[1:]
 
 
 def test_encoded_instructions_survive_the_cache(tok: Any) -> None:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedpeft.config import TrainConfig
 from fedpeft.privacy.accounting import AccountantName, Entry
-from fedpeft.train import Encoded, TrainResult, collate, make_optimizer
+from fedpeft.train import Encoded, TrainResult, collate, forward_loss, make_optimizer
 
 
 class _Indices(Dataset[tuple[torch.Tensor]]):
@@ -110,9 +110,9 @@ def train_local_dp(
                 batch = collate(data, index.tolist(), pad_id, task)
                 device = next(model.parameters()).device
                 batch = {k: v.to(device) for k, v in batch.items()}
-                loss = model(**batch).loss
+                loss, _ = forward_loss(model, batch, task)
                 dp_optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 dp_optimizer.step()
                 losses.append(float(loss.detach()))
     finally:
