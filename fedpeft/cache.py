@@ -2,7 +2,7 @@
 
 Flower's deployment runtime starts a new ClientApp process for every message (subprocess
 isolation), so whatever a process builds in memory is gone after one round. Measured on
-this machine for MiniLM on ``../shared/data/mr`` (``simulations/bench_startup.py``): the
+this machine for MiniLM on ``data/mr`` (``simulations/bench_startup.py``): the
 base model is ready in about 0.2 s (its safetensors weights are memory-mapped, and the
 page cache keeps the file between processes), while reading the dataset, partitioning it
 with flwr-datasets and tokenizing the partition take 1-2 s per process. This module keeps

@@ -254,10 +254,10 @@ def client_round(
     rng: np.random.Generator | None = None,
     examples: Encoded | None = None,
 ) -> tuple[TrainRes, Kept]:
-    """One round as DESIGN.md orders the client's stages: train (DP-SGD for ``record``)
-    → clip (``user``, ``local``) → local noise (``local``) → compress → clip what is sent
-    (``user``; under ``local`` the noise is already on, and clipping a noised update
-    would only shrink its signal)."""
+    """One round, the client's stages in the order of docs/architecture.md: train (DP-SGD
+    for ``record``) → clip (``user``, ``local``) → local noise (``local``) → compress →
+    clip what is sent (``user``; under ``local`` the noise is already on, and clipping a
+    noised update would only shrink its signal)."""
     cfg = parse_config(ins.config_json)
     priv = cfg.privacy
     history = kept.history

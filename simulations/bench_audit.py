@@ -1,4 +1,4 @@
-"""Benchmark: the gradient-inversion audit on MiniLM and sentences of ../shared/data/mr.
+"""Benchmark: the gradient-inversion audit on MiniLM and sentences of data/mr.
 
 Runs ``fedpeft audit configs/audit/mr.yaml``: label leakage, head-input recovery with
 retrieval, the embedding-LoRA token set and the DAGER span test, against each defense

@@ -1,6 +1,6 @@
 """Benchmark: ComPEFT-compressed uplink against fp32 updates, with and without error feedback.
 
-MiniLM on ../shared/data/mr with the recipe of configs/mr.yaml (LoRA r=8 on query/value
+MiniLM on data/mr with the recipe of configs/mr.yaml (LoRA r=8 on query/value
 + head, 10 clients, Dirichlet(0.5), 10 local steps of 16), the same rounds and seed for
 every run. Prints one row per run: accuracy (mean of the last 3 rounds), total uplink
 bytes (as carried in the Flower messages), the ratio against the fp32 run, bits per kept

@@ -1,6 +1,6 @@
 """Benchmark: a mixed device fleet under each aggregator, against a homogeneous r=8 fleet.
 
-MiniLM on ../shared/data/mr, 10 clients, Dirichlet(0.5), the local recipe of
+MiniLM on data/mr, 10 clients, Dirichlet(0.5), the local recipe of
 configs/mr.yaml. The mixed fleet (configs/devices/bench/) has phones (depth 2, ranks
 1-2), single-board computers (depth 4, ranks 2-4), tablets (all 6 layers, ranks 4-8) and
 laptops (all 6 layers, ranks 8-16), planned from their memory budgets. Prints accuracy

@@ -1,6 +1,6 @@
 """Benchmark: federated instruction tuning of SmolLM2-135M-Instruct on sentence polarity.
 
-configs/llm-mr.yaml: ../shared/data/mr as an instruction task ("Is the sentiment of this
+configs/llm-mr.yaml: data/mr as an instruction task ("Is the sentiment of this
 movie review positive or negative?" -> ``positive`` / ``negative``), LoRA r=8 on
 q_proj/v_proj, 10 clients with Dirichlet(0.5) label skew, FedIT. Prints, in one run:
 

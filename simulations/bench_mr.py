@@ -1,4 +1,4 @@
-"""Benchmark: federated LoRA on sentence polarity (../shared/data/mr).
+"""Benchmark: federated LoRA on sentence polarity (data/mr).
 
 MiniLM, LoRA r=8 on query/value + classifier, 10 clients with Dirichlet(0.5) label skew,
 10 local steps of 16 per round, FedIT aggregation. Prints accuracy per round, the mean of

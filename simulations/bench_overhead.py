@@ -1,6 +1,6 @@
 """Benchmark: what Flower's simulation runtime costs on top of the client work itself.
 
-The same client work (MiniLM on ../shared/data/mr, 10 clients, 10 local steps of 16 per
+The same client work (MiniLM on data/mr, 10 clients, 10 local steps of 16 per
 round, FedIT) is run two ways in one process:
 
 1. through ``fedpeft simulate`` (Flower ServerApp + ClientApp on the Ray backend), with

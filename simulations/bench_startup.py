@@ -3,7 +3,7 @@ the node's partition cache (``fedpeft/cache.py``).
 
 Flower's deployment runtime starts a new ``flwr-clientapp`` process for every message, so
 every round a node pays for Python's imports, the base model and its data again. Each
-repetition here is such a fresh process (MiniLM, ../shared/data/mr, one partition of
+repetition here is such a fresh process (MiniLM, data/mr, one partition of
 ``configs/mr.yaml``), timed in three phases:
 
 - imports: process start to fedpeft's client module imported (torch, transformers, peft);

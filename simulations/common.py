@@ -26,7 +26,7 @@ def same_config(stored: dict[str, Any], current: dict[str, Any], default: dict[s
 
 def _resolved(value: Any) -> Any:
     """A path that exists, as the file it names (checkouts in other directories read the
-    same ../shared data through different paths); a list, item by item (fleet.profiles)."""
+    same data through different paths); a list, item by item (fleet.profiles)."""
     if isinstance(value, list):
         return [_resolved(v) for v in value]
     if isinstance(value, str) and os.path.exists(value):

@@ -17,6 +17,18 @@ def test_shipped_configs_load(path: Path) -> None:
     assert isinstance(load_config(path), Config)
 
 
+@pytest.mark.parametrize(
+    "path", [*CONFIGS, *sorted(ROOT.glob("configs/audit/*.yaml"))], ids=lambda p: p.name
+)
+def test_shipped_configs_read_files_of_the_repository(path: Path) -> None:
+    """A fresh clone runs every shipped config: its data files are in the repository."""
+    data = load_config(path).data
+    for name in (data.source, data.test_source):
+        if name is not None and name != "synthetic" and not name.startswith("hf:"):
+            assert (ROOT / name).resolve().is_relative_to(ROOT), name
+            assert (ROOT / name).is_file(), name
+
+
 @pytest.mark.parametrize("path", sorted(ROOT.glob("configs/devices/*.yaml")), ids=lambda p: p.name)
 def test_shipped_device_profiles_load(path: Path) -> None:
     from fedpeft.devices import load_profile

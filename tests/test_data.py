@@ -247,3 +247,13 @@ def test_mixed_label_types_are_refused_but_csv_text_labels_load(tmp_path: Path) 
     assert load(train_csv) == 3
     assert load(train_csv, test_csv) == 3
     assert load(train_csv, ints) == 3
+
+
+def test_the_shipped_sentence_polarity_data_is_whole() -> None:
+    """data/mr as its README describes it: 9,596 + 1,066 rows, two labels, no overlap."""
+    root = Path(__file__).resolve().parents[1] / "data" / "mr"
+    cfg = DataConfig(source=str(root / "train.jsonl"), test_source=str(root / "test.jsonl"))
+    ds = load_dataset(cfg, "classification", 0)
+    assert (len(ds.train), len(ds.test), ds.num_labels) == (9596, 1066, 2)
+    assert Counter(r["label"] for r in ds.train)[1] == 4812
+    assert not {r["text"] for r in ds.train} & {r["text"] for r in ds.test}

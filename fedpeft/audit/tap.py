@@ -1,8 +1,9 @@
 """The audit as a server-side tap during ``fedpeft simulate`` (``audit.tap_every: N``).
 
 Every N rounds the attacks of ``audit.attacks`` run on each accepted update exactly as
-the aggregator receives it (DESIGN.md step 6: after decoding and the server's re-clip),
-with the public sentences of the held-out split as the retrieval pool. Scoring needs
+the aggregator receives it (step 6 of the round in docs/architecture.md: after decoding
+and the server's re-clip), with the public sentences of the held-out split as the
+retrieval pool. Scoring needs
 the client's examples, which only a simulation can reproduce: the partition and the
 round's batch order follow from the run's seed (:func:`fedpeft.client.round_seed`).
 Under record-level DP the Poisson batches come from OS entropy, so nothing is scored.

@@ -11,7 +11,7 @@ Non-IID Data", Alg. 1) uses the mean magnitude of the kept entries as the scale 
 which preserves the kept entries' mass; ``scale: stc`` selects it.
 
 We apply it to each round's update Δ per tensor (ΔA, ΔB, head), never to raw LoRA
-weights, where A's random init would swamp B (DESIGN.md, known traps). Error feedback
+weights, where A's random init would swamp B (docs/architecture.md, known traps). Error feedback
 (Seide et al., 2014; Karimireddy et al., 2019, "Error Feedback Fixes SignSGD", Alg. 2)
 adds the previous round's residual e = (Δ + e_prev) − τ̂ to the next update, so nothing a
 client learned is dropped for good, only delayed.

@@ -4,7 +4,7 @@
 An accountant's whole state is its history of (noise multiplier z, sample rate q, steps),
 Opacus's composition record. It travels as plain lists (a node's Flower state, the
 strategy), so a node's record-level ε composes over every round it trained, not per
-round (DESIGN.md, known traps).
+round (docs/architecture.md, known traps).
 
 - Record-level DP-SGD: one entry per local step, q = batch size / client examples.
 - User-level DP-FedAvg (McMahan et al., 2018, "Learning Differentially Private Recurrent

@@ -10,7 +10,7 @@ all its rounds.
 
 Seen with Opacus 1.6 and peft: ``from_pretrained`` leaves the head in eval mode, and
 Opacus captures activations only of modules in training mode, so ``model.train()`` must
-come before ``make_private`` (DESIGN.md, known traps; ``tests/test_privacy.py`` pins it
+come before ``make_private`` (docs/architecture.md, known traps; ``tests/test_privacy.py`` pins it
 and checks the adapters really change).
 """
 
