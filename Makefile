@@ -36,3 +36,10 @@ lint: venv
 # pytest exits 5 when it collected no test: say so, and fail.
 test: lint
 	$(BIN)/python -m pytest -q --durations=12 || { rc=$$?; [ $$rc -eq 5 ] && echo "no test ran" >&2; exit $$rc; }
+
+# docs/configuration.md from the config dataclasses' docstrings (tests/test_configdoc.py
+# checks it); written aside first, so that a failure leaves the page as it was
+.PHONY: docs
+docs: venv
+	$(BIN)/python -m fedpeft.configdoc > docs/configuration.md.tmp
+	mv docs/configuration.md.tmp docs/configuration.md

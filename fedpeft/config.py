@@ -317,9 +317,9 @@ class PrivacyConfig:
         clip_norm: C, the clipping norm (per example for ``record``, per update otherwise).
         accountant: Opacus accountant, ``rdp`` or ``prv`` (tighter, but slow: at most
             10^4 accounted steps, i.e. rounds, times ``train.local_steps`` for ``record``).
-        noise_seed: seed of the ``user``/``local`` noise, for reproducible experiments
-            only (noise anyone can regenerate protects nothing), in [0, 2**32);
-            ``null``: OS entropy.
+        noise_seed: seed of the DP noise (and of ``record``'s Poisson batches), for
+            reproducible experiments only (noise anyone can regenerate protects
+            nothing), in [0, 2**32); ``null``: OS entropy.
         canaries: ``user`` only: this many canary clients (random updates of norm C)
             join DP-FedAvg's sum, and the run ends with an empirical ε from how visible
             they are in the final model (fedpeft.audit.membership). They perturb the

@@ -1,5 +1,5 @@
-"""A TLS-secured, node-authenticated deployment on loopback, as the README's deployment
-section runs it: ``fedpeft credentials``, a SuperLink with TLS and
+"""A TLS-secured, node-authenticated deployment on loopback, as docs/deployment.md runs
+it: ``fedpeft credentials``, a SuperLink with TLS and
 ``--enable-supernode-auth``, three registered SuperNodes that declare different device
 profiles, one unregistered SuperNode that must be refused, and ``flwr run`` for five
 rounds. One node is killed (SIGKILL) after round 1 and restarted with
