@@ -92,6 +92,7 @@ class ForeignLoad:
         self.roots = roots
         self.first: dict[tuple[int, float], float] = {}
         self.last: dict[tuple[int, float], float] = {}
+        self.names: dict[tuple[int, float], str] = {}
         self.started = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -100,25 +101,34 @@ class ForeignLoad:
     def _run(self) -> None:
         import psutil
 
+        ours: set[tuple[int, float]] = set()
         while not self._stop.is_set():
             for proc in psutil.process_iter():
                 with contextlib.suppress(psutil.Error):
-                    if _ours(proc, self.roots):
+                    key = (proc.pid, proc.create_time())
+                    # once ours, always: a Ray actor outliving the case's stop is
+                    # reparented to init, and its whole CPU time is the case's
+                    if key in ours or _ours(proc, self.roots):
+                        ours.add(key)
                         continue
                     t = proc.cpu_times()
                     used = float(t.user + t.system)
-                    key = (proc.pid, proc.create_time())
                     base = used if key[1] < self.started else 0.0
+                    if key not in self.names:  # before it may exit: every key has a name
+                        self.names[key] = " ".join(proc.cmdline())[:60] or proc.name()
                     self.first.setdefault(key, base)
                     self.last[key] = used
             self._stop.wait(2.0)
 
-    def cores(self) -> float:
-        """Average number of cores those processes kept busy."""
+    def stop(self) -> tuple[float, str]:
+        """Average number of cores those processes kept busy, and the busiest of them."""
         self._stop.set()
         self._thread.join()
-        used = sum(self.last[k] - self.first[k] for k in self.last)
-        return used / max(time.time() - self.started, 1e-9)
+        used = {k: self.last[k] - self.first[k] for k in self.last}
+        top = sorted(used, key=used.__getitem__, reverse=True)[:2]
+        seconds = max(time.time() - self.started, 1e-9)
+        busiest = "; ".join(f"{self.names[k]} ({used[k] / seconds:.2f})" for k in top)
+        return sum(used.values()) / seconds, busiest
 
 
 # the busy neighbour; it dies with this process (PR_SET_PDEATHSIG = 1, SIGKILL = 9)
@@ -173,7 +183,7 @@ def run_case(
             code = None
         finally:
             stop(case)
-            other = foreign.cores()
+            other, busiest = foreign.stop()
         wall = time.time() - began
     finally:
         if neighbour is not None:
@@ -193,6 +203,7 @@ def run_case(
         "nice": sorted({p["nice"] for p in probes}),
         "threads": sorted({p["threads"] for p in probes}),
         "other_cores": other,
+        "other_busiest": busiest,
         "wall_s": wall,
     }
 
@@ -229,7 +240,9 @@ def main() -> None:
             name = f"{variant}-{'busy' if busy else 'idle'}"
             results[variant, busy] = r = run_case(variant, busy, args, Path(args.out) / name)
             if r is not None:
-                flag = "  <- other processes were busy too" if r["other_cores"] > 0.15 else ""
+                flag = ""
+                if r["other_cores"] > 0.15:
+                    flag = f"  <- other processes were busy too: {r['other_busiest']}"
                 print(
                     f"  {name:15s} {r['round_s']:7.1f} s/round (client train {r['train_s']:.1f}"
                     f" s; rounds {r['rounds']}), actors at nice {r['nice']}, torch threads "
