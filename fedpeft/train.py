@@ -358,7 +358,10 @@ def score(
 
 
 def _last_answer(targets: list[int]) -> list[int]:
-    """The ids of a row's last assistant turn: its targets after the last -100."""
+    """The ids of a row's last assistant turn: its targets after the last -100 (all of
+    them when truncation left no prompt)."""
+    if instruct.IGNORE not in targets:
+        return targets
     return targets[len(targets) - targets[::-1].index(instruct.IGNORE) :]
 
 

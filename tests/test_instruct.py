@@ -198,6 +198,18 @@ def test_settled_answers_score_as_greedy_decoding_does(
         assert sum(generated) < 8
 
 
+def test_a_row_truncated_to_its_answer_is_scored(tok: Any) -> None:
+    chat = _chat("a question of several words", "one two three")
+    _, targets = instruct.chat_tokens(tok, chat)
+    answer = sum(t != instruct.IGNORE for t in targets)
+    data = encode([{"text": "x", "label": 0, "messages": chat}], tok, answer)
+    assert data.targets is not None and instruct.IGNORE not in data.targets[0]  # no prompt
+    model = build_peft_model(LLAMA, LoraConfig(r=2), num_labels=2)
+    cfg = EvalConfig(max_new_tokens=2, samples=0)
+    metrics, _ = instruction_metrics(model, data, tok, cfg, 4)
+    assert set(metrics) == {"loss", "perplexity", "exact_match"}
+
+
 def test_a_system_turn_is_added_where_a_chat_has_none(tmp_path: Path) -> None:
     rows = [{"text": f"review {i}", "label": i % 2} for i in range(20)]
     cfg = DataConfig(
