@@ -9,6 +9,7 @@ words, 576 wide) the output layer over every position is a fifth of a training s
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -213,7 +214,13 @@ def _keeps_logits(model: torch.nn.Module) -> bool:
     """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs)."""
     inner: Any = getattr(model, "_module", model)  # under Opacus, its GradSampleModule
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # peft
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return _takes_logits_to_keep(type(base).forward)
+
+
+@functools.cache
+def _takes_logits_to_keep(forward: Any) -> bool:
+    # once per model class (its unbound forward): this is asked at every training step
+    return "logits_to_keep" in inspect.signature(forward).parameters
 
 
 def lm_logits(
@@ -320,13 +327,8 @@ def evaluate(
     Examples are batched in length order so that little compute goes to padding; the
     metrics are sums over examples, so the order does not change them.
     """
-    model.eval()
-    device = next(model.parameters()).device  # fp32, wherever training left the model
     total_loss, correct, count, tokens = 0.0, 0, 0, 0
-    order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in collate(data, index, pad_id, task).items()}
+    for index, batch in _held_out_batches(model, data, batch_size, pad_id, task):
         if task == "classification":
             out = model(**batch)
             total_loss += float(out.loss) * len(index)
@@ -338,6 +340,23 @@ def evaluate(
             tokens += int((targets != instruct.IGNORE).sum())
     if task == "classification":
         return {"accuracy": correct / max(count, 1), "loss": total_loss / max(count, 1)}
+    return _token_metrics(total_loss, tokens)
+
+
+def _held_out_batches(
+    model: torch.nn.Module, data: Encoded, batch_size: int, pad_id: int, task: str
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """(row indices, batch on the model's device) in length order, so that little
+    compute goes to padding; the model in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device  # fp32, wherever training left the model
+    order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        yield index, {k: v.to(device) for k, v in collate(data, index, pad_id, task).items()}
+
+
+def _token_metrics(total_loss: float, tokens: int) -> dict[str, float]:
     loss = total_loss / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
@@ -406,17 +425,12 @@ def instruction_metrics(
     decoding of every prompt, up to ties between logits broken differently by padding.
     """
     assert data.targets is not None and data.prompts is not None and data.references is not None
-    model.eval()
-    device = next(model.parameters()).device
     pad_id = int(tokenizer.pad_token_id)
     eos_id = instruct.end_of_answer(tokenizer)[1]
     n = min(cfg.generate_examples, len(data))
     answers: dict[int, list[int]] = {}
     total_loss, tokens = 0.0, 0
-    order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in collate(data, index, pad_id, "causal_lm").items()}
+    for index, batch in _held_out_batches(model, data, batch_size, pad_id, "causal_lm"):
         logits, targets = lm_logits(model, batch)
         total_loss += float(lm_loss(logits, targets, reduction="sum"))
         tokens += int((targets != instruct.IGNORE).sum())
@@ -427,8 +441,7 @@ def instruction_metrics(
                 settled = _settled(at, data, i, eos_id, cfg.max_new_tokens)
                 if settled is not None:
                     answers[i] = settled
-    loss = total_loss / max(tokens, 1)
-    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    metrics = _token_metrics(total_loss, tokens)
     if n == 0:
         return metrics, []
     rest = [i for i in range(n) if i not in answers]
