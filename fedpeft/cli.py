@@ -151,7 +151,8 @@ def backend_config(cfg: Config) -> dict[str, Any]:
 def simulate(
     cfg: Config, out_dir: Path, client_app: ClientApp | None = None, resume: bool = False
 ) -> dict[str, Any]:
-    """Run a simulation on Flower's simulation runtime; returns the summary.
+    """Run a simulation on Flower's simulation runtime, or in this process
+    (``simulation.runtime``); returns the summary.
 
     ``client_app`` defaults to fedpeft's ClientApp; tests pass one wrapped in a mod.
     ``resume``: continue the run in ``out_dir`` from its last checkpoint.
@@ -160,6 +161,7 @@ def simulate(
 
     from clients.app import app as default_client_app
     from clients.app import make_client_app, ray_placement
+    from fedpeft.loopback import run_loopback
     from server.app import checkpoint_to_resume, make_server_app
 
     quiet_flower_env()
@@ -173,17 +175,26 @@ def simulate(
         checkpoint_to_resume(cfg, out_dir)  # its mistakes end here, in one sentence
     if client_app is None and cfg.simulation.ray_address:
         client_app = make_client_app([ray_placement])  # replies say which Ray node ran them
-    log.info(
-        "starting Flower's simulation runtime: %d virtual clients on Ray (the first round "
-        "waits for its actors to load the model)", cfg.partition.num_clients,
-    )  # fmt: skip
     started = time.time()
-    run_simulation(
-        server_app=make_server_app(cfg, out_dir, resume),
-        client_app=client_app or default_client_app,
-        num_supernodes=cfg.partition.num_clients,
-        backend_config=backend_config(cfg),
-    )
+    if cfg.simulation.runtime == "inprocess":
+        log.info("%d clients in this process, one message at a time", cfg.partition.num_clients)
+        run_loopback(
+            make_server_app(cfg, out_dir, resume),
+            client_app or default_client_app,
+            cfg.partition.num_clients,
+            cfg.simulation.client_cpus,
+        )
+    else:
+        log.info(
+            "starting Flower's simulation runtime: %d virtual clients on Ray (the first "
+            "round waits for its actors to load the model)", cfg.partition.num_clients,
+        )  # fmt: skip
+        run_simulation(
+            server_app=make_server_app(cfg, out_dir, resume),
+            client_app=client_app or default_client_app,
+            num_supernodes=cfg.partition.num_clients,
+            backend_config=backend_config(cfg),
+        )
     summary_path = out_dir / "summary.json"
     if not summary_path.is_file():
         raise RuntimeError("The simulation ended without writing its summary; see the log above.")

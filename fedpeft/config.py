@@ -338,9 +338,14 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class SimulationConfig:
-    """Flower's simulation runtime (Ray backend).
+    """Where ``fedpeft simulate`` runs the virtual clients.
 
     Args:
+        runtime: ``ray``, Flower's simulation runtime: each client in a Ray actor,
+            cores / client_cpus of them at once. ``inprocess``: the ServerApp and every
+            ClientApp in the calling process, one message at a time, through real Flower
+            messages serialized on each hop (:mod:`fedpeft.loopback`); no Ray, no
+            parallel clients, seconds with a tiny model, and a debugger sees both sides.
         client_cpus: CPU cores given to each virtual client; cores / client_cpus clients
             train at once, each with that many torch threads.
         ray_address: an existing Ray cluster to run the virtual clients on: its head's
@@ -351,6 +356,7 @@ class SimulationConfig:
             ``train.device: auto`` trains on the CPU.
     """
 
+    runtime: str = "ray"
     client_cpus: float = 2.0
     ray_address: str | None = None
     client_gpus: float = 0.0
@@ -896,7 +902,18 @@ def _check_audit(a: AuditConfig) -> None:
     _require(a.tap_every >= 0, "'audit.tap_every' should be non-negative (0: no tap).")
 
 
+RUNTIMES = ("ray", "inprocess")
+
+
 def _check_simulation(s: SimulationConfig) -> None:
+    _require(
+        s.runtime in RUNTIMES,
+        f"'simulation.runtime' should be one of {', '.join(RUNTIMES)}, not '{s.runtime}'.",
+    )
+    _require(
+        s.ray_address is None or s.runtime == "ray",
+        "'simulation.ray_address' needs 'simulation.runtime: ray'.",
+    )
     _require(s.client_cpus > 0, "'simulation.client_cpus' should be positive.")
     _require(s.client_gpus >= 0, "'simulation.client_gpus' should be non-negative.")
     _require(

@@ -5,41 +5,19 @@ with ``flexlora``, a weighted mean, ends at loss 3.28 from 1.10)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import pytest
-from flwr.app import Context, Message
 
-from clients.app import make_client_app
-from fedpeft import wire
 from fedpeft.cli import simulate
 from fedpeft.config import config_from_dict
+from tests.test_golden import hostile_client_app
 from tests.test_simulation import TINY
 
 pytestmark = pytest.mark.slow
 AGGREGATOR = "median"
-
-
-def hostile_client_app(partition: int) -> Any:
-    """Partition ``partition`` scales its update: ×1e5 in round 1, ×-300 afterwards."""
-
-    def scale(msg: Message, context: Context, call_next: Any) -> Message:
-        reply = call_next(msg, context)
-        if msg.metadata.message_type != "train":
-            return reply
-        ins = wire.decode_train_ins(msg.content)
-        if ins.partition_id != partition:
-            return reply
-        res = wire.decode_train_res(reply.content, ins.adapters, 2**31)
-        factor = 1e5 if ins.server_round == 1 else -300.0
-        update = {k: (v * factor).astype(v.dtype) for k, v in res.update.items()}
-        return Message(wire.encode_train_res(dataclasses.replace(res, update=update)), reply_to=msg)
-
-    return make_client_app(mods=[scale])
 
 
 def test_a_hostile_client_is_bounded_and_outvoted(tmp_path: Path) -> None:
