@@ -34,6 +34,7 @@ UPDATE = "update"
 CONFIG = "fedpeft"
 METRICS = "metrics"
 NUM_EXAMPLES = "num-examples"  # the key Flower's own strategies weight by
+TRAIN_LOSS = "train-loss"  # the metric the strategy hands back to Flower's round loop
 MERGE_PREFIX = "merge-"  # + round: one stacked product update to merge into the base (FLoRA)
 MERGED_BASE = "fedpeft-merged-base"  # node state: Σ of merged updates, dense per module
 MERGED_ROUND = "fedpeft-merged-round"  # node state: the last round merged

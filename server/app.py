@@ -33,8 +33,9 @@ from fedpeft.models import (
 from fedpeft.planning import FleetPlan, plan_clients
 from fedpeft.privacy.accounting import affordable_steps
 from fedpeft.report import RunLog, save_adapter
+from fedpeft.rounds import RoundStats
 from fedpeft.train import encode, score
-from server.strategy import AdapterFedAvg, RoundStats
+from server.strategy import AdapterFedAvg
 
 log = logging.getLogger("fedpeft")
 
@@ -150,21 +151,23 @@ class ServerEvaluator:
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         state = wire.record_to_state(arrays)
-        set_base_deltas(self.model, self.strategy.base_delta)  # FLoRA's merged updates
+        set_base_deltas(self.model, self.strategy.rounds.base_delta)  # FLoRA's merged updates
         load_adapter_state(self.model, state)
         began = time.perf_counter()
         metrics = self._evaluate()
         eval_seconds = round(time.perf_counter() - began, 3)
         if server_round == 0:  # before any training in this process
-            if self.strategy.round_offset == 0:
+            if self.strategy.rounds.round_offset == 0:
                 self.initial = metrics
                 log.info("round 0 (initial adapters): %s", _fmt(metrics))
                 self._log_samples(0)
             else:
-                log.info("resumed after round %d: %s", self.strategy.round_offset, _fmt(metrics))
+                log.info(
+                    "resumed after round %d: %s", self.strategy.rounds.round_offset, _fmt(metrics)
+                )
             return MetricRecord(metrics) if metrics else None  # type: ignore[arg-type]
-        server_round += self.strategy.round_offset
-        stats = self.strategy.stats[server_round]
+        server_round += self.strategy.rounds.round_offset
+        stats = self.strategy.rounds.stats[server_round]
         record = {
             "round": server_round,
             **({"accuracy": None} if self.cfg.model.task == "classification" else {}),
@@ -190,7 +193,7 @@ class ServerEvaluator:
             server_round,
             self.cfg.to_dict(),
             state,
-            self.strategy.export_state(),
+            self.strategy.rounds.export_state(),
             self.initial,
         )
         save_checkpoint(self.run_log.out_dir, checkpoint)
@@ -213,13 +216,13 @@ class ServerEvaluator:
     def _exported(self) -> Any:
         """The model whose adapter is saved: the global adapter, or with merged updates
         (FLoRA) an exact full-rank adapter of base + merged."""
-        if not self.strategy.base_delta:
+        if not self.strategy.rounds.base_delta:
             return self.model
         self._export = merged_adapter_model(
             self.model,
             self.cfg.model,
-            self.strategy.num_labels,
-            self.strategy.base_delta,
+            self.strategy.rounds.num_labels,
+            self.strategy.rounds.base_delta,
             reuse=self._export,
         )
         return self._export
@@ -231,15 +234,20 @@ def affordable_rounds(cfg: Config, strategy: AdapterFedAvg) -> int:
     priv = cfg.privacy
     if priv.mode != "user" or priv.epsilon is None or priv.noise_multiplier is None:
         return cfg.federation.rounds
-    nodes = len(strategy.partitions)
+    nodes = len(strategy.rounds.partitions)
     q = cfg.federation.sampled(nodes) / nodes
     rounds = affordable_steps(
-        strategy.user_noise, q, priv.epsilon, priv.delta, cfg.federation.rounds, priv.accountant
+        strategy.rounds.user_noise,
+        q,
+        priv.epsilon,
+        priv.delta,
+        cfg.federation.rounds,
+        priv.accountant,
     )
     if rounds == 0:
         raise RuntimeError(
             f"The privacy budget ε = {priv.epsilon:g} does not afford one round at "
-            f"noise multiplier {strategy.user_noise:g}; raise one of them."
+            f"noise multiplier {strategy.rounds.user_noise:g}; raise one of them."
         )
     if rounds < cfg.federation.rounds:
         log.warning(
@@ -253,7 +261,7 @@ def _privacy_summary(cfg: Config, strategy: AdapterFedAvg, rounds: int) -> dict[
     priv = cfg.privacy
     if priv.mode == "none":
         return {}
-    spent = [s.epsilon for s in strategy.stats.values() if s.epsilon is not None]
+    spent = [s.epsilon for s in strategy.rounds.stats.values() if s.epsilon is not None]
     return {
         "privacy": {
             "mode": priv.mode,
@@ -261,7 +269,7 @@ def _privacy_summary(cfg: Config, strategy: AdapterFedAvg, rounds: int) -> dict[
             "epsilon": spent[-1] if spent else 0.0,
             "delta": priv.delta,
             "epsilon_budget": priv.epsilon,
-            "noise_multiplier": strategy.user_noise
+            "noise_multiplier": strategy.rounds.user_noise
             if priv.mode == "user"
             else priv.noise_multiplier,
             "clip_norm": priv.clip_norm,
@@ -278,9 +286,9 @@ def _privacy_summary(cfg: Config, strategy: AdapterFedAvg, rounds: int) -> dict[
 
 def _canary_estimate(cfg: Config, strategy: AdapterFedAvg, spent: float) -> dict[str, Any]:
     """With ``privacy.canaries``: how visible the canary clients are in the final model."""
-    if strategy.canary_audit is None or not strategy.final:
+    if strategy.rounds.canary_audit is None or not strategy.rounds.final:
         return {}
-    estimate = strategy.canary_audit.estimate(strategy.final, cfg.privacy.delta)
+    estimate = strategy.rounds.canary_audit.estimate(strategy.rounds.final, cfg.privacy.delta)
     log.info(
         "canary audit (%d canaries): empirical ε %.3g, lower bound %.3g; accountant ε %.3g",
         estimate["canaries"],
@@ -344,18 +352,18 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False)
     test = encode(dataset.test, load_tokenizer(cfg.model.name), cfg.model.max_length)
     strategy = AdapterFedAvg(cfg, dataset.num_labels, partitions, fleet)
     if cfg.audit.tap_every:
-        strategy.tap = AuditTap(cfg, dataset.num_labels, dataset.test)
+        strategy.rounds.tap = AuditTap(cfg, dataset.num_labels, dataset.test)
     evaluator = ServerEvaluator(cfg, strategy, run_log, model, test)
     start = adapter_state(model)
     if ckpt is not None:
-        strategy.restore_state(ckpt.strategy, ckpt.round)
+        strategy.rounds.restore_state(ckpt.strategy, ckpt.round)
         evaluator.initial, start = ckpt.initial, ckpt.global_state
     rounds = affordable_rounds(cfg, strategy)
-    if rounds > strategy.round_offset:
+    if rounds > strategy.rounds.round_offset:
         strategy.start(
             grid=grid,
             initial_arrays=wire.state_to_record(start),
-            num_rounds=rounds - strategy.round_offset,
+            num_rounds=rounds - strategy.rounds.round_offset,
             timeout=cfg.federation.timeout,
             evaluate_fn=evaluator,
         )
@@ -406,7 +414,7 @@ def _ray_nodes(strategy: AdapterFedAvg) -> dict[str, Any]:
     """How the virtual clients spread over a Ray cluster's nodes, from the replies that
     said where they ran (``simulation.ray_address``), over this process's rounds."""
     nodes: dict[str, dict[str, Any]] = {}
-    for stats in strategy.stats.values():
+    for stats in strategy.rounds.stats.values():
         for client_id, (node, host) in stats.placement.items():
             entry = nodes.setdefault(node, {"host": host, "client_rounds": 0, "clients": set()})
             entry["client_rounds"] += 1

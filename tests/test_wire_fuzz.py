@@ -291,7 +291,7 @@ def _valid_replies(
     replies = {}
     for msg in sent:
         node = msg.metadata.dst_node_id
-        adapters = strategy._sent[node]
+        adapters = strategy.rounds.sent[node]
         update = {k: rng.normal(0, 1e-2, v.shape).astype(np.float32) for k, v in adapters.items()}
         res = wire.TrainRes(update, 16, 0.7, 1.5, load_seconds=0.2, startup_seconds=0.0)
         if seed % 2:
@@ -323,7 +323,7 @@ def test_mutated_replies_never_crash_the_server_nor_reach_the_aggregate(task_ide
             # it every case would only cost time; test_a_non_finite_aggregate_... mixes them)
             to_hostile = next(m for m in sent if m.metadata.dst_node_id == HOSTILE)
             round_replies = [Message(hostile, reply_to=to_hostile)]
-            rejected = strategy.stats[1].rejected
+            rejected = strategy.rounds.stats[1].rejected
             before = len(rejected)
             arrays, _ = strategy.aggregate_train(1, round_replies)
             refused = any(r["node"] == HOSTILE for r in rejected[before:])
@@ -332,8 +332,8 @@ def test_mutated_replies_never_crash_the_server_nor_reach_the_aggregate(task_ide
                 assert all(np.isfinite(a.numpy()).all() for a in arrays.values())
                 accepted += 1
                 most = strategy.cfg.train.local_steps * strategy.cfg.train.batch_size
-                res = wire.decode_train_res(hostile, strategy._sent[HOSTILE], most)
-                _assert_well_formed(res, strategy._sent[HOSTILE], most)
+                res = wire.decode_train_res(hostile, strategy.rounds.sent[HOSTILE], most)
+                _assert_well_formed(res, strategy.rounds.sent[HOSTILE], most)
     finally:
         logging.getLogger("fedpeft").setLevel(logging.INFO)
     # the mix really probes both sides: most mutations are rejected, some are benign
@@ -411,12 +411,12 @@ def test_a_non_finite_aggregate_is_never_installed(aggregator: str, task_identit
     aggregate overflows float32, and the server keeps the adapters it had."""
     strategy, sent = _strategy(aggregator, "federation.server_lr=1e36")
     replies = _valid_replies(strategy, sent, 0)
-    big = {k: np.full(v.shape, 9e5, np.float32) for k, v in strategy._sent[HOSTILE].items()}
+    big = {k: np.full(v.shape, 9e5, np.float32) for k, v in strategy.rounds.sent[HOSTILE].items()}
     replies[HOSTILE] = wire.encode_train_res(wire.TrainRes(big, 16, 0.5, 1.0))
     msgs = {m.metadata.dst_node_id: m for m in sent}
     arrays, _ = strategy.aggregate_train(1, [Message(replies[n], reply_to=msgs[n]) for n in NODES])
     assert arrays is None
-    assert strategy.stats[1].rejected[-1]["reason"] == "non-finite aggregate"
+    assert strategy.rounds.stats[1].rejected[-1]["reason"] == "non-finite aggregate"
 
 
 def test_mutated_query_and_evaluation_answers_never_crash_the_server(task_identity) -> None:  # type: ignore[no-untyped-def]

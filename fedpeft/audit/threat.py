@@ -92,7 +92,7 @@ def observe(
     res, _ = client_round(ins, {}, Kept({}, []), examples=examples)
     # what crosses the wire, decoded by the server's own decoder
     update = wire.decode_train_res(wire.encode_train_res(res), sent, res.num_examples).update
-    if cfg.privacy.mode == "user":  # the server's re-clip (server/strategy.py)
+    if cfg.privacy.mode == "user":  # the server's re-clip (fedpeft.rounds.ServerRounds._bounded)
         update, _ = clip(update, cfg.privacy.clip_norm)
     view = ServerView(update, sent, lora, cfg, num_labels)
     secret = Secret(

@@ -1,0 +1,423 @@
+"""The server's side of a round, without Flower: which nodes take part, what each is
+sent, whether a reply is accepted (or why not), what the accepted updates aggregate to,
+and the round's statistics.
+
+:class:`ServerRounds` works on plain objects: adapter states (name -> numpy array), the
+records :mod:`fedpeft.wire` encodes and decodes, and :class:`Reply` (a node's answer or
+its error). ``server/strategy.py`` translates Flower's messages to and from these, so
+every rule here is unit-tested without a simulation (``tests/test_rounds.py``).
+
+A round, in order (docs/architecture.md, "One round"):
+
+1. :meth:`ServerRounds.sample` draws the nodes, seeded by (seed, round) on partition ids.
+2. :meth:`ServerRounds.instructions` cuts the global adapters to each client's plan,
+   adds the FLoRA stacks it has not merged, and with ``compression.downlink`` sends only
+   the compressed change to the view the node holds.
+3. :meth:`ServerRounds.train` accepts or rejects each reply (client error, unknown
+   node, undecodable or out-of-bound update, ``federation.max_update_norm``), re-clips
+   under user-level DP, keeps FLoRA's stack, lets the audit tap see what aggregation
+   sees, aggregates (DP-FedAvg's noisy sum under user-level DP, else the aggregator and
+   the server step of Reddi et al. (2021), x + η_s (aggregate − x)), refuses a
+   non-finite result, and steps the privacy accountant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import RecordDict
+
+from fedpeft import wire
+from fedpeft.aggregation import (
+    ClientUpdate,
+    MergesIntoBase,
+    State,
+    get_aggregator,
+    merge_stacks,
+    server_step,
+)
+from fedpeft.aggregation.base import LORA_B
+from fedpeft.audit.membership import CanaryAudit
+from fedpeft.audit.tap import AuditTap
+from fedpeft.compression import codec
+from fedpeft.compression.compeft import apply_change, downlink_change
+from fedpeft.config import Config, lora_to_json
+from fedpeft.models import adapter_shapes
+from fedpeft.planning import FleetPlan
+from fedpeft.privacy.accounting import (
+    Entry,
+    add_steps,
+    epsilon,
+    from_lists,
+    noise_multiplier,
+    to_lists,
+)
+from fedpeft.privacy.mechanisms import clip, dp_fedavg, global_norm
+
+log = logging.getLogger("fedpeft")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A node's answer to this round's instruction: its content, or the last line of
+    the error its runtime reported in its place."""
+
+    node: int
+    content: RecordDict | None = None
+    error: str | None = None
+
+
+@dataclass
+class RoundStats:
+    """What one round moved and who took part; becomes a ``metrics.jsonl`` line."""
+
+    started: float = field(default_factory=time.perf_counter)
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+    # what the accepted updates would have cost as fp32 arrays, and (compressed) their
+    # payload (bitstreams + scales) against its information bound, in bytes
+    uplink_fp32_bytes: int = 0
+    uplink_payload_bytes: int = 0
+    uplink_bound_bytes: float = 0.0
+    uplink_kept_values: int = 0
+    downlink_fp32_bytes: int = 0  # what the messages would have cost with fp32 adapters
+    epsilon: float | None = None  # ε spent so far (DP runs)
+    clients: list[int] = field(default_factory=list)  # partition ids, stable across runs
+    rejected: list[dict[str, object]] = field(default_factory=list)
+    train_loss: float | None = None
+    client_eval: dict[str, float] = field(default_factory=dict)
+    audit: dict[str, dict[str, float]] = field(default_factory=dict)  # the audit tap's scores
+    # seconds each client reported: from its process's start to its first round (0 when
+    # its process served an earlier round), to have its model and data ready, to train
+    startup_seconds: list[float] = field(default_factory=list)
+    placement: dict[int, tuple[str, str]] = field(default_factory=dict)  # client: Ray node, host
+    load_seconds: list[float] = field(default_factory=list)
+    train_seconds: list[float] = field(default_factory=list)
+    _examples: int = 0
+
+    def add_loss(self, loss: float, examples: int) -> None:
+        """Running example-weighted mean of the clients' training losses."""
+        total = self._examples + examples
+        self.train_loss = ((self.train_loss or 0.0) * self._examples + loss * examples) / total
+        self._examples = total
+
+
+def user_noise(cfg: Config, num_nodes: int) -> float:
+    """z of DP-FedAvg: configured, or what spends ε over the configured rounds at
+    q = sampled / nodes."""
+    priv, fed = cfg.privacy, cfg.federation
+    q = fed.sampled(num_nodes) / num_nodes
+    return noise_multiplier(
+        priv.noise_multiplier, priv.epsilon, priv.delta, q, fed.rounds, priv.accountant
+    )
+
+
+def _count_compression(
+    stats: RoundStats, res: wire.TrainRes, content: RecordDict, sent_bytes: int
+) -> None:
+    if res.compressed is None:
+        stats.uplink_fp32_bytes += sent_bytes
+        return
+    fp32 = dataclasses.replace(res, compressed=None)
+    stats.uplink_fp32_bytes += wire.record_bytes(wire.encode_train_res(fp32))
+    stats.uplink_payload_bytes += wire.payload_bytes(content)
+    stats.uplink_bound_bytes += codec.bound_bytes(res.compressed)
+    stats.uplink_kept_values += sum(t.sparse.positions.size for t in res.compressed.values())
+
+
+class ServerRounds:
+    """Every round's server-side state and rules, for any aggregator in the registry.
+
+    ``partitions``: node id -> partition id (from the query round); ``fleet``: each
+    partition's LoRA plan. ``round_offset`` is the rounds a previous process ran
+    (``--resume``): the round numbers given here are the run's, not the process's.
+    """
+
+    def __init__(
+        self, cfg: Config, num_labels: int, partitions: dict[int, int], fleet: FleetPlan
+    ) -> None:
+        self.cfg = cfg
+        self.config_json = cfg.to_json()
+        self.num_labels = num_labels
+        self.partitions = partitions
+        self.aggregator = get_aggregator(cfg.federation.aggregator)
+        self.stats: dict[int, RoundStats] = {}
+        self.global_state: State = {}  # the adapters this round's instructions were cut from
+        self.sent: dict[int, State] = {}  # node id -> the adapters it was sent this round
+        # downlink compression: node id -> the adapters it holds, and their view number
+        self._views: dict[int, State] = {}
+        self._view_numbers: dict[int, int] = {}
+        # FLoRA: each round's stacked update, kept until every node has merged it
+        self.stacks: dict[int, State] = {}
+        self.merged_round: dict[int, int] = {}  # node id -> last round it has merged
+        self._merges_sent: dict[int, int] = {}  # node id -> last round in its message
+        self.base_delta: State = {}  # module -> Σ of merged ΔW (what the evaluator adds)
+        # differential privacy: the server's accountant (user level) or the largest ε a
+        # client reported (record level, local); the user-level noise's source
+        self.history: list[Entry] = []
+        self.client_epsilon: dict[int, float] = {}
+        self.noise_rng = np.random.default_rng(cfg.privacy.noise_seed)
+        self.canary_audit: CanaryAudit | None = None
+        self.round_offset = 0
+        self.final: State = {}  # the last aggregate (the canary audit's θ_T)
+        self.user_noise = user_noise(cfg, len(partitions)) if cfg.privacy.mode == "user" else 0.0
+        self.lora_json = {pid: lora_to_json(lo) for pid, lo in fleet.client_loras.items()}
+        self.client_loras = fleet.client_loras
+        self.tap: AuditTap | None = None  # with audit.tap_every
+        self.shapes = {
+            pid: adapter_shapes(cfg.model, lora, num_labels)
+            for pid, lora in fleet.client_loras.items()
+        }
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, server_round: int, fraction: float) -> list[int]:
+        """Seeded choice of nodes, made on partition ids so it repeats across runs."""
+        by_partition = sorted(self.partitions, key=lambda n: self.partitions[n])
+        k = self.cfg.federation.sampled(len(by_partition), fraction)
+        rng = np.random.default_rng([self.cfg.seed, server_round])
+        chosen = rng.choice(len(by_partition), size=min(k, len(by_partition)), replace=False)
+        return [by_partition[i] for i in sorted(chosen)]
+
+    # ------------------------------------------------------------------ instructions
+    def instructions(
+        self, server_round: int, global_state: State, nodes: list[int]
+    ) -> dict[int, RecordDict]:
+        """One instruction per node: the global adapters cut to that client's plan."""
+        self.global_state = global_state
+        stats = self.stats.setdefault(server_round, RoundStats())
+        self.sent = {}
+        contents = {}
+        for node in nodes:
+            pid = self.partitions[node]
+            target = self.aggregator.cut(global_state, self.shapes[pid], self.cfg.lora.scaling_for)
+            merges = self._unmerged(node)
+            full = wire.TrainIns(
+                server_round,
+                self.config_json,
+                self.num_labels,
+                target,
+                self.lora_json[pid],
+                partition_id=pid,
+                merges=merges,
+            )
+            ins = self._compressed_downlink(node, full)
+            self.sent[node] = ins.adapters if ins.downlink is None else self._views[node]
+            self._merges_sent[node] = max(merges, default=self.merged_round.get(node, 0))
+            content = wire.encode_train_ins(ins)
+            stats.downlink_bytes += wire.record_bytes(content)
+            stats.downlink_fp32_bytes += wire.record_bytes(
+                content if ins is full else wire.encode_train_ins(full)
+            )
+            contents[node] = content
+        return contents
+
+    def _compressed_downlink(self, node: int, ins: wire.TrainIns) -> wire.TrainIns:
+        """With ``compression.downlink``: send a node that holds a view of the adapters
+        only the compressed change to them, and remember the view it will then hold. A
+        node without one (first message, or after an error) gets the fp32 adapters."""
+        comp = self.cfg.compression
+        if not comp.downlink or comp.density is None:
+            return ins
+        number = self._view_numbers.get(node, -1)
+        if node not in self._views:
+            self._views[node] = ins.adapters
+            self._view_numbers[node] = number + 1
+            return dataclasses.replace(ins, view=number + 1)
+        change = downlink_change(
+            ins.adapters, self._views[node], comp.density, comp.scale, comp.alpha
+        )
+        self._views[node] = apply_change(self._views[node], change)
+        self._view_numbers[node] = number + 1
+        return dataclasses.replace(
+            ins, adapters={}, downlink=codec.pack(change), base_view=number, view=number + 1
+        )
+
+    def _unmerged(self, node: int) -> dict[int, State]:
+        """The stacked updates this node has not merged yet (FLoRA; else none)."""
+        done = self.merged_round.get(node, 0)
+        return {t: stack for t, stack in sorted(self.stacks.items()) if t > done}
+
+    def _keep_stack(self, server_round: int, updates: list[ClientUpdate]) -> None:
+        """FLoRA: remember this round's stacked update for the nodes and the evaluator;
+        forget the rounds that every node has merged."""
+        assert isinstance(self.aggregator, MergesIntoBase)
+        stack = self.aggregator.stack(self.global_state, updates, self.cfg.lora.scaling_for)
+        eta = self.cfg.federation.server_lr  # W += η ΔW_t, folded into B for the nodes too
+        stack = {k: v * np.float32(eta) if LORA_B in k else v for k, v in stack.items()}
+        self.stacks[server_round] = stack
+        self.base_delta = merge_stacks(self.base_delta, [stack])
+        everyone = min((self.merged_round.get(n, 0) for n in self.partitions), default=0)
+        self.stacks = {t: st for t, st in self.stacks.items() if t > everyone}
+
+    # ------------------------------------------------------------------ checkpoint
+    def export_state(self) -> dict[str, Any]:
+        """The server-side state a resumed run needs (JSON-able)."""
+        return {
+            "history": to_lists(self.history),
+            "client_epsilon": {str(k): v for k, v in self.client_epsilon.items()},
+            "noise_rng": self.noise_rng.bit_generator.state,
+        }
+
+    def restore_state(self, state: dict[str, Any], completed_rounds: int) -> None:
+        self.history = from_lists(**state["history"])
+        self.client_epsilon = {int(k): float(v) for k, v in state["client_epsilon"].items()}
+        self.noise_rng.bit_generator.state = state["noise_rng"]
+        self.round_offset = completed_rounds
+
+    # ------------------------------------------------------------------ train
+    def train(self, server_round: int, replies: list[Reply]) -> State | None:
+        """This round's new global adapters from the replies, or None (the global
+        adapters stay) when no update is valid or the aggregate is not finite."""
+        stats = self.stats[server_round]
+        replies = sorted(replies, key=lambda r: self.partitions.get(r.node, 0))
+        self._reject_silent(stats, {r.node for r in replies})
+        updates = [u for r in replies if (u := self.accept(r, stats)) is not None]
+        if not updates:
+            log.warning("round %d: no valid update; the global adapters stay", server_round)
+            return None
+        if isinstance(self.aggregator, MergesIntoBase):
+            self._keep_stack(server_round, updates)
+        if self.tap is not None and self.tap.due(server_round):  # sees what aggregation sees
+            stats.audit = self.tap(
+                server_round, [(u, self.client_loras[u.client_id]) for u in updates]
+            )
+        if self.cfg.privacy.mode == "user":
+            new_state = self._dp_fedavg(updates)
+        else:
+            aggregate = self.aggregator.aggregate(
+                self.global_state, updates, self.cfg.lora.scaling_for
+            )
+            new_state = server_step(self.global_state, aggregate, self.cfg.federation.server_lr)
+        if not all(np.isfinite(v).all() for v in new_state.values()):
+            # the last line of defence: whatever the aggregator or the server step made
+            # of accepted updates, a non-finite global model is never installed
+            log.warning(
+                "round %d: the aggregate is not finite; the global adapters stay", server_round
+            )
+            stats.rejected.append({"client": -1, "node": -1, "reason": "non-finite aggregate"})
+            return None
+        self.final = new_state
+        self._account(stats)
+        return new_state
+
+    def _bounded(self, res: wire.TrainRes) -> wire.TrainRes:
+        """User-level DP: the decoded update clipped to C again, so that a client that did
+        not clip (or whose compression lengthened it) cannot exceed its share."""
+        if self.cfg.privacy.mode != "user":
+            return res
+        update, _ = clip(res.update, self.cfg.privacy.clip_norm)
+        return dataclasses.replace(res, update=update)
+
+    def _dp_fedavg(self, updates: list[ClientUpdate]) -> State:
+        """DP-FedAvg: uniform sum of the clipped updates plus N(0, (zC)²), over m sampled
+        (canary clients, with ``privacy.canaries``, count among the m)."""
+        sampled = self.cfg.federation.sampled(len(self.partitions))
+        canaries = self._canaries().this_round() if self.cfg.privacy.canaries else []
+        return dp_fedavg(
+            self.global_state,
+            [u.delta for u in updates] + canaries,
+            self.cfg.privacy.clip_norm,
+            self.user_noise,
+            sampled + len(canaries),
+            self.noise_rng,
+            self.cfg.federation.server_lr,
+        )
+
+    def _canaries(self) -> CanaryAudit:
+        if self.canary_audit is None:  # the adapters of round 1 are θ_0
+            priv, n = self.cfg.privacy, len(self.partitions)
+            q = self.cfg.federation.sampled(n) / n
+            self.canary_audit = CanaryAudit(
+                self.global_state, priv.canaries, priv.clip_norm, q, seed=self.cfg.seed + 7919
+            )
+        return self.canary_audit
+
+    def _account(self, stats: RoundStats) -> None:
+        """ε after this round: the server's accountant steps once (user level), or the
+        largest ε any client has reported (record level, local)."""
+        priv = self.cfg.privacy
+        if priv.mode == "user":
+            q = self.cfg.federation.sampled(len(self.partitions)) / len(self.partitions)
+            self.history = add_steps(self.history, self.user_noise, q, 1)
+            stats.epsilon = epsilon(self.history, priv.delta, priv.accountant)
+        elif priv.mode != "none":
+            stats.epsilon = max(self.client_epsilon.values(), default=0.0)
+
+    def accept(self, reply: Reply, stats: RoundStats) -> ClientUpdate | None:
+        """Validate one reply; a bad one is recorded with its reason and left out."""
+        node = reply.node
+        if reply.error is not None or reply.content is None:
+            self._reject(stats, node, f"client error: {reply.error}")
+            return None
+        if node not in self.sent:
+            self._reject(stats, node, "a reply from a node that was sent no instruction")
+            return None
+        sent_bytes = wire.record_bytes(reply.content)
+        stats.uplink_bytes += sent_bytes
+        most = self.cfg.train.local_steps * self.cfg.train.batch_size  # examples a round sees
+        try:
+            res = wire.decode_train_res(reply.content, self.sent[node], most)
+        except wire.UpdateRejected as err:
+            self._reject(stats, node, str(err))
+            return None
+        _count_compression(stats, res, reply.content, sent_bytes)
+        client_id = self.partitions.get(node, -1)
+        bound = self.cfg.federation.max_update_norm
+        if bound is not None and (norm := global_norm(res.update)) > bound:
+            self._reject(stats, node, f"update norm {norm:.4g} exceeds max_update_norm {bound:g}")
+            return None
+        res = self._bounded(res)
+        if res.epsilon is not None:
+            self.client_epsilon[client_id] = res.epsilon
+        self.merged_round[node] = self._merges_sent.get(node, 0)  # it merged what it got
+        stats.clients.append(client_id)
+        if res.train_loss is not None:
+            stats.add_loss(res.train_loss, res.num_examples)
+        if res.startup_seconds is not None:
+            stats.startup_seconds.append(res.startup_seconds)
+        if res.placement is not None:
+            stats.placement[client_id] = res.placement
+        if res.load_seconds is not None:
+            stats.load_seconds.append(res.load_seconds)
+        if res.train_seconds is not None:
+            stats.train_seconds.append(res.train_seconds)
+        return ClientUpdate(client_id, res.update, res.num_examples, sent=self.sent[node])
+
+    def _reject_silent(self, stats: RoundStats, replied: set[int]) -> None:
+        for node in sorted(set(self.sent) - replied):
+            self._reject(stats, node, f"no reply within {self.cfg.federation.timeout:g} s")
+
+    def _reject(self, stats: RoundStats, node: int, reason: str) -> None:
+        self._views.pop(node, None)  # its view is unknown now: the next message is fp32
+        client_id = self.partitions.get(node, -1)
+        log.warning("rejected the update of client %d (node %d): %s", client_id, node, reason)
+        stats.rejected.append({"client": client_id, "node": node, "reason": reason})
+
+    # ------------------------------------------------------------------ evaluate
+    def evaluation(self, server_round: int, replies: list[Reply]) -> dict[str, float] | None:
+        """The example-weighted mean of the clients' own evaluations (None: none valid)."""
+        stats = self.stats[server_round]
+        totals: dict[str, float] = {}
+        count = 0
+        for reply in replies:
+            if reply.error is not None or reply.content is None:
+                self._reject(stats, reply.node, f"evaluation failed: {reply.error}")
+                continue
+            stats.uplink_bytes += wire.record_bytes(reply.content)
+            try:
+                n, metrics = wire.decode_eval_res(reply.content)
+            except wire.UpdateRejected as err:
+                self._reject(stats, reply.node, str(err))
+                continue
+            count += n
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v * n
+        if count == 0:
+            return None
+        stats.client_eval = {k: v / count for k, v in totals.items()}
+        return stats.client_eval
