@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import math
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from typing import Any
 from uuid import uuid4
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict, UserConfig
 from flwr.clientapp import ClientApp
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid, ServerApp
@@ -69,22 +69,33 @@ class LoopbackGrid(Grid):
     """``num_nodes`` ClientApp nodes behind a Grid, answered in the calling thread."""
 
     def __init__(
-        self, client_app: ClientApp, num_nodes: int, client_cpus: float | None = None
+        self,
+        client_app: ClientApp,
+        num_nodes: int,
+        client_cpus: float | None = None,
+        node_configs: Sequence[UserConfig] | None = None,
     ) -> None:
+        """``node_configs``: what each node declares, as a SuperNode's ``--node-config``
+        does (default: a simulation's ``partition-id`` and ``num-partitions``)."""
         if num_nodes < 1:
             raise ValueError(f"A loopback grid needs at least one node, not {num_nodes}.")
+        if node_configs is not None and len(node_configs) != num_nodes:
+            raise ValueError(f"{len(node_configs)} node configs for {num_nodes} nodes.")
         self.client_app = client_app
         # as fedpeft.threads gives a Ray actor holding client_cpus CPUs
         self.client_threads = None if client_cpus is None else max(1, math.floor(client_cpus))
+        configs = node_configs or [
+            {"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)
+        ]
         self.contexts = {
             FIRST_NODE_ID + i: Context(
                 run_id=RUN_ID,
                 node_id=FIRST_NODE_ID + i,
-                node_config={"partition-id": i, "num-partitions": num_nodes},
+                node_config=dict(config),
                 state=RecordDict(),
                 run_config={},
             )
-            for i in range(num_nodes)
+            for i, config in enumerate(configs)
         }
         self._run = Run.create_empty(RUN_ID)
         self._replies: dict[str, Message] = {}
@@ -156,10 +167,11 @@ def run_loopback(
     client_app: ClientApp,
     num_nodes: int,
     client_cpus: float | None = None,
+    node_configs: Sequence[UserConfig] | None = None,
 ) -> LoopbackGrid:
     """Run ``server_app`` to its end against ``num_nodes`` in-process ClientApp nodes, each
     message answered with torch on ``client_cpus`` threads; returns the grid (its nodes' contexts hold their final state)."""
-    grid = LoopbackGrid(client_app, num_nodes, client_cpus)
+    grid = LoopbackGrid(client_app, num_nodes, client_cpus, node_configs)
     context = Context(
         run_id=RUN_ID, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config={}
     )

@@ -1,4 +1,4 @@
-"""The audit tap in a real simulation: it attacks each update as the aggregator gets it,
+"""The audit tap in a federation (in process): it attacks each update as the aggregator gets it,
 and scores against the examples the client really trained on (rebuilt from the seed)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Compressed updates end to end on Flower's simulation runtime, with a tiny model.
+"""Compressed updates end to end in a federation (in process), with a tiny model.
 
 A client mod sits between the ClientApp and the wire: it records the node's
 error-feedback residual before and after each train message and what the reply decodes

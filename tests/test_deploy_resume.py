@@ -1,10 +1,10 @@
 """``resume=true`` on Flower's deployment runtime: a SuperLink and two SuperNodes on
 loopback run a 3-round config whose ServerApp process is killed (SIGKILL) as soon as its
 round-1 checkpoint is on disk; the dead run is stopped (``flwr stop``) and a new ``flwr
-run`` with ``resume=true`` on the same output directory finishes it. Its metrics, round by round, and its final metrics must equal
-those of the same config run without interruption (in the simulation runtime, which
-assigns the same partitions and seeds), and
-every process the test started must be gone afterwards.
+run`` with ``resume=true`` on the same output directory finishes it. Its metrics, round
+by round, and its final metrics must equal those of the same config run without
+interruption (in process, which assigns the same partitions and seeds), and every
+process the test started must be gone afterwards.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ import pytest
 from fedpeft.checkpoint import load_checkpoint
 from fedpeft.cli import simulate
 from fedpeft.config import load_config
-from tests.test_deploy_profiles import (
+from tests.deployment import (
     ROOT,
-    _free_ports,
-    _processes,
-    _tail,
+    free_ports,
     kill_leftovers,
+    processes,
     start_insecure_fleet,
+    tail,
 )
 from tests.test_resume import _rows
 
@@ -39,8 +39,8 @@ pytestmark = pytest.mark.slow
 TINY = (
     "model.name=tiny-bert model.max_length=32 lora.r=4 data.synthetic_samples=200 "
     "partition.num_clients=2 partition.scheme=iid federation.rounds=3 train.local_steps=2 "
-    "federation.timeout=60"
-)
+    "federation.timeout=60 simulation.runtime=inprocess"
+)  # the runtime is read by `fedpeft simulate` only: the reference runs in process
 
 
 def _serverapp_pids(link_port: int) -> list[int]:
@@ -59,18 +59,18 @@ def _kill_serverapp_after_round(out: Path, link_port: int, wait_s: float, logs: 
     while time.time() < deadline:
         if (out / "checkpoint.npz").is_file():
             pids = _serverapp_pids(link_port)
-            assert pids, f"no ServerApp process to kill\n{_tail(logs)}"
+            assert pids, f"no ServerApp process to kill\n{tail(logs)}"
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
             return load_checkpoint(out).round
         time.sleep(0.1)
-    raise AssertionError(f"no checkpoint within {wait_s:.0f} s\n{_tail(logs)}")
+    raise AssertionError(f"no checkpoint within {wait_s:.0f} s\n{tail(logs)}")
 
 
 def test_a_killed_serverapp_resumes_where_it_stopped(
     tmp_path: Path, flwr_cli: Callable[..., Any]
 ) -> None:
-    link_port, *node_ports = _free_ports(3)
+    link_port, *node_ports = free_ports(3)
     flwr = flwr_cli("deploy", f"127.0.0.1:{link_port}", insecure=True)
     config = ROOT / "configs" / "quickstart.yaml"
     whole, split = tmp_path / "whole", tmp_path / "split"
@@ -79,11 +79,11 @@ def test_a_killed_serverapp_resumes_where_it_stopped(
         return f"config='{config}' out='{out}' set='{TINY}'" + (" resume=true" if resume else "")
 
     began = time.perf_counter()
-    # the uninterrupted reference: the same config in Flower's simulation runtime
+    # the uninterrupted reference: the same config, run in process
     simulate(load_config(config, shlex.split(TINY)), whole)
     timings = {"simulation": time.perf_counter() - began}
     try:
-        with _processes(tmp_path, flwr.env) as start:
+        with processes(tmp_path, flwr.env) as start:
             start_insecure_fleet(
                 start, link_port, {p: f"partition-id={i}" for i, p in enumerate(node_ports)}
             )
@@ -96,7 +96,7 @@ def test_a_killed_serverapp_resumes_where_it_stopped(
             # waits as long. An operator who knows the server died stops the run.
             flwr(["stop", str(killed_run), flwr.connection])
             killed_status, _ = flwr.final_status(killed_run, wait_s=60)
-            assert killed_status.startswith("finished:"), _tail(tmp_path)
+            assert killed_status.startswith("finished:"), tail(tmp_path)
             timings["until stopped"] = time.perf_counter() - began - sum(timings.values())
 
             resumed_run = flwr.run(run_config(split, True))

@@ -23,13 +23,13 @@ from typing import Any
 import pytest
 
 from fedpeft.deploy import write_credentials
-from tests.test_deploy_profiles import (
+from tests.deployment import (
     ROOT,
-    _free_ports,
-    _processes,
-    _tail,
-    _wait_for_port,
+    free_ports,
     kill_leftovers,
+    processes,
+    tail,
+    wait_for_port,
 )
 
 pytestmark = pytest.mark.slow
@@ -53,7 +53,7 @@ def _wait_for_rounds(metrics: Path, rounds: int, wait_s: float, log_dir: Path) -
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= rounds:
             return
         time.sleep(0.5)
-    raise AssertionError(f"round {rounds} was not logged within {wait_s:.0f} s\n{_tail(log_dir)}")
+    raise AssertionError(f"round {rounds} was not logged within {wait_s:.0f} s\n{tail(log_dir)}")
 
 
 def test_tls_authenticated_run_survives_a_node_killed_and_restarted(
@@ -61,13 +61,13 @@ def test_tls_authenticated_run_survives_a_node_killed_and_restarted(
 ) -> None:
     creds = tmp_path / "creds"
     write_credentials(creds, nodes=4)
-    link_port, *node_ports = _free_ports(5)
+    link_port, *node_ports = free_ports(5)
     address = f"127.0.0.1:{link_port}"
     flwr = flwr_cli("tls", address, root_certificates=creds / "ca.crt")
     out_dir = tmp_path / "out"
     run_config = f"config='{ROOT / 'configs' / 'quickstart.yaml'}' out='{out_dir}' set='{TINY}'"
     try:
-        with _processes(tmp_path, flwr.env) as start:
+        with processes(tmp_path, flwr.env) as start:
             link = start(
                 "superlink", "flower-superlink", "--host", "127.0.0.1", "--port", str(link_port),
                 "--ssl-ca-certfile", str(creds / "ca.crt"),
@@ -75,7 +75,7 @@ def test_tls_authenticated_run_survives_a_node_killed_and_restarted(
                 "--ssl-keyfile", str(creds / "server.key"),
                 "--enable-supernode-auth", "--disable-runtime-dependency-installation",
             )  # fmt: skip
-            _wait_for_port(link_port, link)
+            wait_for_port(link_port, link)
 
             def supernode(i: int, node_config: str, name: str = "") -> Any:
                 return start(
@@ -102,10 +102,10 @@ def test_tls_authenticated_run_survives_a_node_killed_and_restarted(
                     node.wait(timeout=12)  # refused: it exits within a few seconds
                 except subprocess.TimeoutExpired:
                     break  # activated: it keeps running
-                assert time.time() < rejoin_by, f"the node never rejoined\n{_tail(tmp_path)}"
+                assert time.time() < rejoin_by, f"the node never rejoined\n{tail(tmp_path)}"
                 time.sleep(1)
             status, listing = flwr.final_status(run_id, wait_s=180)
-            assert status == "finished:completed", (listing, _tail(tmp_path))
+            assert status == "finished:completed", (listing, tail(tmp_path))
     finally:
         leftovers = kill_leftovers([link_port, *node_ports])
     assert not leftovers, f"Flower processes outlived their SuperLink/SuperNode: {leftovers}"

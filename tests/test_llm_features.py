@@ -1,5 +1,5 @@
 """Every federated feature on a causal LM: a tiny Llama (SmolLM2's tokenizer and chat
-template) instruction-tuned on Flower's simulation runtime with compressed updates and a
+template) instruction-tuned in a federation (in process) with compressed updates and a
 mixed-rank fleet, record-level DP (Opacus), user-level and local DP."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ LLAMA: dict[str, Any] = {
     "train": {"local_steps": 2, "batch_size": 4, "lr": 1e-2},
     "federation": {"rounds": 2, "min_clients": 2, "eval_batch_size": 16},
     "eval": {"max_new_tokens": 2, "generate_examples": 6, "samples": 1},
-    "simulation": {"client_cpus": 1},
+    "simulation": {"client_cpus": 1, "runtime": "inprocess"},
 }
 
 

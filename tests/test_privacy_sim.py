@@ -1,4 +1,4 @@
-"""DP runs end to end on Flower's simulation runtime with a tiny model: each mode is one
+"""DP runs end to end in a federation (in process) with a tiny model: each mode is one
 config block away, and ε is reported per round as Opacus's accountant computes it."""
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.test_deploy_profiles import ROOT, _free_ports
+from tests.deployment import ROOT, free_ports
 
 BIN = Path(sys.executable).parent
 TINY = [
@@ -35,7 +35,7 @@ TINY = [
 
 def _ray_start(env: dict[str, str], *args: str) -> None:
     # a node's agent and client-server ports default to fixed numbers: give each its own
-    agent, client = _free_ports(2)
+    agent, client = free_ports(2)
     cmd = [str(BIN / "ray"), "start", "--num-cpus", "1", "--disable-usage-stats", *args]
     cmd += ["--dashboard-agent-listen-port", str(agent), "--ray-client-server-port", str(client)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
@@ -73,7 +73,7 @@ def _stop(processes: list[psutil.Process]) -> list[int]:
 def test_clients_spread_over_a_two_node_ray_cluster(tmp_path: Path) -> None:
     # Ray's socket paths must stay short, so not under pytest's tmp_path
     temp_dir = Path(tempfile.mkdtemp(prefix="fr-", dir="/tmp"))
-    [port] = _free_ports(1)
+    [port] = free_ports(1)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     out = tmp_path / "out"
     try:
@@ -114,7 +114,7 @@ def test_an_address_no_cluster_answers_at_is_one_sentence(
 ) -> None:
     from fedpeft.cli import main
 
-    [port] = _free_ports(1)  # nothing listens there
+    [port] = free_ports(1)  # nothing listens there
     sets = [a for s in [*TINY, f"simulation.ray_address=127.0.0.1:{port}"] for a in ("--set", s)]
     config = str(ROOT / "configs" / "quickstart.yaml")
     assert main(["simulate", config, "--out", str(tmp_path), *sets]) == 2

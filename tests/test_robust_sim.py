@@ -1,4 +1,4 @@
-"""A hostile client in a real simulation: an update beyond ``federation.max_update_norm``
+"""A hostile client in a federation (in process): an update beyond ``federation.max_update_norm``
 is rejected with its norm as the reason, and one that stays under the bound but is 300×
 too large, and reversed, does not move the ``median`` aggregate off course (the same run
 with ``flexlora``, a weighted mean, ends at loss 3.28 from 1.10)."""

@@ -1,4 +1,7 @@
-"""End to end on Flower's simulation runtime (Ray), with tiny models.
+"""End to end with tiny models: the main run on Flower's simulation runtime (Ray), the
+others in process (``simulation.runtime: inprocess``, real messages and ClientApps
+without Ray; tests/test_golden.py shows the two compute the same bits). ``TINY`` runs
+in process; a test that needs Ray says so.
 
 A client mod taps every message a ClientApp receives and sends, so the tests check what
 really crossed the wire against what the server logged.
@@ -41,8 +44,9 @@ TINY = {
     },
     "train": {"local_steps": 4, "batch_size": 8, "lr": 5e-3},
     "federation": {"rounds": 2, "min_clients": 2, "client_eval": True},
-    "simulation": {"client_cpus": 1},
+    "simulation": {"client_cpus": 1, "runtime": "inprocess"},
 }
+ON_RAY = {**TINY, "simulation": {"client_cpus": 1, "runtime": "ray"}}
 
 
 def tapped_client_app(log_path: Path) -> ClientApp:
@@ -76,7 +80,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("sim")
-    cfg = config_from_dict(TINY)
+    cfg = config_from_dict(ON_RAY)
     tap_log = out / "tap.jsonl"
     simulate(cfg, out / "run", client_app=tapped_client_app(tap_log))
     return {"cfg": cfg, "out": out / "run", "tap": _read_jsonl(tap_log), "base": out}
@@ -159,13 +163,13 @@ def test_saved_adapter_reproduces_the_federated_model(run: dict[str, Any]) -> No
     assert metrics["loss"] == pytest.approx(last["loss"], abs=1e-5)
 
 
-def test_same_seed_same_metrics_other_seed_differs(run: dict[str, Any]) -> None:
-    again = run["base"] / "again"
-    simulate(run["cfg"], again)
-    first = [(r["accuracy"], r["loss"]) for r in _read_jsonl(run["out"] / "metrics.jsonl")]
-    second = [(r["accuracy"], r["loss"]) for r in _read_jsonl(again / "metrics.jsonl")]
+def test_same_seed_same_metrics_other_seed_differs(tmp_path: Path) -> None:
+    simulate(config_from_dict(TINY), tmp_path / "once")
+    simulate(config_from_dict(TINY), tmp_path / "again")
+    first = [(r["accuracy"], r["loss"]) for r in _read_jsonl(tmp_path / "once" / "metrics.jsonl")]
+    second = [(r["accuracy"], r["loss"]) for r in _read_jsonl(tmp_path / "again" / "metrics.jsonl")]
     assert first == second
-    other = run["base"] / "other"
+    other = tmp_path / "other"
     simulate(config_from_dict({**TINY, "seed": 4}), other)
     third = [(r["accuracy"], r["loss"]) for r in _read_jsonl(other / "metrics.jsonl")]
     assert third != first
