@@ -32,7 +32,7 @@ from typing import Any
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
-from fedpeft import client, threads, wire
+from fedpeft import client, nodestate, threads, wire
 
 
 def query(msg: Message, context: Context) -> Message:
@@ -44,10 +44,10 @@ def query(msg: Message, context: Context) -> Message:
 def _merged_base(ins: wire.TrainIns, context: Context) -> wire.State:
     """This node's merged updates (FLoRA), kept in the node's state so that they survive
     a new ClientApp process per message."""
-    merged_round, base_delta = wire.read_merged_base(context.state)
+    merged_round, base_delta = nodestate.read_merged_base(context.state)
     new_round, base_delta = client.merge_received(merged_round, base_delta, ins)
     if new_round != merged_round:
-        wire.write_merged_base(context.state, new_round, base_delta)
+        nodestate.write_merged_base(context.state, new_round, base_delta)
     return base_delta
 
 
@@ -57,18 +57,20 @@ def _received(msg: Message, context: Context) -> wire.TrainIns:
     ins = wire.decode_train_ins(msg.content)
     if not client.parse_config(ins.config_json).compression.downlink:
         return ins
-    view_number, view = wire.read_view(context.state)
+    view_number, view = nodestate.read_view(context.state)
     ins = client.received_adapters(ins, view_number, view)
-    wire.write_view(context.state, ins.view, ins.adapters)
+    nodestate.write_view(context.state, ins.view, ins.adapters)
     return ins
 
 
 def train(msg: Message, context: Context) -> Message:
     ins = _received(msg, context)
-    kept = client.Kept(wire.read_residual(context.state), wire.read_history(context.state))
+    kept = client.Kept(
+        nodestate.read_residual(context.state), nodestate.read_history(context.state)
+    )
     res, kept = client.client_round(ins, _merged_base(ins, context), kept)
-    wire.write_residual(context.state, kept.residual)
-    wire.write_history(context.state, kept.history)
+    nodestate.write_residual(context.state, kept.residual)
+    nodestate.write_history(context.state, kept.history)
     return Message(wire.encode_train_res(res), reply_to=msg)
 
 

@@ -27,7 +27,7 @@ from fedpeft.compression import codec
 from fedpeft.compression.compeft import Ternary
 from fedpeft.compression.rice import CodecError
 from fedpeft.devices import DeviceProfile, is_positive_int, is_positive_number
-from fedpeft.privacy.accounting import Entry, from_lists, to_lists
+from fedpeft.types import State as State  # re-exported
 
 ADAPTERS = "adapters"
 UPDATE = "update"
@@ -36,19 +36,12 @@ METRICS = "metrics"
 NUM_EXAMPLES = "num-examples"  # the key Flower's own strategies weight by
 TRAIN_LOSS = "train-loss"  # the metric the strategy hands back to Flower's round loop
 MERGE_PREFIX = "merge-"  # + round: one stacked product update to merge into the base (FLoRA)
-MERGED_BASE = "fedpeft-merged-base"  # node state: Σ of merged updates, dense per module
-MERGED_ROUND = "fedpeft-merged-round"  # node state: the last round merged
 # A compressed update (ComPEFT): the bitstream and scales, and its integer header
 PACKED = "update-compeft"
 PACKED_HEADER = "compeft"
 PACKED_HEADER_KEYS = ("shapes", "ndims", "kept", "rice", "nbytes")
-RESIDUAL = "fedpeft-residual"  # node state: the error-feedback residual of the last update
-HISTORY = "fedpeft-accountant"  # node state: its privacy accountant's history
-VIEW = "fedpeft-view"  # node state: the adapters it last received (downlink compression)
-VIEW_NUMBER = "fedpeft-view-number"  # node state: which view they are
 PLACEMENT = "placement"  # a reply's Ray node and host (simulations on a Ray cluster)
 
-State = dict[str, np.ndarray]
 T = TypeVar("T")
 
 # The largest |entry| an update may hold. No training step moves a LoRA factor or a head
@@ -368,57 +361,6 @@ def _decode_eval_res(content: RecordDict) -> tuple[int, dict[str, float]]:
         raise UpdateRejected(f"'{NUM_EXAMPLES}' should be an integer in [0, 2^31], got {n!r}")
     bound = MAX_METRIC_VALUE
     return n, {k: _scalar(v, k, -bound, bound) for k, v in record.items() if k != NUM_EXAMPLES}
-
-
-def read_merged_base(node_state: RecordDict) -> tuple[int, State]:
-    """The last round this node merged and the dense Σ ΔW per module (0, {} if none)."""
-    if MERGED_ROUND not in node_state.config_records:
-        return 0, {}
-    merged_round = int(node_state.config_records[MERGED_ROUND]["round"])  # type: ignore[arg-type]
-    return merged_round, record_to_state(node_state.array_records[MERGED_BASE])
-
-
-def write_merged_base(node_state: RecordDict, merged_round: int, base_delta: State) -> None:
-    node_state[MERGED_BASE] = state_to_record(base_delta)
-    node_state[MERGED_ROUND] = ConfigRecord({"round": merged_round})
-
-
-def read_residual(node_state: RecordDict) -> State:
-    """The error-feedback residual this node kept from its last update ({} if none)."""
-    if RESIDUAL not in node_state.array_records:
-        return {}
-    return record_to_state(node_state.array_records[RESIDUAL])
-
-
-def write_residual(node_state: RecordDict, residual: State) -> None:
-    node_state[RESIDUAL] = state_to_record(residual)
-
-
-def read_history(node_state: RecordDict) -> list[Entry]:
-    """This node's privacy accountant history ([] if none)."""
-    if HISTORY not in node_state.config_records:
-        return []
-    record = node_state.config_records[HISTORY]
-    return from_lists(record["noise"], record["rate"], record["steps"])  # type: ignore[arg-type]
-
-
-def write_history(node_state: RecordDict, history: list[Entry]) -> None:
-    if history:
-        node_state[HISTORY] = ConfigRecord(to_lists(history))  # type: ignore[arg-type]
-
-
-def read_view(node_state: RecordDict) -> tuple[int, State]:
-    """The adapters this node last received (downlink compression) and their view
-    number; (-1, {}) if it holds none."""
-    if VIEW not in node_state.array_records:
-        return -1, {}
-    number = int(node_state.config_records[VIEW_NUMBER]["view"])  # type: ignore[arg-type]
-    return number, record_to_state(node_state.array_records[VIEW])
-
-
-def write_view(node_state: RecordDict, number: int, adapters: State) -> None:
-    node_state[VIEW] = state_to_record(adapters)
-    node_state[VIEW_NUMBER] = ConfigRecord({"view": number})
 
 
 def encode_profile(node_config: dict[str, object]) -> RecordDict:

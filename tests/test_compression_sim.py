@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.app import make_client_app
-from fedpeft import wire
+from fedpeft import nodestate, wire
 from fedpeft.cli import simulate
 from fedpeft.config import config_from_dict
 from tests.test_simulation import TINY
@@ -43,9 +43,9 @@ def corrupting_client_app(log_path: Path, bad_partition: int) -> ClientApp:
         if msg.metadata.message_type != "train":
             return call_next(msg, context)
         ins = wire.decode_train_ins(msg.content)
-        before = wire.read_residual(context.state)
+        before = nodestate.read_residual(context.state)
         reply = call_next(msg, context)
-        after = wire.read_residual(context.state)
+        after = nodestate.read_residual(context.state)
         sent = wire.decode_train_res(reply.content, ins.adapters, 2**31).update
         entry = {
             "round": ins.server_round, "partition": ins.partition_id, "before": _lists(before),
@@ -139,7 +139,7 @@ def forgetful_client_app(log_path: Path, forget: tuple[int, int]) -> ClientApp:
             entry["error"] = False
             return reply
         finally:
-            entry["view"] = wire.read_view(context.state)[0]
+            entry["view"] = nodestate.read_view(context.state)[0]
             with log_path.open("a") as fh:
                 fh.write(json.dumps(entry) + "\n")
 

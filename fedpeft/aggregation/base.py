@@ -14,7 +14,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-State = dict[str, np.ndarray]
+from fedpeft.types import State as State  # re-exported
+
 Scaling = Callable[[int], float]  # s(r): the LoRA factor on B A at rank r (LoraConfig.scaling_for)
 LORA_A, LORA_B = ".lora_A.", ".lora_B."
 

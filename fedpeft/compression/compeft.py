@@ -26,9 +26,9 @@ from typing import Literal
 import numpy as np
 
 from fedpeft.compression.rice import Sparse
+from fedpeft.types import State as State  # re-exported
 
 ScaleRule = Literal["compeft", "stc"]
-State = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)

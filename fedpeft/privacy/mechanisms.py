@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-State = dict[str, np.ndarray]
+from fedpeft.types import State as State  # re-exported
 
 
 def global_norm(update: State) -> float:
