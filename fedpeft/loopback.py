@@ -23,8 +23,8 @@ is left to the simulation and deployment tests. Its use is the golden runs
 
 from __future__ import annotations
 
+import logging
 import math
-import traceback
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -32,16 +32,16 @@ from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict, UserConfig
 from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-# Flower's error code for a ClientApp that raised (flwr.common.constant.ErrorCode)
-CLIENT_APP_RAISED_EXCEPTION = 2
 RUN_ID = 1
-SUPERLINK_NODE_ID = 1  # flwr.common.constant: the node id a ServerApp's messages come from
-FIRST_NODE_ID = 1001  # any ids distinct from it would do
+FIRST_NODE_ID = 1001  # any ids distinct from the SuperLink's would do
+
+log = logging.getLogger("fedpeft")
 
 
 def over_the_wire(message: Message) -> Message:
@@ -147,7 +147,7 @@ class LoopbackGrid(Grid):
         received = over_the_wire(msg)
         if context is None:
             return Message(
-                Error(code=CLIENT_APP_RAISED_EXCEPTION, reason="no such node"),
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="no such node"),
                 reply_to=received,
             )
         self.delivered += 1
@@ -155,10 +155,11 @@ class LoopbackGrid(Grid):
             with torch_threads(self.client_threads):
                 return self.client_app(received, context)
         except Exception as err:  # Flower's runtime reports it, it does not raise
-            traceback.print_exc()
+            log.error("the ClientApp of node %d raised", msg.metadata.dst_node_id, exc_info=True)
             reason = f"{type(err)}:<'{err}'>"  # the form Flower's runtime writes
             return Message(
-                Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=received
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                reply_to=received,
             )
 
 
@@ -170,7 +171,8 @@ def run_loopback(
     node_configs: Sequence[UserConfig] | None = None,
 ) -> LoopbackGrid:
     """Run ``server_app`` to its end against ``num_nodes`` in-process ClientApp nodes, each
-    message answered with torch on ``client_cpus`` threads; returns the grid (its nodes' contexts hold their final state)."""
+    message answered with torch on ``client_cpus`` threads; returns the grid (its nodes'
+    contexts hold their final state)."""
     grid = LoopbackGrid(client_app, num_nodes, client_cpus, node_configs)
     context = Context(
         run_id=RUN_ID, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config={}
