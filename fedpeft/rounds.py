@@ -57,7 +57,7 @@ from fedpeft.privacy.accounting import (
     noise_multiplier,
     to_lists,
 )
-from fedpeft.privacy.mechanisms import clip, dp_fedavg, global_norm
+from fedpeft.privacy.mechanisms import dp_fedavg, global_norm, server_reclip
 
 log = logging.getLogger("fedpeft")
 
@@ -306,12 +306,11 @@ class ServerRounds:
         return new_state
 
     def _bounded(self, res: wire.TrainRes) -> wire.TrainRes:
-        """User-level DP: the decoded update clipped to C again, so that a client that did
-        not clip (or whose compression lengthened it) cannot exceed its share."""
-        if self.cfg.privacy.mode != "user":
+        """The decoded update as aggregation gets it (:func:`server_reclip`)."""
+        priv = self.cfg.privacy
+        if priv.mode != "user":
             return res
-        update, _ = clip(res.update, self.cfg.privacy.clip_norm)
-        return dataclasses.replace(res, update=update)
+        return dataclasses.replace(res, update=server_reclip(res.update, priv.mode, priv.clip_norm))
 
     def _dp_fedavg(self, updates: list[ClientUpdate]) -> State:
         """DP-FedAvg: uniform sum of the clipped updates plus N(0, (zC)²), over m sampled

@@ -27,7 +27,7 @@ from fedpeft.client import Kept, client_round
 from fedpeft.config import Config, LoraConfig, TrainConfig, lora_to_json
 from fedpeft.data import Row
 from fedpeft.models import adapter_state, build_peft_model, load_adapter_state, load_tokenizer
-from fedpeft.privacy.mechanisms import clip
+from fedpeft.privacy.mechanisms import server_reclip
 from fedpeft.train import Encoded, encode, train_local
 from fedpeft.wire import State
 
@@ -92,8 +92,7 @@ def observe(
     res, _ = client_round(ins, {}, Kept({}, []), examples=examples)
     # what crosses the wire, decoded by the server's own decoder
     update = wire.decode_train_res(wire.encode_train_res(res), sent, res.num_examples).update
-    if cfg.privacy.mode == "user":  # the server's re-clip (fedpeft.rounds.ServerRounds._bounded)
-        update, _ = clip(update, cfg.privacy.clip_norm)
+    update = server_reclip(update, cfg.privacy.mode, cfg.privacy.clip_norm)  # as the server does
     view = ServerView(update, sent, lora, cfg, num_labels)
     secret = Secret(
         input_ids=tuple(tuple(ids) for ids in examples.input_ids),
