@@ -51,8 +51,12 @@ BASE: dict[str, Any] = {
     "federation": {"rounds": 2, "min_clients": 2},
     "simulation": {"runtime": "inprocess", "client_cpus": 1},
 }
+# Every message carries the resolved config, with absolute profile paths: the fleet runs
+# read their profiles from one fixed directory, so that their downlink bytes do not
+# depend on where the repository is checked out (run() copies them there).
+PROFILES = Path("/tmp/fedpeft-golden-profiles")
 FLEET = {
-    "profiles": [str(GOLDEN / "small.yaml"), str(GOLDEN / "large.yaml")],
+    "profiles": [str(PROFILES / "small.yaml"), str(PROFILES / "large.yaml")],
     "mix": {"small": 1, "large": 2},
     "max_rank": 8,
 }
@@ -156,6 +160,9 @@ def outcome(out: Path) -> dict[str, Any]:
 
 def run(name: str, out: Path, runtime: str = "inprocess") -> dict[str, Any]:
     """Run the golden ``name`` into ``out``; returns its outcome."""
+    PROFILES.mkdir(parents=True, exist_ok=True)
+    for profile in ("small.yaml", "large.yaml"):
+        (PROFILES / profile).write_text((GOLDEN / profile).read_text())
     raw = _with(RUNS[name], simulation={"runtime": runtime})
     app = hostile_client_app() if name == "hostile_median" else None
     if name == "resume":  # stopped after round 2, then resumed to round 3
