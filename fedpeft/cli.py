@@ -176,23 +176,20 @@ def simulate(
     if client_app is None and cfg.simulation.ray_address:
         client_app = make_client_app([ray_placement])  # replies say which Ray node ran them
     started = time.time()
+    server_app, client_app = make_server_app(cfg, out_dir, resume), client_app or default_client_app
+    nodes = cfg.partition.num_clients
     if cfg.simulation.runtime == "inprocess":
-        log.info("%d clients in this process, one message at a time", cfg.partition.num_clients)
-        run_loopback(
-            make_server_app(cfg, out_dir, resume),
-            client_app or default_client_app,
-            cfg.partition.num_clients,
-            cfg.simulation.client_cpus,
-        )
+        log.info("%d clients in this process, one message at a time", nodes)
+        run_loopback(server_app, client_app, nodes, cfg.simulation.client_cpus)
     else:
         log.info(
             "starting Flower's simulation runtime: %d virtual clients on Ray (the first "
-            "round waits for its actors to load the model)", cfg.partition.num_clients,
+            "round waits for its actors to load the model)", nodes,
         )  # fmt: skip
         run_simulation(
-            server_app=make_server_app(cfg, out_dir, resume),
-            client_app=client_app or default_client_app,
-            num_supernodes=cfg.partition.num_clients,
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=nodes,
             backend_config=backend_config(cfg),
         )
     summary_path = out_dir / "summary.json"

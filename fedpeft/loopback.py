@@ -24,7 +24,6 @@ is left to the simulation and deployment tests. Its use is the golden runs
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -37,6 +36,8 @@ from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+from fedpeft.threads import threads_for
 
 RUN_ID = 1
 FIRST_NODE_ID = 1001  # any ids distinct from the SuperLink's would do
@@ -83,7 +84,7 @@ class LoopbackGrid(Grid):
             raise ValueError(f"{len(node_configs)} node configs for {num_nodes} nodes.")
         self.client_app = client_app
         # as fedpeft.threads gives a Ray actor holding client_cpus CPUs
-        self.client_threads = None if client_cpus is None else max(1, math.floor(client_cpus))
+        self.client_threads = None if client_cpus is None else threads_for(client_cpus)
         configs = node_configs or [
             {"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)
         ]

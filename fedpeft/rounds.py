@@ -308,8 +308,6 @@ class ServerRounds:
     def _bounded(self, res: wire.TrainRes) -> wire.TrainRes:
         """The decoded update as aggregation gets it (:func:`server_reclip`)."""
         priv = self.cfg.privacy
-        if priv.mode != "user":
-            return res
         return dataclasses.replace(res, update=server_reclip(res.update, priv.mode, priv.clip_norm))
 
     def _dp_fedavg(self, updates: list[ClientUpdate]) -> State:

@@ -54,7 +54,12 @@ def client_threads() -> int | None:
     if context.worker.mode != ray.WORKER_MODE:  # the driver holds no reservation
         return None
     cpus = context.get_assigned_resources().get("CPU")
-    return max(1, math.floor(cpus)) if cpus else None
+    return threads_for(cpus) if cpus else None
+
+
+def threads_for(cpus: float) -> int:
+    """torch threads for a client holding ``cpus`` CPUs: rounded down, at least 1."""
+    return max(1, math.floor(cpus))
 
 
 def use_client_threads() -> int | None:

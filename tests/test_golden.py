@@ -70,7 +70,7 @@ LLAMA: dict[str, Any] = {
 }
 
 
-def _with(base: dict[str, Any], **sections: dict[str, Any]) -> dict[str, Any]:
+def with_sections(base: dict[str, Any], **sections: dict[str, Any]) -> dict[str, Any]:
     """``base`` with some sections updated key by key."""
     return {**base, **{k: {**base.get(k, {}), **v} for k, v in sections.items()}}
 
@@ -80,32 +80,32 @@ HOSTILE = 0  # the partition whose client scales its update
 
 # name -> config; a stage appears in at least one
 RUNS: dict[str, dict[str, Any]] = {
-    "fedit": _with(BASE, federation={"client_eval": True}),
-    "flexlora_fleet": _with(BASE, federation={"aggregator": "flexlora"}, fleet=FLEET),
-    "zero_pad_fleet": _with(BASE, federation={"aggregator": "zero_pad"}, fleet=FLEET),
-    "flora_fleet": _with(
+    "fedit": with_sections(BASE, federation={"client_eval": True}),
+    "flexlora_fleet": with_sections(BASE, federation={"aggregator": "flexlora"}, fleet=FLEET),
+    "zero_pad_fleet": with_sections(BASE, federation={"aggregator": "zero_pad"}, fleet=FLEET),
+    "flora_fleet": with_sections(
         BASE, federation={"aggregator": "flora", "rounds": 3, "client_eval": True}, fleet=FLEET
     ),
-    "compression_ef_downlink": _with(
+    "compression_ef_downlink": with_sections(
         BASE, federation={"rounds": 3}, compression={"density": 0.15, "downlink": True}
     ),
-    "user_dp_canaries": _with(
+    "user_dp_canaries": with_sections(
         BASE,
         federation={"rounds": 3, "fraction_train": 0.67},
         privacy={"mode": "user", "epsilon": 20.0, "clip_norm": 0.5, "noise_seed": 1, "canaries": 8},
     ),
-    "local_dp": _with(
+    "local_dp": with_sections(
         BASE, privacy={"mode": "local", "noise_multiplier": 0.5, "clip_norm": 1.0, "noise_seed": 4}
     ),
-    "record_dp": _with(
+    "record_dp": with_sections(
         BASE, privacy={"mode": "record", "noise_multiplier": 1.0, "clip_norm": 1.0, "noise_seed": 5}
     ),
-    "hostile_median": _with(
+    "hostile_median": with_sections(
         BASE,
         partition={"scheme": "iid"},
         federation={"rounds": 3, "min_clients": 3, "aggregator": "median", "max_update_norm": 1e4},
     ),
-    "resume": _with(BASE, federation={"rounds": 3, "fraction_train": 0.67}),
+    "resume": with_sections(BASE, federation={"rounds": 3, "fraction_train": 0.67}),
     "instruction_llama": LLAMA,
 }
 
@@ -163,10 +163,10 @@ def run(name: str, out: Path, runtime: str = "inprocess") -> dict[str, Any]:
     PROFILES.mkdir(parents=True, exist_ok=True)
     for profile in ("small.yaml", "large.yaml"):
         (PROFILES / profile).write_text((GOLDEN / profile).read_text())
-    raw = _with(RUNS[name], simulation={"runtime": runtime})
+    raw = with_sections(RUNS[name], simulation={"runtime": runtime})
     app = hostile_client_app() if name == "hostile_median" else None
     if name == "resume":  # stopped after round 2, then resumed to round 3
-        two = _with(raw, federation={"rounds": 2})
+        two = with_sections(raw, federation={"rounds": 2})
         simulate(config_from_dict(two), out, client_app=app)
         simulate(config_from_dict(raw), out, client_app=app, resume=True)
     else:
@@ -216,7 +216,9 @@ def test_inprocess_equals_ray(tmp_path: Path) -> None:
     downlink differs, by the config text each message carries (``runtime: ray``)."""
     name = "compression_ef_downlink"
     got, want = run(name, tmp_path / "ray", runtime="ray"), recorded(name)
-    longer = len(config_from_dict(_with(RUNS[name], simulation={"runtime": "ray"})).to_json())
+    longer = len(
+        config_from_dict(with_sections(RUNS[name], simulation={"runtime": "ray"})).to_json()
+    )
     extra = longer - len(config_from_dict(RUNS[name]).to_json())  # bytes per message
     assert extra < 0
     for row in want["rows"]:

@@ -14,6 +14,7 @@ from fedpeft.config import Config, config_from_dict
 from fedpeft.models import adapter_state, build_peft_model
 from fedpeft.planning import plan_clients
 from fedpeft.rounds import Reply, RoundStats, ServerRounds
+from tests.test_golden import with_sections
 
 NODES = {101: 0, 102: 1, 103: 2}  # node id -> partition id
 NUM_LABELS = 3
@@ -28,7 +29,7 @@ def make_config(**sections: dict[str, Any]) -> Config:
         "train": {"local_steps": 2, "batch_size": 8},
         "federation": {"min_clients": 2},
     }
-    return config_from_dict({**base, **{k: {**base.get(k, {}), **v} for k, v in sections.items()}})
+    return config_from_dict(with_sections(base, **sections))
 
 
 def make_rounds(**sections: dict[str, Any]) -> tuple[ServerRounds, dict[str, np.ndarray]]:
