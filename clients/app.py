@@ -1,4 +1,5 @@
-"""fedpeft ClientApp: decode the message, call :mod:`fedpeft.client`, encode the reply.
+"""fedpeft ClientApp: decode the message, run the client stages (:mod:`fedpeft.stages`),
+encode the reply.
 
 The node answers the server's query with its node config; the server then names the
 partition and this node's LoRA plan in every train message, so both sides agree. In
@@ -32,7 +33,7 @@ from typing import Any
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
-from fedpeft import client, nodestate, threads, wire
+from fedpeft import client, nodestate, stages, threads, wire
 
 
 def query(msg: Message, context: Context) -> Message:
@@ -68,7 +69,7 @@ def train(msg: Message, context: Context) -> Message:
     kept = client.Kept(
         nodestate.read_residual(context.state), nodestate.read_history(context.state)
     )
-    res, kept = client.client_round(ins, _merged_base(ins, context), kept)
+    res, kept = stages.client_round(ins, _merged_base(ins, context), kept)
     nodestate.write_residual(context.state, kept.residual)
     nodestate.write_history(context.state, kept.history)
     return Message(wire.encode_train_res(res), reply_to=msg)

@@ -82,19 +82,15 @@ def load_checkpoint(out_dir: Path) -> Checkpoint:
 def resume_problem(cfg: Config, ckpt: Checkpoint) -> str | None:
     """Why this run cannot continue from ``ckpt`` exactly, or None. Only the number of
     rounds may differ from the checkpointed config."""
-    if cfg.compression.density is not None and (
-        cfg.compression.error_feedback or cfg.compression.downlink
-    ):
-        return "error-feedback residuals and downlink views live on the nodes"
-    if cfg.privacy.mode in ("record", "local"):
-        return f"the '{cfg.privacy.mode}' accountants live on the nodes"
-    if cfg.federation.aggregator == "flora":
-        return "FLoRA's merged updates live on the nodes"
-    if cfg.privacy.canaries:
-        return "the canary audit compares against the run's first adapters"
+    from fedpeft.stages import build  # the stages name the state they keep
+
+    nodes = max(1, cfg.partition.num_clients)  # the server's stages exist for some nodes
+    lost = build(cfg, nodes).resume_problem()
+    if lost is not None:
+        return lost
     checkpointed_rounds = ckpt.config.get("federation", {}).get("rounds")
     if (
-        cfg.privacy.mode == "user"
+        cfg.privacy.mode == "user"  # the noise was computed for the checkpoint's rounds
         and cfg.privacy.noise_multiplier is None
         and cfg.federation.rounds != checkpointed_rounds
     ):

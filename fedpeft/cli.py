@@ -148,6 +148,21 @@ def backend_config(cfg: Config) -> dict[str, Any]:
     }
 
 
+# The apps' factories, by reference: loaded as Flower loads the components that
+# pyproject.toml's [tool.flwr.app.components] names, so that the library never imports
+# the apps it launches (server/ and clients/ import fedpeft, not the other way).
+SERVER_APP = "server.app:make_server_app"
+CLIENT_APP = "clients.app:make_client_app"
+RAY_PLACEMENT = "clients.app:ray_placement"
+
+
+def app_component(reference: str) -> Any:
+    """The object ``module:attribute`` names, from the apps installed beside fedpeft."""
+    from flwr.supercore.object_ref import load_app
+
+    return load_app(reference, RuntimeError, project_dir=Path(__file__).resolve().parents[1])
+
+
 def simulate(
     cfg: Config, out_dir: Path, client_app: ClientApp | None = None, resume: bool = False
 ) -> dict[str, Any]:
@@ -159,10 +174,8 @@ def simulate(
     """
     from flwr.simulation import run_simulation
 
-    from clients.app import app as default_client_app
-    from clients.app import make_client_app, ray_placement
     from fedpeft.loopback import run_loopback
-    from server.app import checkpoint_to_resume, make_server_app
+    from fedpeft.serverrun import checkpoint_to_resume
 
     quiet_flower_env()
     # importing flwr resets its logger to DEBUG; keep its errors, drop its chatter
@@ -173,10 +186,12 @@ def simulate(
     preflight(cfg)
     if resume:
         checkpoint_to_resume(cfg, out_dir)  # its mistakes end here, in one sentence
-    if client_app is None and cfg.simulation.ray_address:
-        client_app = make_client_app([ray_placement])  # replies say which Ray node ran them
+    if client_app is None:
+        # on a cluster, a client mod makes each reply say which Ray node ran it
+        mods = [app_component(RAY_PLACEMENT)] if cfg.simulation.ray_address else []
+        client_app = app_component(CLIENT_APP)(mods)
     started = time.time()
-    server_app, client_app = make_server_app(cfg, out_dir, resume), client_app or default_client_app
+    server_app = app_component(SERVER_APP)(cfg, out_dir, resume)
     nodes = cfg.partition.num_clients
     if cfg.simulation.runtime == "inprocess":
         log.info("%d clients in this process, one message at a time", nodes)

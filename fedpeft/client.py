@@ -1,8 +1,10 @@
 """One client's work for a round, independent of Flower: install the received adapters
-on the (cached) model, train locally, and return Δ = adapters_after − adapters_received.
+on the (cached) model, train locally, and return Δ = adapters_after − adapters_received;
+and the transforms the client stages of :mod:`fedpeft.stages` apply to it (clip, local
+noise, compression, re-clip, redacted metrics), which choose among these.
 
-The ClientApp in ``clients/`` is a thin wrapper around :func:`train_round`; the overhead
-benchmark calls the same function in a plain loop.
+The ClientApp in ``clients/`` runs :func:`fedpeft.stages.client_round`; the overhead
+benchmark calls :func:`train_round` in a plain loop.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from fedpeft.models import (
 )
 from fedpeft.privacy.accounting import Entry, add_steps, epsilon, noise_multiplier
 from fedpeft.privacy.dpsgd import sample_rate, train_local_dp
-from fedpeft.privacy.mechanisms import clip, gaussian_noise, global_norm
+from fedpeft.privacy.mechanisms import global_norm
 from fedpeft.train import (
     Encoded,
     TrainResult,
@@ -134,9 +136,10 @@ def train_round(
     base_delta: State | None = None,
     history: list[Entry] | None = None,
     examples: Encoded | None = None,
+    dp_sgd: bool = False,
 ) -> tuple[TrainRes, list[Entry]]:
     """Train the received adapters on the partition the server named; return Δ and the
-    record-level accountant history (``privacy.mode: record``: DP-SGD, else unchanged).
+    record-level accountant history (``dp_sgd``: DP-SGD, else unchanged).
 
     ``base_delta``: the node's merged updates (module -> ΔW), added to the base weights.
     ``examples``: train on these instead of the partition (the audit replays chosen
@@ -152,9 +155,10 @@ def train_round(
     pad_id = load_tokenizer(cfg.model.name).pad_token_id
     seed = round_seed(cfg.seed, ins.server_round, partition_id)
     history = list(history or [])
-    if cfg.privacy.mode == "record":
-        noise_seed = _noise_seed(cfg, ins)
-        result, history = _train_dp(model, train_examples, cfg, pad_id, noise_seed, history)
+    if dp_sgd:
+        result, history = _train_dp(
+            model, train_examples, cfg, pad_id, noise_seed(cfg, ins), history
+        )
     else:
         result = train_local(model, train_examples, cfg.train, pad_id, cfg.model.task, seed=seed)
     after = adapter_state(model)
@@ -247,41 +251,7 @@ class Kept:
     history: list[Entry] = dataclasses.field(default_factory=list)
 
 
-def client_round(
-    ins: TrainIns,
-    base_delta: State,
-    kept: Kept,
-    rng: np.random.Generator | None = None,
-    examples: Encoded | None = None,
-) -> tuple[TrainRes, Kept]:
-    """One round, the client's stages in the order of docs/architecture.md: train (DP-SGD
-    for ``record``) → clip (``user``, ``local``) → local noise (``local``) → compress →
-    clip what is sent (``user``; under ``local`` the noise is already on, and clipping a
-    noised update would only shrink its signal)."""
-    cfg = parse_config(ins.config_json)
-    priv = cfg.privacy
-    history = kept.history
-    if priv.mode == "local":
-        history = _local_step(cfg, history)  # before training: a spent budget refuses
-    res, history = train_round(ins, base_delta, history, examples)
-    update = res.update
-    if priv.mode in ("user", "local"):
-        update, _ = clip(update, priv.clip_norm)
-    if priv.mode == "local":
-        rng = rng or np.random.default_rng(_noise_seed(cfg, ins))
-        update = gaussian_noise(update, local_noise(cfg) * priv.clip_norm, rng)
-    res = dataclasses.replace(res, update=update)
-    residual: State = {}
-    if cfg.compression.density is not None:
-        res, residual = compress_update(res, cfg, kept.residual)
-    if priv.mode == "user" and res.compressed is not None:
-        res, residual = _reclip_sent(res, residual, priv.clip_norm)
-    if priv.mode != "none":
-        res = _private_metrics(res, cfg, history)
-    return res, Kept(residual=residual, history=history)
-
-
-def _local_step(cfg: Config, history: list[Entry]) -> list[Entry]:
+def local_step(cfg: Config, history: list[Entry]) -> list[Entry]:
     """The local-DP history after one more release, or :class:`BudgetSpent`."""
     priv = cfg.privacy
     after = add_steps(history, local_noise(cfg) / 2, 1.0, 1)
@@ -291,7 +261,7 @@ def _local_step(cfg: Config, history: list[Entry]) -> list[Entry]:
     return after
 
 
-def _private_metrics(res: TrainRes, cfg: Config, history: list[Entry]) -> TrainRes:
+def private_metrics(res: TrainRes, cfg: Config, history: list[Entry]) -> TrainRes:
     """Under DP a reply carries nothing data-dependent besides the protected update: a
     weight of steps × batch size (the real count would reveal a small n), no loss and no
     timing; plus this node's ε so far (record level, local)."""
@@ -307,12 +277,12 @@ def _private_metrics(res: TrainRes, cfg: Config, history: list[Entry]) -> TrainR
     )
 
 
-def _noise_seed(cfg: Config, ins: TrainIns) -> int | None:
+def noise_seed(cfg: Config, ins: TrainIns) -> int | None:
     seed = cfg.privacy.noise_seed
     return None if seed is None else round_seed(seed, ins.server_round, ins.partition_id)
 
 
-def _reclip_sent(res: TrainRes, residual: State, clip_norm: float) -> tuple[TrainRes, State]:
+def reclip_sent(res: TrainRes, residual: State, clip_norm: float) -> tuple[TrainRes, State]:
     """Ternarizing can lengthen a clipped update (every kept entry gets one magnitude):
     scale the per-tensor scales so that what is sent has norm ≤ C again, and keep the
     difference in the residual (with error feedback)."""

@@ -14,11 +14,14 @@ A round, in order (docs/architecture.md, "One round"):
    adds the FLoRA stacks it has not merged, and with ``compression.downlink`` sends only
    the compressed change to the view the node holds.
 3. :meth:`ServerRounds.train` accepts or rejects each reply (client error, unknown
-   node, undecodable or out-of-bound update, ``federation.max_update_norm``), re-clips
-   under user-level DP, keeps FLoRA's stack, lets the audit tap see what aggregation
-   sees, aggregates (DP-FedAvg's noisy sum under user-level DP, else the aggregator and
-   the server step of Reddi et al. (2021), x + η_s (aggregate − x)), refuses a
-   non-finite result, and steps the privacy accountant.
+   node, undecodable or out-of-bound update, then the reply stages of
+   :mod:`fedpeft.stages`: the norm gate, the central re-clip), runs the round stages
+   (FLoRA's ledger, the audit observer, then the aggregator and the server step of
+   Reddi et al. (2021), or DP-FedAvg's noisy sum), refuses a non-finite result, and
+   steps the privacy accountant.
+
+Which stages run is decided once, by :func:`fedpeft.stages.build`; this module reads no
+mode.
 """
 
 from __future__ import annotations
@@ -26,22 +29,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import RecordDict
 
-from fedpeft import wire
-from fedpeft.aggregation import (
-    ClientUpdate,
-    MergesIntoBase,
-    State,
-    get_aggregator,
-    merge_stacks,
-    server_step,
-)
-from fedpeft.aggregation.base import LORA_B
+from fedpeft import stages, wire
+from fedpeft.aggregation import ClientUpdate, State
 from fedpeft.audit.membership import CanaryAudit
 from fedpeft.audit.tap import AuditTap
 from fedpeft.compression import codec
@@ -49,17 +45,10 @@ from fedpeft.compression.compeft import apply_change, downlink_change
 from fedpeft.config import Config, lora_to_json
 from fedpeft.models import adapter_shapes
 from fedpeft.planning import FleetPlan
-from fedpeft.privacy.accounting import (
-    Entry,
-    add_steps,
-    epsilon,
-    from_lists,
-    noise_multiplier,
-    to_lists,
-)
-from fedpeft.privacy.mechanisms import dp_fedavg, global_norm, server_reclip
+from fedpeft.privacy.accounting import Entry, affordable_steps, from_lists, to_lists
 
 log = logging.getLogger("fedpeft")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -107,16 +96,6 @@ class RoundStats:
         self._examples = total
 
 
-def user_noise(cfg: Config, num_nodes: int) -> float:
-    """z of DP-FedAvg: configured, or what spends ε over the configured rounds at
-    q = sampled / nodes."""
-    priv, fed = cfg.privacy, cfg.federation
-    q = fed.sampled(num_nodes) / num_nodes
-    return noise_multiplier(
-        priv.noise_multiplier, priv.epsilon, priv.delta, q, fed.rounds, priv.accountant
-    )
-
-
 def _count_compression(
     stats: RoundStats, res: wire.TrainRes, content: RecordDict, sent_bytes: int
 ) -> None:
@@ -145,34 +124,61 @@ class ServerRounds:
         self.config_json = cfg.to_json()
         self.num_labels = num_labels
         self.partitions = partitions
-        self.aggregator = get_aggregator(cfg.federation.aggregator)
+        # the stages the config asks for (fedpeft.stages.build, their only chooser)
+        self.stages = stages.build(cfg, len(partitions), fleet.client_loras)
+        assert self.stages.accountant is not None and self.stages.aggregator is not None
+        self.accountant = self.stages.accountant
+        self.aggregator = self.stages.aggregator
+        self.ledger = _stage(self.stages.round, stages.FloraLedger)
+        self.observer = _stage(self.stages.round, stages.AuditObserver)
+        self.noisy_sum = _stage(self.stages.round, stages.NoisySum)
         self.stats: dict[int, RoundStats] = {}
         self.global_state: State = {}  # the adapters this round's instructions were cut from
         self.sent: dict[int, State] = {}  # node id -> the adapters it was sent this round
         # downlink compression: node id -> the adapters it holds, and their view number
         self._views: dict[int, State] = {}
         self._view_numbers: dict[int, int] = {}
-        # FLoRA: each round's stacked update, kept until every node has merged it
-        self.stacks: dict[int, State] = {}
-        self.merged_round: dict[int, int] = {}  # node id -> last round it has merged
-        self._merges_sent: dict[int, int] = {}  # node id -> last round in its message
-        self.base_delta: State = {}  # module -> Σ of merged ΔW (what the evaluator adds)
-        # differential privacy: the server's accountant (user level) or the largest ε a
-        # client reported (record level, local); the user-level noise's source
-        self.history: list[Entry] = []
-        self.client_epsilon: dict[int, float] = {}
-        self.noise_rng = np.random.default_rng(cfg.privacy.noise_seed)
-        self.canary_audit: CanaryAudit | None = None
         self.round_offset = 0
         self.final: State = {}  # the last aggregate (the canary audit's θ_T)
-        self.user_noise = user_noise(cfg, len(partitions)) if cfg.privacy.mode == "user" else 0.0
         self.lora_json = {pid: lora_to_json(lo) for pid, lo in fleet.client_loras.items()}
         self.client_loras = fleet.client_loras
-        self.tap: AuditTap | None = None  # with audit.tap_every
         self.shapes = {
             pid: adapter_shapes(cfg.model, lora, num_labels)
             for pid, lora in fleet.client_loras.items()
         }
+
+    # the state of the stages that own it, as the evaluator, summary and tests read it
+    @property
+    def base_delta(self) -> State:
+        """Σ of FLoRA's merged ΔW, module -> ΔW (what the evaluator adds); else {}."""
+        return self.ledger.base_delta if self.ledger is not None else {}
+
+    @property
+    def user_noise(self) -> float:
+        """z of DP-FedAvg (user-level DP), else 0."""
+        return self.accountant.noise
+
+    @property
+    def history(self) -> list[Entry]:
+        return self.accountant.history
+
+    @property
+    def noise_rng(self) -> np.random.Generator:
+        assert self.noisy_sum is not None, "only user-level DP adds noise on the server"
+        return self.noisy_sum.rng
+
+    @property
+    def canary_audit(self) -> CanaryAudit | None:
+        return self.noisy_sum.canary_audit if self.noisy_sum is not None else None
+
+    @property
+    def tap(self) -> AuditTap | None:
+        return self.observer.tap if self.observer is not None else None
+
+    @tap.setter
+    def tap(self, tap: AuditTap) -> None:
+        assert self.observer is not None, "the tap needs 'audit.tap_every'"
+        self.observer.tap = tap
 
     # ------------------------------------------------------------------ sampling
     def sample(self, server_round: int, fraction: float) -> list[int]:
@@ -195,7 +201,7 @@ class ServerRounds:
         for node in nodes:
             pid = self.partitions[node]
             target = self.aggregator.cut(global_state, self.shapes[pid], self.cfg.lora.scaling_for)
-            merges = self._unmerged(node)
+            merges = self.ledger.unmerged(node) if self.ledger is not None else {}
             full = wire.TrainIns(
                 server_round,
                 self.config_json,
@@ -207,7 +213,6 @@ class ServerRounds:
             )
             ins = self._compressed_downlink(node, full)
             self.sent[node] = ins.adapters if ins.downlink is None else self._views[node]
-            self._merges_sent[node] = max(merges, default=self.merged_round.get(node, 0))
             content = wire.encode_train_ins(ins)
             stats.downlink_bytes += wire.record_bytes(content)
             stats.downlink_fp32_bytes += wire.record_bytes(
@@ -220,9 +225,10 @@ class ServerRounds:
         """With ``compression.downlink``: send a node that holds a view of the adapters
         only the compressed change to them, and remember the view it will then hold. A
         node without one (first message, or after an error) gets the fp32 adapters."""
-        comp = self.cfg.compression
-        if not comp.downlink or comp.density is None:
+        if not self.stages.downlink_views:
             return ins
+        comp = self.cfg.compression
+        assert comp.density is not None
         number = self._view_numbers.get(node, -1)
         if node not in self._views:
             self._views[node] = ins.adapters
@@ -237,36 +243,50 @@ class ServerRounds:
             ins, adapters={}, downlink=codec.pack(change), base_view=number, view=number + 1
         )
 
-    def _unmerged(self, node: int) -> dict[int, State]:
-        """The stacked updates this node has not merged yet (FLoRA; else none)."""
-        done = self.merged_round.get(node, 0)
-        return {t: stack for t, stack in sorted(self.stacks.items()) if t > done}
-
-    def _keep_stack(self, server_round: int, updates: list[ClientUpdate]) -> None:
-        """FLoRA: remember this round's stacked update for the nodes and the evaluator;
-        forget the rounds that every node has merged."""
-        assert isinstance(self.aggregator, MergesIntoBase)
-        stack = self.aggregator.stack(self.global_state, updates, self.cfg.lora.scaling_for)
-        eta = self.cfg.federation.server_lr  # W += η ΔW_t, folded into B for the nodes too
-        stack = {k: v * np.float32(eta) if LORA_B in k else v for k, v in stack.items()}
-        self.stacks[server_round] = stack
-        self.base_delta = merge_stacks(self.base_delta, [stack])
-        everyone = min((self.merged_round.get(n, 0) for n in self.partitions), default=0)
-        self.stacks = {t: st for t, st in self.stacks.items() if t > everyone}
+    def affordable_rounds(self) -> int:
+        """The run's last round: ``federation.rounds``, or with user-level DP at a fixed z
+        and a budget ε the rounds the budget affords (ε depends only on z, q and the
+        number of rounds, so this is known before round 1)."""
+        priv, rounds = self.cfg.privacy, self.cfg.federation.rounds
+        if self.noisy_sum is None or priv.epsilon is None or priv.noise_multiplier is None:
+            return rounds
+        nodes = len(self.partitions)
+        q = self.cfg.federation.sampled(nodes) / nodes
+        afforded = affordable_steps(
+            self.user_noise, q, priv.epsilon, priv.delta, rounds, priv.accountant
+        )
+        if afforded == 0:
+            raise RuntimeError(
+                f"The privacy budget ε = {priv.epsilon:g} does not afford one round at "
+                f"noise multiplier {self.user_noise:g}; raise one of them."
+            )
+        if afforded < rounds:
+            log.warning(
+                "privacy budget ε = %g affords %d of %d rounds; the run stops after round %d",
+                priv.epsilon, afforded, rounds, afforded,
+            )  # fmt: skip
+        return afforded
 
     # ------------------------------------------------------------------ checkpoint
     def export_state(self) -> dict[str, Any]:
-        """The server-side state a resumed run needs (JSON-able)."""
-        return {
-            "history": to_lists(self.history),
-            "client_epsilon": {str(k): v for k, v in self.client_epsilon.items()},
-            "noise_rng": self.noise_rng.bit_generator.state,
+        """The server-side state a resumed run needs (JSON-able): the accountant's, and
+        the central noise generator's (user-level DP)."""
+        acc = self.accountant
+        state: dict[str, Any] = {
+            "history": to_lists(acc.history),
+            "client_epsilon": {str(k): v for k, v in acc.client_epsilon.items()},
         }
+        if self.noisy_sum is not None:
+            state["noise_rng"] = self.noisy_sum.rng.bit_generator.state
+        return state
 
     def restore_state(self, state: dict[str, Any], completed_rounds: int) -> None:
-        self.history = from_lists(**state["history"])
-        self.client_epsilon = {int(k): float(v) for k, v in state["client_epsilon"].items()}
-        self.noise_rng.bit_generator.state = state["noise_rng"]
+        self.accountant.history = from_lists(**state["history"])
+        self.accountant.client_epsilon = {
+            int(k): float(v) for k, v in state["client_epsilon"].items()
+        }
+        if self.noisy_sum is not None:
+            self.noisy_sum.rng.bit_generator.state = state["noise_rng"]
         self.round_offset = completed_rounds
 
     # ------------------------------------------------------------------ train
@@ -280,19 +300,12 @@ class ServerRounds:
         if not updates:
             log.warning("round %d: no valid update; the global adapters stay", server_round)
             return None
-        if isinstance(self.aggregator, MergesIntoBase):
-            self._keep_stack(server_round, updates)
-        if self.tap is not None and self.tap.due(server_round):  # sees what aggregation sees
-            stats.audit = self.tap(
-                server_round, [(u, self.client_loras[u.client_id]) for u in updates]
-            )
-        if self.cfg.privacy.mode == "user":
-            new_state = self._dp_fedavg(updates)
-        else:
-            aggregate = self.aggregator.aggregate(
-                self.global_state, updates, self.cfg.lora.scaling_for
-            )
-            new_state = server_step(self.global_state, aggregate, self.cfg.federation.server_lr)
+        step = stages.RoundInput(
+            server_round, self.global_state, updates, list(self.partitions), stats
+        )
+        for stage in self.stages.round:  # observers, then the combiner
+            new_state = stage(step)
+        assert new_state is not None, "the last round stage combines the updates"
         if not all(np.isfinite(v).all() for v in new_state.values()):
             # the last line of defence: whatever the aggregator or the server step made
             # of accepted updates, a non-finite global model is never installed
@@ -302,48 +315,8 @@ class ServerRounds:
             stats.rejected.append({"client": -1, "node": -1, "reason": "non-finite aggregate"})
             return None
         self.final = new_state
-        self._account(stats)
+        stats.epsilon = self.accountant.step()
         return new_state
-
-    def _bounded(self, res: wire.TrainRes) -> wire.TrainRes:
-        """The decoded update as aggregation gets it (:func:`server_reclip`)."""
-        priv = self.cfg.privacy
-        return dataclasses.replace(res, update=server_reclip(res.update, priv.mode, priv.clip_norm))
-
-    def _dp_fedavg(self, updates: list[ClientUpdate]) -> State:
-        """DP-FedAvg: uniform sum of the clipped updates plus N(0, (zC)²), over m sampled
-        (canary clients, with ``privacy.canaries``, count among the m)."""
-        sampled = self.cfg.federation.sampled(len(self.partitions))
-        canaries = self._canaries().this_round() if self.cfg.privacy.canaries else []
-        return dp_fedavg(
-            self.global_state,
-            [u.delta for u in updates] + canaries,
-            self.cfg.privacy.clip_norm,
-            self.user_noise,
-            sampled + len(canaries),
-            self.noise_rng,
-            self.cfg.federation.server_lr,
-        )
-
-    def _canaries(self) -> CanaryAudit:
-        if self.canary_audit is None:  # the adapters of round 1 are θ_0
-            priv, n = self.cfg.privacy, len(self.partitions)
-            q = self.cfg.federation.sampled(n) / n
-            self.canary_audit = CanaryAudit(
-                self.global_state, priv.canaries, priv.clip_norm, q, seed=self.cfg.seed + 7919
-            )
-        return self.canary_audit
-
-    def _account(self, stats: RoundStats) -> None:
-        """ε after this round: the server's accountant steps once (user level), or the
-        largest ε any client has reported (record level, local)."""
-        priv = self.cfg.privacy
-        if priv.mode == "user":
-            q = self.cfg.federation.sampled(len(self.partitions)) / len(self.partitions)
-            self.history = add_steps(self.history, self.user_noise, q, 1)
-            stats.epsilon = epsilon(self.history, priv.delta, priv.accountant)
-        elif priv.mode != "none":
-            stats.epsilon = max(self.client_epsilon.values(), default=0.0)
 
     def accept(self, reply: Reply, stats: RoundStats) -> ClientUpdate | None:
         """Validate one reply; a bad one is recorded with its reason and left out."""
@@ -364,14 +337,16 @@ class ServerRounds:
             return None
         _count_compression(stats, res, reply.content, sent_bytes)
         client_id = self.partitions.get(node, -1)
-        bound = self.cfg.federation.max_update_norm
-        if bound is not None and (norm := global_norm(res.update)) > bound:
-            self._reject(stats, node, f"update norm {norm:.4g} exceeds max_update_norm {bound:g}")
+        try:
+            for stage in self.stages.reply:  # norm gate, central re-clip
+                res = stage(res)
+        except wire.UpdateRejected as err:
+            self._reject(stats, node, str(err))
             return None
-        res = self._bounded(res)
         if res.epsilon is not None:
-            self.client_epsilon[client_id] = res.epsilon
-        self.merged_round[node] = self._merges_sent.get(node, 0)  # it merged what it got
+            self.accountant.client_epsilon[client_id] = res.epsilon
+        if self.ledger is not None:
+            self.ledger.merged(node)  # it merged what it got
         stats.clients.append(client_id)
         if res.train_loss is not None:
             stats.add_loss(res.train_loss, res.num_examples)
@@ -418,3 +393,8 @@ class ServerRounds:
             return None
         stats.client_eval = {k: v / count for k, v in totals.items()}
         return stats.client_eval
+
+
+def _stage(found: Sequence[object], kind: type[T]) -> T | None:
+    """The stage of ``kind`` in ``found``, or None."""
+    return next((s for s in found if isinstance(s, kind)), None)

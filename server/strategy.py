@@ -16,7 +16,6 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedpeft import wire
 from fedpeft.config import Config
-from fedpeft.planning import FleetPlan
 from fedpeft.rounds import Reply, ServerRounds
 
 
@@ -31,13 +30,7 @@ def _last_line(text: str | None, limit: int = 300) -> str:
 class AdapterFedAvg(FedAvg):
     """FedAvg over LoRA adapters of any aggregator in the registry."""
 
-    def __init__(
-        self,
-        cfg: Config,
-        num_labels: int,
-        partitions: dict[int, int],
-        fleet: FleetPlan,
-    ) -> None:
+    def __init__(self, cfg: Config, rounds: ServerRounds) -> None:
         fed = cfg.federation
         super().__init__(
             fraction_train=fed.fraction_train,
@@ -46,7 +39,7 @@ class AdapterFedAvg(FedAvg):
             min_available_nodes=fed.min_clients,
         )
         self.cfg = cfg
-        self.rounds = ServerRounds(cfg, num_labels, partitions, fleet)
+        self.rounds = rounds
         self._outbox: list[Message] = []  # this round's messages (their IDs once pushed)
         self._sent_to: dict[str, int] | None = None  # message ID -> node, from the outbox
 

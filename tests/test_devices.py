@@ -226,7 +226,7 @@ def test_a_declared_profile_too_small_leaves_only_that_node_out() -> None:
 def test_the_server_leaves_a_malformed_declaration_out_with_a_warning(caplog) -> None:  # type: ignore[no-untyped-def]
     from fedpeft import wire
     from fedpeft.devices import DeviceProfile
-    from server.app import read_declaration
+    from fedpeft.serverrun import read_declaration
 
     def answer(values: dict[str, object]) -> wire.RecordDict:
         return wire.encode_profile(values)

@@ -150,7 +150,7 @@ def test_gaussian_noise_has_the_configured_std() -> None:
 
 def test_a_compressed_update_over_the_clip_norm_is_brought_back_to_it() -> None:
     """clip → compress → re-clip: one magnitude per tensor lengthens a clipped update."""
-    from fedpeft.client import _reclip_sent
+    from fedpeft.client import reclip_sent
     from fedpeft.wire import TrainRes
 
     rng = np.random.default_rng(3)
@@ -162,7 +162,7 @@ def test_a_compressed_update_over_the_clip_norm_is_brought_back_to_it() -> None:
         update=dense(sent), num_examples=1, train_loss=0.0, train_seconds=0.0, compressed=sent
     )
     assert global_norm(res.update) > 1.0  # the case this guards against
-    res2, residual2 = _reclip_sent(res, residual, 1.0)
+    res2, residual2 = reclip_sent(res, residual, 1.0)
     assert global_norm(res2.update) <= 1.0
     assert global_norm(dense(res2.compressed)) <= 1.0
     # error feedback keeps exactly what was not sent

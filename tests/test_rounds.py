@@ -128,7 +128,9 @@ def test_user_level_dp_reclips_what_a_client_did_not_and_spends_epsilon() -> Non
     huge = reply(rounds, 101, scale=10.0)
     assert huge.content is not None
     res = wire.decode_train_res(huge.content, rounds.sent[101], 16)
-    bounded = rounds._bounded(res)
+    bounded = res
+    for stage in rounds.stages.reply:  # as accept() applies them
+        bounded = stage(bounded)
     norm = np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in bounded.update.values()))
     assert norm == pytest.approx(0.1, rel=1e-5)  # clipped to C, whatever the client sent
     assert rounds.train(1, [reply(rounds, n, scale=10.0) for n in NODES]) is not None

@@ -1,4 +1,5 @@
-"""The server's handling of nodes: partitions, declared device profiles (in process)."""
+"""The ServerApp with nodes that declare their device profiles (in process; the
+partition rules themselves are unit-tested in tests/test_serverrun.py)."""
 
 from __future__ import annotations
 
@@ -13,19 +14,9 @@ from safetensors.numpy import load_file
 from clients.app import make_client_app
 from fedpeft.config import load_config
 from fedpeft.loopback import run_loopback
-from server.app import assign_partitions, make_server_app
+from server.app import make_server_app
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def test_declared_partitions_are_kept_and_the_rest_filled() -> None:
-    # node 5 declares 1, node 7 declares nothing (-1), node 9 repeats 1, node 11 is out of range
-    got = assign_partitions({5: 1, 7: -1, 9: 1, 11: 40}, num_clients=4)
-    assert got == {5: 1, 7: 0, 9: 2, 11: 3}
-
-
-def test_more_nodes_than_partitions_leaves_the_extra_out() -> None:
-    assert assign_partitions({1: -1, 2: -1, 3: -1}, num_clients=2) == {1: 0, 2: 1}
 
 
 def test_nodes_train_with_the_profiles_they_declare(tmp_path: Path, caplog: Any) -> None:

@@ -42,7 +42,8 @@ from fedpeft.compression.compeft import compress
 from fedpeft.config import load_config
 from fedpeft.models import adapter_state, build_peft_model
 from fedpeft.planning import plan_clients
-from server.app import read_declaration
+from fedpeft.rounds import ServerRounds
+from fedpeft.serverrun import read_declaration
 from server.strategy import AdapterFedAvg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +79,7 @@ def _strategy(aggregator: str, *overrides: str) -> tuple[AdapterFedAvg, list[Mes
         ],
     )
     fleet = plan_clients(cfg, NUM_LABELS)
-    strategy = AdapterFedAvg(cfg, NUM_LABELS, dict(NODES), fleet)
+    strategy = AdapterFedAvg(cfg, ServerRounds(cfg, NUM_LABELS, dict(NODES), fleet))
     model = build_peft_model(cfg.model, fleet.global_lora, NUM_LABELS, init_seed=0)
     sent = strategy.configure_train(
         1,

@@ -7,8 +7,8 @@ noise and compression, and the server's own re-clip under user-level DP), the ad
 the server sent, the client's LoRA plan, the round's configuration, and public knowledge
 (the base model and its tokenizer). The client's batch is a :class:`Secret`, which only
 :mod:`fedpeft.audit.scoring` reads. :func:`observe` produces both by running the client's
-real pipeline (:func:`fedpeft.client.client_round`) on a chosen batch and the server's
-real decoder (:func:`fedpeft.wire.decode_train_res`) on its reply.
+real stages (:func:`fedpeft.stages.client_round`) on a chosen batch, then the server's
+real decoder (:func:`fedpeft.wire.decode_train_res`) and reply stages on its reply.
 
 Both honest-but-curious settings of the literature are one config away: fedSGD (one
 local step on one batch, ``train.local_steps: 1``) and fedAvg (several local steps over
@@ -22,12 +22,11 @@ from dataclasses import dataclass
 
 from peft import PeftModel
 
-from fedpeft import wire
-from fedpeft.client import Kept, client_round
+from fedpeft import stages, wire
+from fedpeft.client import Kept
 from fedpeft.config import Config, LoraConfig, TrainConfig, lora_to_json
 from fedpeft.data import Row
 from fedpeft.models import adapter_state, build_peft_model, load_adapter_state, load_tokenizer
-from fedpeft.privacy.mechanisms import server_reclip
 from fedpeft.train import Encoded, encode, train_local
 from fedpeft.wire import State
 
@@ -89,10 +88,13 @@ def observe(
     ins = wire.TrainIns(
         server_round, cfg.to_json(), num_labels, sent, lora_to_json(lora), partition_id=0
     )
-    res, _ = client_round(ins, {}, Kept({}, []), examples=examples)
-    # what crosses the wire, decoded by the server's own decoder
-    update = wire.decode_train_res(wire.encode_train_res(res), sent, res.num_examples).update
-    update = server_reclip(update, cfg.privacy.mode, cfg.privacy.clip_norm)  # as the server does
+    res, _ = stages.client_round(ins, {}, Kept({}, []), examples=examples)
+    # what crosses the wire, decoded by the server's own decoder and passed through the
+    # server's own reply stages (a norm gate's rejection is the audit's error)
+    received = wire.decode_train_res(wire.encode_train_res(res), sent, res.num_examples)
+    for stage in stages.reply_stages(cfg):
+        received = stage(received)
+    update = received.update
     view = ServerView(update, sent, lora, cfg, num_labels)
     secret = Secret(
         input_ids=tuple(tuple(ids) for ids in examples.input_ids),
