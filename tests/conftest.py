@@ -27,6 +27,34 @@ os.environ.setdefault("FEDPEFT_CACHE", tempfile.mkdtemp(prefix="fedpeft-cache-")
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
+# `make test` runs the suite on pytest-xdist workers. The deployment and cluster tests
+# spend much of their time waiting (heartbeats, timeouts): they go first, so that the
+# other workers run the rest meanwhile.
+LONGEST_FIRST = (
+    "test_deploy_tls.py",
+    "test_deploy_resume.py",
+    "test_ray_cluster.py",
+    "test_flwr_run.py",
+    "test_wire_fuzz.py",
+    "test_packaged.py",
+    "test_cli.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    first = {name: rank for rank, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # each worker's torch gets its share of the cores, not all of them: two workers each
+    # spinning every core's threads run slower than one
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
 
 class FlwrCli:
     """This environment's ``flwr`` with a private ``FLWR_HOME`` and one SuperLink
@@ -82,9 +110,18 @@ class FlwrCli:
         text = self(["log", str(run_id), self.connection, "--show"])
         return "\n".join(text.splitlines()[-lines:])
 
-    def final_status(self, run_id: int, wait_s: float) -> tuple[str, dict[str, object]]:
-        """The run's status once it has finished (or the last one seen after ``wait_s``)."""
+    def final_status(
+        self, run_id: int, wait_s: float, written: Path | None = None
+    ) -> tuple[str, dict[str, object]]:
+        """The run's status once it has finished (or the last one seen after ``wait_s``).
+
+        Each ``flwr ls`` is a Python process that costs about 2 s of CPU, which the
+        nodes' ClientApp processes need: with ``written`` (a file the run writes as it
+        ends, e.g. its summary) the wait watches that file first and asks Flower only
+        then, and the asks are 3 s apart."""
         deadline = time.time() + wait_s
+        while written is not None and not written.exists() and time.time() < deadline:
+            time.sleep(0.5)
         while True:
             listing = json.loads(
                 self(["ls", self.connection, "--run-id", str(run_id), "--format", "json"])
@@ -92,7 +129,7 @@ class FlwrCli:
             status = str(listing["runs"][0]["status"])
             if status.startswith("finished") or time.time() > deadline:
                 return status, listing
-            time.sleep(2)
+            time.sleep(3)
 
 
 @pytest.fixture

@@ -100,7 +100,7 @@ def test_a_killed_serverapp_resumes_where_it_stopped(
             timings["until stopped"] = time.perf_counter() - began - sum(timings.values())
 
             resumed_run = flwr.run(run_config(split, True))
-            status, _ = flwr.final_status(resumed_run, wait_s=180)
+            status, _ = flwr.final_status(resumed_run, 180, written=split / "summary.json")
             assert status == "finished:completed", flwr.log_tail(resumed_run)
             timings["resumed"] = time.perf_counter() - began - sum(timings.values())
     finally:

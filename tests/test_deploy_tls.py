@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 TINY = (
     "model.name=tiny-bert model.max_length=32 lora.r=4 data.synthetic_samples=300 "
     "partition.num_clients=3 partition.scheme=iid federation.rounds=5 train.local_steps=2 "
-    "federation.min_clients=2 federation.timeout=45"
+    "federation.min_clients=2 federation.timeout=90"
 )
 NODE_CONFIGS = [
     "partition-id=0 device='phone' memory-mb=5 max-rank=2",
@@ -104,7 +104,7 @@ def test_tls_authenticated_run_survives_a_node_killed_and_restarted(
                     break  # activated: it keeps running
                 assert time.time() < rejoin_by, f"the node never rejoined\n{tail(tmp_path)}"
                 time.sleep(1)
-            status, listing = flwr.final_status(run_id, wait_s=180)
+            status, listing = flwr.final_status(run_id, 180, written=out_dir / "summary.json")
             assert status == "finished:completed", (listing, tail(tmp_path))
     finally:
         leftovers = kill_leftovers([link_port, *node_ports])

@@ -46,7 +46,7 @@ def test_flwr_run_completes(tmp_path: Path, flwr_cli: Callable[..., Any]) -> Non
     try:
         federation = "num-supernodes=2 client-resources-num-cpus=1"
         run_id = flwr.run(run_config, "--federation-config", federation)
-        status, listing = flwr.final_status(run_id, wait_s=240)
+        status, listing = flwr.final_status(run_id, 240, written=out_dir / "summary.json")
         assert status == "finished:completed", listing
     finally:
         for pid in _superlink_pids(flwr.home):

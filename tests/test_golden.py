@@ -40,6 +40,8 @@ from fedpeft.cli import simulate  # noqa: E402
 from fedpeft.config import config_from_dict  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "golden"
+# one pytest-xdist worker runs them all: they share the fixed profile directory below
+pytestmark = pytest.mark.xdist_group("golden")
 
 BASE: dict[str, Any] = {
     "seed": 3,

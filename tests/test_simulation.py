@@ -10,8 +10,6 @@ really crossed the wire against what the server logged.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from flwr.clientapp import ClientApp
 
 from clients.app import make_client_app
 from fedpeft import wire
-from fedpeft.cli import simulate
+from fedpeft.cli import main, simulate
 from fedpeft.config import Config, config_from_dict
 from fedpeft.data import load_dataset
 from fedpeft.models import adapter_state, build_peft_model, load_base_model, load_tokenizer
@@ -179,7 +177,6 @@ def test_instruction_tuning_federation_and_generate(tmp_path: Path, capsys: Any)
     """tiny-llama (SmolLM2's tokenizer and chat template) on the synthetic topics asked as
     questions: exact match and perplexity per round, samples.jsonl, and ``fedpeft
     generate`` answering with the saved adapter exactly as the server's model did."""
-    from fedpeft.cli import main
 
     raw = {
         **TINY,
@@ -223,26 +220,16 @@ def test_instruction_tuning_federation_and_generate(tmp_path: Path, capsys: Any)
         ),
     ],
 )
-def test_cli_user_mistakes_are_one_sentence(tmp_path: Path, args: list[str], fragment: str) -> None:
+def test_cli_user_mistakes_are_one_sentence(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], fragment: str
+) -> None:
+    # in this process: ``main`` is what the console script runs (tests/test_cli.py runs
+    # the real command in its own process)
     config = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedpeft.cli",
-            "simulate",
-            str(config),
-            "--out",
-            str(tmp_path),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2
-    assert fragment in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert main(["simulate", str(config), "--out", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("aggregator", ["flexlora", "zero_pad"])  # flora: its own test
