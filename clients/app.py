@@ -33,13 +33,13 @@ from typing import Any
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
-from fedpeft import client, nodestate, stages, threads, wire
+from fedpeft import client, declaration, nodestate, stages, threads, wire
 
 
 def query(msg: Message, context: Context) -> Message:
     """Tell the server who this node is: its whole node config (partition, declared device
     profile). The server validates it, since only it can leave a bad node out cleanly."""
-    return Message(wire.encode_profile(dict(context.node_config)), reply_to=msg)
+    return Message(declaration.encode_profile(dict(context.node_config)), reply_to=msg)
 
 
 def _merged_base(ins: wire.TrainIns, context: Context) -> wire.State:

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import numpy as np
 from flwr.app import RecordDict
 
-from fedpeft import stages, wire
+from fedpeft import stages, traffic, wire
 from fedpeft.aggregation import ClientUpdate, State
 from fedpeft.audit.membership import CanaryAudit
 from fedpeft.audit.tap import AuditTap
@@ -103,8 +103,8 @@ def _count_compression(
         stats.uplink_fp32_bytes += sent_bytes
         return
     fp32 = dataclasses.replace(res, compressed=None)
-    stats.uplink_fp32_bytes += wire.record_bytes(wire.encode_train_res(fp32))
-    stats.uplink_payload_bytes += wire.payload_bytes(content)
+    stats.uplink_fp32_bytes += traffic.record_bytes(wire.encode_train_res(fp32))
+    stats.uplink_payload_bytes += traffic.payload_bytes(content)
     stats.uplink_bound_bytes += codec.bound_bytes(res.compressed)
     stats.uplink_kept_values += sum(t.sparse.positions.size for t in res.compressed.values())
 
@@ -214,8 +214,8 @@ class ServerRounds:
             ins = self._compressed_downlink(node, full)
             self.sent[node] = ins.adapters if ins.downlink is None else self._views[node]
             content = wire.encode_train_ins(ins)
-            stats.downlink_bytes += wire.record_bytes(content)
-            stats.downlink_fp32_bytes += wire.record_bytes(
+            stats.downlink_bytes += traffic.record_bytes(content)
+            stats.downlink_fp32_bytes += traffic.record_bytes(
                 content if ins is full else wire.encode_train_ins(full)
             )
             contents[node] = content
@@ -327,7 +327,7 @@ class ServerRounds:
         if node not in self.sent:
             self._reject(stats, node, "a reply from a node that was sent no instruction")
             return None
-        sent_bytes = wire.record_bytes(reply.content)
+        sent_bytes = traffic.record_bytes(reply.content)
         stats.uplink_bytes += sent_bytes
         most = self.cfg.train.local_steps * self.cfg.train.batch_size  # examples a round sees
         try:
@@ -380,7 +380,7 @@ class ServerRounds:
             if reply.error is not None or reply.content is None:
                 self._reject(stats, reply.node, f"evaluation failed: {reply.error}")
                 continue
-            stats.uplink_bytes += wire.record_bytes(reply.content)
+            stats.uplink_bytes += traffic.record_bytes(reply.content)
             try:
                 n, metrics = wire.decode_eval_res(reply.content)
             except wire.UpdateRejected as err:

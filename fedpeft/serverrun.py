@@ -18,7 +18,7 @@ from typing import Any
 
 from flwr.app import RecordDict
 
-from fedpeft import wire
+from fedpeft import declaration, wire
 from fedpeft.audit.tap import AuditTap
 from fedpeft.checkpoint import Checkpoint, load_checkpoint, resume_problem, save_checkpoint
 from fedpeft.config import Config, ConfigError, LoraConfig
@@ -56,7 +56,7 @@ def read_declaration(node: int, content: RecordDict) -> tuple[int, DeviceProfile
     or ``None`` (with a warning that names the node and the reason) when the answer or
     its declaration is malformed."""
     try:
-        return wire.decode_declaration(content)
+        return declaration.decode_declaration(content)
     except wire.UpdateRejected as err:
         log.warning("node %d declares a malformed device profile and takes no part: %s", node, err)
         return None

@@ -21,12 +21,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedpeft.compression import codec
 from fedpeft.compression.compeft import Ternary
 from fedpeft.compression.rice import CodecError
-from fedpeft.devices import DeviceProfile, is_positive_int, is_positive_number
 from fedpeft.types import State as State  # re-exported
 
 ADAPTERS = "adapters"
@@ -173,10 +171,10 @@ def decode_train_res(content: RecordDict, expected: State, max_examples: int) ->
     client may claim at most ``max_examples`` (its weight in the mean). Every defect, in
     any field, is an :class:`UpdateRejected` with the reason: whatever a client sends,
     the server's round goes on."""
-    return _untrusted(_decode_train_res, content, expected, max_examples)
+    return untrusted(_decode_train_res, content, expected, max_examples)
 
 
-def _untrusted(decode: Callable[..., T], *args: Any) -> T:
+def untrusted(decode: Callable[..., T], *args: Any) -> T:
     """Run a decoder of client bytes; an exception it did not foresee (the parsers it
     calls raise more kinds than they document) is a rejection, never a server crash."""
     try:
@@ -256,15 +254,6 @@ def _packed_from(content: RecordDict) -> codec.Packed:
         stream=untrusted_array(stream, "uint8", "stream").ravel(),
         scales=untrusted_array(scales, "float32", "scales").ravel(),
         **ints,
-    )
-
-
-def payload_bytes(content: RecordDict) -> int:
-    """Bytes of a decoded compressed reply's bitstream and scales (what the information
-    bound is compared with), from the arrays' shapes: no re-encoding."""
-    return sum(
-        math.prod(arr.shape) * np.dtype(arr.dtype).itemsize
-        for arr in content.array_records[PACKED].values()
     )
 
 
@@ -349,7 +338,7 @@ def encode_eval_res(num_examples: int, metrics: dict[str, float]) -> RecordDict:
 
 def decode_eval_res(content: RecordDict) -> tuple[int, dict[str, float]]:
     """A client's held-out example count and metrics; any defect is UpdateRejected."""
-    return _untrusted(_decode_eval_res, content)
+    return untrusted(_decode_eval_res, content)
 
 
 def _decode_eval_res(content: RecordDict) -> tuple[int, dict[str, float]]:
@@ -361,82 +350,6 @@ def _decode_eval_res(content: RecordDict) -> tuple[int, dict[str, float]]:
         raise UpdateRejected(f"'{NUM_EXAMPLES}' should be an integer in [0, 2^31], got {n!r}")
     bound = MAX_METRIC_VALUE
     return n, {k: _scalar(v, k, -bound, bound) for k, v in record.items() if k != NUM_EXAMPLES}
-
-
-def encode_profile(node_config: dict[str, object]) -> RecordDict:
-    """A node's answer to the server's query: its node config (partition, profile)."""
-    values = {str(k): v for k, v in node_config.items() if isinstance(v, int | float | str | bool)}
-    return RecordDict({CONFIG: ConfigRecord(values)})  # type: ignore[arg-type]
-
-
-def decode_declaration(content: RecordDict) -> tuple[int, DeviceProfile | None]:
-    """A node's answer to the query: its declared partition id (-1: none) and device
-    profile. The answer is as untrusted as an update: a missing or mistyped record, like
-    a malformed declaration, is an :class:`UpdateRejected`."""
-    return _untrusted(_decode_declaration, content)
-
-
-def _decode_declaration(content: RecordDict) -> tuple[int, DeviceProfile | None]:
-    if CONFIG not in content.config_records:
-        raise UpdateRejected(f"the answer lacks the '{CONFIG}' config record")
-    reply: dict[str, object] = dict(content.config_records[CONFIG])
-    return declared_partition(reply), declared_profile(reply)
-
-
-# Node-config keys a SuperNode declares itself with (``--node-config "k=v ..."``).
-NODE_PARTITION = "partition-id"
-NODE_DEVICE = "device"
-NODE_MEMORY = "memory-mb"
-NODE_SPEED = "speed"
-NODE_UPLINK = "uplink-mbps"
-NODE_MAX_RANK = "max-rank"
-DECLARED_DEVICE = "declared"  # profile name of a node that declares a budget but no name
-
-
-def declared_partition(reply: dict[str, object]) -> int:
-    """The partition id a node declares, or -1 (the server then picks a free one)."""
-    value = reply.get(NODE_PARTITION, -1)
-    return value if isinstance(value, int) and not isinstance(value, bool) else -1
-
-
-def declared_profile(reply: dict[str, object]) -> DeviceProfile | None:
-    """The device profile a node declares in its node config, or ``None`` if it declares
-    none. ``memory-mb`` is what makes a declaration: without it the server would have no
-    budget to plan for, so other profile keys without it are malformed rather than
-    silently ignored. A malformed value raises :class:`UpdateRejected` (one sentence),
-    since a node's config is as untrusted as its updates."""
-    keys = (NODE_DEVICE, NODE_MEMORY, NODE_SPEED, NODE_UPLINK, NODE_MAX_RANK)
-    if NODE_MEMORY not in reply:
-        stray = [k for k in keys if k in reply]
-        if stray:
-            raise UpdateRejected(f"the node declares {stray} but no '{NODE_MEMORY}' budget")
-        return None
-    name = reply.get(NODE_DEVICE, DECLARED_DEVICE)
-    if not isinstance(name, str) or not name.strip():
-        raise UpdateRejected(f"'{NODE_DEVICE}' should be a non-empty string, got {name!r}")
-    max_rank = reply.get(NODE_MAX_RANK)
-    if max_rank is not None and not is_positive_int(max_rank):
-        raise UpdateRejected(f"'{NODE_MAX_RANK}' should be a positive integer, got {max_rank!r}")
-    return DeviceProfile(
-        name=name.strip(),
-        memory_mb=_positive(reply, NODE_MEMORY, None),
-        speed=_positive(reply, NODE_SPEED, 1.0),
-        uplink_mbps=_positive(reply, NODE_UPLINK, 10.0),
-        max_rank=max_rank,
-    )
-
-
-def _positive(reply: dict[str, object], key: str, default: float | None) -> float:
-    value = reply.get(key, default)
-    if not is_positive_number(value):
-        raise UpdateRejected(f"'{key}' should be a positive number, got {value!r}")
-    return float(value)
-
-
-def record_bytes(content: RecordDict) -> int:
-    """Bytes of a message's content as Flower ships it: every object of its tree
-    (records, arrays, array chunks), each counted once, as the object store does."""
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
 
 
 def write_placement(content: RecordDict, ray_node: str, host: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedpeft import wire
+from fedpeft import declaration, wire
 from fedpeft.config import Config, load_config
 from fedpeft.serverrun import Discovery, RoundRecorder, ServerRun, discovery
 from server.strategy import AdapterFedAvg
@@ -27,7 +27,7 @@ def discover_nodes(grid: Grid, cfg: Config, wait_s: float = 120.0) -> Discovery:
     """Wait for the clients, then ask each (a ``query`` message) for its node config: the
     partition id and the device profile it declares."""
     nodes = _wait_for_nodes(grid, cfg, wait_s)
-    empty = wire.encode_profile({})
+    empty = declaration.encode_profile({})
     replies = grid.send_and_receive(
         [Message(empty, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes],
         timeout=cfg.federation.timeout,

@@ -32,7 +32,7 @@ from flwr.app import Context, Message  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from clients.app import make_client_app  # noqa: E402
-from fedpeft import client, data, models, wire  # noqa: E402
+from fedpeft import client, data, models, traffic, wire  # noqa: E402
 from fedpeft.aggregation import ClientUpdate, get_aggregator, server_step  # noqa: E402
 from fedpeft.cli import setup_logging, simulate  # noqa: E402
 from fedpeft.config import Config, load_config, lora_to_json  # noqa: E402
@@ -102,10 +102,10 @@ def codec_seconds(cfg: Config, repeats: int = 20) -> float:
     start = time.perf_counter()
     for _ in range(repeats):
         content = wire.encode_train_ins(ins)
-        wire.record_bytes(content)
+        traffic.record_bytes(content)
         got = wire.decode_train_ins(content)
         reply = wire.encode_train_res(wire.TrainRes(got.adapters, 160, 0.5, 1.0))
-        wire.record_bytes(reply)
+        traffic.record_bytes(reply)
         wire.decode_train_res(reply, state, 160)
     return (time.perf_counter() - start) / repeats
 

@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.app import make_client_app
-from fedpeft import nodestate, wire
+from fedpeft import nodestate, traffic, wire
 from fedpeft.cli import simulate
 from fedpeft.config import config_from_dict
 from tests.test_simulation import TINY
@@ -51,7 +51,7 @@ def corrupting_client_app(log_path: Path, bad_partition: int) -> ClientApp:
             "round": ins.server_round, "partition": ins.partition_id, "before": _lists(before),
             "after": _lists(after), "sent": _lists(sent),
             "records": sorted(reply.content.array_records),
-            "bytes": wire.record_bytes(reply.content),
+            "bytes": traffic.record_bytes(reply.content),
         }  # fmt: skip
         with log_path.open("a") as fh:
             fh.write(json.dumps(entry) + "\n")
@@ -131,7 +131,7 @@ def forgetful_client_app(log_path: Path, forget: tuple[int, int]) -> ClientApp:
                 del context.state[key]
         entry = {
             "round": ins.server_round, "partition": ins.partition_id,
-            "records": sorted(msg.content.array_records), "bytes": wire.record_bytes(msg.content),
+            "records": sorted(msg.content.array_records), "bytes": traffic.record_bytes(msg.content),
             "error": True,
         }  # fmt: skip
         try:  # a ClientApp exception reaches the server as an error reply

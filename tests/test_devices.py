@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from fedpeft import declaration
 from fedpeft.config import LoraConfig, ModelConfig
 from fedpeft.devices import (
     AdapterPlan,
@@ -126,19 +127,18 @@ def _tiny_cfg(*overrides: str):  # type: ignore[no-untyped-def]
 
 
 def test_a_node_declares_its_profile_in_its_node_config() -> None:
-    from fedpeft import wire
     from fedpeft.devices import DeviceProfile
 
     reply = {"partition-id": 0, "device": "phone", "memory-mb": 150, "speed": 0.5,
              "uplink-mbps": 5, "max-rank": 2}  # fmt: skip
-    assert wire.declared_profile(reply) == DeviceProfile("phone", 150.0, 0.5, 5.0, 2)
-    assert wire.declared_partition(reply) == 0
+    assert declaration.declared_profile(reply) == DeviceProfile("phone", 150.0, 0.5, 5.0, 2)
+    assert declaration.declared_partition(reply) == 0
     # only the budget: defaults for the rest, as in a profile YAML
-    assert wire.declared_profile({"memory-mb": 64.5}) == DeviceProfile("declared", 64.5)
+    assert declaration.declared_profile({"memory-mb": 64.5}) == DeviceProfile("declared", 64.5)
     # Flower's simulation node config declares no profile
-    assert wire.declared_profile({"partition-id": 1, "num-partitions": 2}) is None
-    assert wire.declared_partition({"partition-id": "1"}) == -1
-    assert wire.declared_partition({}) == -1
+    assert declaration.declared_profile({"partition-id": 1, "num-partitions": 2}) is None
+    assert declaration.declared_partition({"partition-id": "1"}) == -1
+    assert declaration.declared_partition({}) == -1
 
 
 @pytest.mark.parametrize(
@@ -160,7 +160,7 @@ def test_a_malformed_declaration_is_one_sentence(reply: dict[str, object], fragm
     from fedpeft import wire
 
     with pytest.raises(wire.UpdateRejected, match=fragment) as info:
-        wire.declared_profile(reply)
+        declaration.declared_profile(reply)
     assert str(info.value).count(". ") == 0 and "\n" not in str(info.value)
 
 
@@ -229,7 +229,7 @@ def test_the_server_leaves_a_malformed_declaration_out_with_a_warning(caplog) ->
     from fedpeft.serverrun import read_declaration
 
     def answer(values: dict[str, object]) -> wire.RecordDict:
-        return wire.encode_profile(values)
+        return declaration.encode_profile(values)
 
     assert read_declaration(7, answer({"partition-id": 1, "memory-mb": 64})) == (
         1,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flwr.app import RecordDict
 
-from fedpeft import wire
+from fedpeft import traffic, wire
 from fedpeft.config import Config, config_from_dict
 from fedpeft.models import adapter_state, build_peft_model
 from fedpeft.planning import plan_clients
@@ -73,7 +73,7 @@ def test_instructions_carry_each_plan_and_their_bytes_are_counted() -> None:
         assert (ins.server_round, ins.partition_id) == (1, NODES[node])
         assert sorted(ins.adapters) == sorted(state) and not ins.merges
     stats = rounds.stats[1]
-    assert stats.downlink_bytes == sum(wire.record_bytes(c) for c in contents.values())
+    assert stats.downlink_bytes == sum(traffic.record_bytes(c) for c in contents.values())
     assert stats.downlink_fp32_bytes == stats.downlink_bytes  # nothing compressed
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from fedpeft import wire
+from fedpeft import declaration
 from fedpeft.config import LoraConfig
 from fedpeft.planning import FleetPlan
 from fedpeft.serverrun import assign_partitions, discovery, plan_summary, trainable_partitions
@@ -25,9 +25,9 @@ def test_more_nodes_than_partitions_leaves_the_extra_out() -> None:
 
 def test_discovery_keeps_declared_profiles_and_leaves_out_bad_answers(caplog: Any) -> None:
     answers = {
-        4: wire.encode_profile({"partition-id": 1, "device": "phone", "memory-mb": 20}),
-        2: wire.encode_profile({}),  # declares nothing: takes a free partition
-        6: wire.encode_profile({"partition-id": 0, "memory-mb": -1}),  # malformed
+        4: declaration.encode_profile({"partition-id": 1, "device": "phone", "memory-mb": 20}),
+        2: declaration.encode_profile({}),  # declares nothing: takes a free partition
+        6: declaration.encode_profile({"partition-id": 0, "memory-mb": -1}),  # malformed
         8: None,  # did not answer
     }
     with caplog.at_level(logging.WARNING, logger="fedpeft"):

@@ -20,7 +20,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients.app import make_client_app
-from fedpeft import wire
+from fedpeft import traffic, wire
 from fedpeft.cli import main, simulate
 from fedpeft.config import Config, config_from_dict
 from fedpeft.data import load_dataset
@@ -56,8 +56,8 @@ def tapped_client_app(log_path: Path) -> ClientApp:
             entry["round"], entry["partition"] = ins.server_round, ins.partition_id
             entry["node_partition"] = context.node_config["partition-id"]
         entry["in_records"] = sorted(msg.content.array_records)
-        entry["in_bytes"] = wire.record_bytes(msg.content)
-        entry["out_bytes"] = wire.record_bytes(reply.content)
+        entry["in_bytes"] = traffic.record_bytes(msg.content)
+        entry["out_bytes"] = traffic.record_bytes(reply.content)
         entry["in_arrays"] = {
             k: list(a.shape) for r in msg.content.array_records.values() for k, a in r.items()
         }

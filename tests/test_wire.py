@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedpeft import wire
+from fedpeft import traffic, wire
 
 RNG = np.random.default_rng(0)
 MOST = 64  # the most examples a reply may claim
@@ -78,7 +78,7 @@ def test_bad_example_count_is_rejected() -> None:
 def test_record_bytes_is_payload_plus_small_overhead() -> None:
     payload = sum(v.nbytes for v in SENT.values())
     dense = {k: RNG.normal(size=v.shape).astype(np.float32) for k, v in SENT.items()}
-    size = wire.record_bytes(_reply(dense))
+    size = traffic.record_bytes(_reply(dense))
     assert payload < size < payload + 2048
     # identical arrays are stored once, as Flower's object store does
     twice = wire.state_to_record(
@@ -86,7 +86,7 @@ def test_record_bytes_is_payload_plus_small_overhead() -> None:
     )
     once = wire.state_to_record({"a": dense["classifier.weight"]})
     rd = wire.RecordDict
-    assert wire.record_bytes(rd({"x": twice})) < 1.5 * wire.record_bytes(rd({"x": once}))
+    assert traffic.record_bytes(rd({"x": twice})) < 1.5 * traffic.record_bytes(rd({"x": once}))
 
 
 def test_non_finite_metric_and_bad_eval_reply_are_rejected() -> None:

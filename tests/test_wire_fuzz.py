@@ -37,7 +37,7 @@ from flwr.supercore.inflatable.inflatable_utils import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedpeft import wire
+from fedpeft import declaration, wire
 from fedpeft.compression.compeft import compress
 from fedpeft.config import load_config
 from fedpeft.models import adapter_state, build_peft_model
@@ -423,7 +423,7 @@ def test_a_non_finite_aggregate_is_never_installed(aggregator: str, task_identit
 def test_mutated_query_and_evaluation_answers_never_crash_the_server(task_identity) -> None:  # type: ignore[no-untyped-def]
     rng = random.Random(1)
     strategy, sent = _strategy("fedit")
-    answer = wire.encode_profile(
+    answer = declaration.encode_profile(
         {"partition-id": 1, "memory-mb": 512, "device": "pi", "speed": 0.5}
     )
     evaluation = wire.encode_eval_res(20, {"accuracy": 0.5, "loss": 0.7})
