@@ -33,12 +33,12 @@ lint: venv
 	$(BIN)/ruff format --check fedpeft server clients simulations tests
 	$(BIN)/mypy
 
-# Three pytest-xdist workers on two cores: the deployment tests wait on heartbeats and
-# timeouts for minutes, so they run beside the rest, which tests/conftest.py starts
-# after them (--no-loadscope-reorder keeps that order). pytest exits 5 when it
-# collected no test: say so, and fail.
+# Two pytest-xdist workers: the deployment tests wait on heartbeats and timeouts for
+# minutes, so they start first (tests/conftest.py orders them; --no-loadscope-reorder
+# keeps that order) and run beside the rest. pytest exits 5 when it collected no test:
+# say so, and fail.
 test: lint
-	$(BIN)/python -m pytest -q -n 3 --dist loadgroup --no-loadscope-reorder --durations=12 || { rc=$$?; [ $$rc -eq 5 ] && echo "no test ran" >&2; exit $$rc; }
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=12 || { rc=$$?; [ $$rc -eq 5 ] && echo "no test ran" >&2; exit $$rc; }
 
 # docs/configuration.md from the config dataclasses' docstrings (tests/test_configdoc.py
 # checks it); written aside first, so that a failure leaves the page as it was

@@ -33,7 +33,10 @@ from typing import Any
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
-from fedpeft import client, declaration, nodestate, stages, threads, wire
+# Only the query is answered at module level: a deployment starts a ClientApp process
+# per message, and the query round needs none of torch, transformers and peft (about 10 s
+# of imports on a small CPU). Training and evaluation import the library when they run.
+from fedpeft import declaration, threads, wire
 
 
 def query(msg: Message, context: Context) -> Message:
@@ -45,6 +48,8 @@ def query(msg: Message, context: Context) -> Message:
 def _merged_base(ins: wire.TrainIns, context: Context) -> wire.State:
     """This node's merged updates (FLoRA), kept in the node's state so that they survive
     a new ClientApp process per message."""
+    from fedpeft import client, nodestate
+
     merged_round, base_delta = nodestate.read_merged_base(context.state)
     new_round, base_delta = client.merge_received(merged_round, base_delta, ins)
     if new_round != merged_round:
@@ -55,6 +60,8 @@ def _merged_base(ins: wire.TrainIns, context: Context) -> wire.State:
 def _received(msg: Message, context: Context) -> wire.TrainIns:
     """The message's instruction with the adapters in full (downlink compression: this
     node's view plus the change), the new view kept in the node's state."""
+    from fedpeft import client, nodestate
+
     ins = wire.decode_train_ins(msg.content)
     if not client.parse_config(ins.config_json).compression.downlink:
         return ins
@@ -65,6 +72,8 @@ def _received(msg: Message, context: Context) -> wire.TrainIns:
 
 
 def train(msg: Message, context: Context) -> Message:
+    from fedpeft import client, nodestate, stages
+
     ins = _received(msg, context)
     kept = client.Kept(
         nodestate.read_residual(context.state), nodestate.read_history(context.state)
@@ -76,6 +85,8 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def evaluate(msg: Message, context: Context) -> Message:
+    from fedpeft import client
+
     ins = _received(msg, context)
     n, metrics = client.evaluate_round(ins, _merged_base(ins, context))
     return Message(wire.encode_eval_res(n, metrics), reply_to=msg)

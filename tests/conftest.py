@@ -27,9 +27,12 @@ os.environ.setdefault("FEDPEFT_CACHE", tempfile.mkdtemp(prefix="fedpeft-cache-")
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-# `make test` runs the suite on pytest-xdist workers. The deployment and cluster tests
-# spend much of their time waiting (heartbeats, timeouts): they go first, so that the
-# other workers run the rest meanwhile.
+# `make test` runs the suite on two pytest-xdist workers. The deployment tests (one
+# group, so one worker runs them one after the other) go first; the longest of the rest
+# follow. A deployment's nodes start a ClientApp process per message (about 10 s of CPU
+# for its imports) and must answer within the round's timeout, so every other test runs
+# at a lower CPU priority (DEFERENTIAL_NICENESS): it takes the cores the deployment
+# leaves idle while it waits on heartbeats and timeouts, instead of stretching it.
 LONGEST_FIRST = (
     "test_deploy_tls.py",
     "test_deploy_resume.py",
@@ -39,6 +42,8 @@ LONGEST_FIRST = (
     "test_packaged.py",
     "test_cli.py",
 )
+DEPLOYMENT_GROUP = "deployment"
+DEFERENTIAL_NICENESS = 10
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -46,14 +51,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: first.get(item.path.name, len(first)))
 
 
+def _workers() -> int:
+    return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # each worker's torch gets its share of the cores, not all of them: two workers each
     # spinning every core's threads run slower than one
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1:
+    if _workers() > 1:
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers()))
+
+
+_deferred = False  # this worker has lowered its priority (it cannot raise it again)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    global _deferred
+    group = item.get_closest_marker("xdist_group")
+    in_deployment = group is not None and DEPLOYMENT_GROUP in group.args
+    if _workers() > 1 and not in_deployment and not _deferred:
+        os.nice(DEFERENTIAL_NICENESS)  # inherited by the test's Ray actors and processes
+        _deferred = True
 
 
 class FlwrCli:
