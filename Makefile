@@ -33,10 +33,10 @@ lint: venv
 	$(BIN)/ruff format --check fedpeft server clients simulations tests
 	$(BIN)/mypy
 
-# Two pytest-xdist workers: the deployment tests wait on heartbeats and timeouts for
-# minutes, so they start first (tests/conftest.py orders them; --no-loadscope-reorder
-# keeps that order) and run beside the rest. pytest exits 5 when it collected no test:
-# say so, and fail.
+# Two pytest-xdist workers: one runs the deployment tests, which wait on heartbeats and
+# timeouts for minutes; the other runs the rest beside them at a lower CPU priority
+# (tests/conftest.py; --no-loadscope-reorder keeps the longest first). pytest exits 5
+# when it collected no test: say so, and fail.
 test: lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=12 || { rc=$$?; [ $$rc -eq 5 ] && echo "no test ran" >&2; exit $$rc; }
 

@@ -39,7 +39,6 @@ from flwr.app import RecordDict
 from fedpeft import stages, traffic, wire
 from fedpeft.aggregation import ClientUpdate, State
 from fedpeft.audit.membership import CanaryAudit
-from fedpeft.audit.tap import AuditTap
 from fedpeft.compression import codec
 from fedpeft.compression.compeft import apply_change, downlink_change
 from fedpeft.config import Config, lora_to_json
@@ -172,11 +171,11 @@ class ServerRounds:
         return self.noisy_sum.canary_audit if self.noisy_sum is not None else None
 
     @property
-    def tap(self) -> AuditTap | None:
+    def tap(self) -> stages.Tap | None:
         return self.observer.tap if self.observer is not None else None
 
     @tap.setter
-    def tap(self, tap: AuditTap) -> None:
+    def tap(self, tap: stages.Tap) -> None:
         assert self.observer is not None, "the tap needs 'audit.tap_every'"
         self.observer.tap = tap
 
@@ -300,12 +299,12 @@ class ServerRounds:
         if not updates:
             log.warning("round %d: no valid update; the global adapters stay", server_round)
             return None
-        step = stages.RoundInput(
-            server_round, self.global_state, updates, list(self.partitions), stats
-        )
+        step = stages.RoundInput(server_round, self.global_state, updates, list(self.partitions))
         for stage in self.stages.round:  # observers, then the combiner
             new_state = stage(step)
         assert new_state is not None, "the last round stage combines the updates"
+        if step.audit:
+            stats.audit = step.audit
         if not all(np.isfinite(v).all() for v in new_state.values()):
             # the last line of defence: whatever the aggregator or the server step made
             # of accepted updates, a non-finite global model is never installed

@@ -23,9 +23,10 @@ Client stages (:class:`ClientStage`) pass an :class:`Outgoing` along, in this or
 Server stages come in two kinds. :class:`ReplyStage` acts on one decoded reply and may
 reject it with a reason (:class:`NormGate`, :class:`CentralReclip`); :class:`RoundStage`
 acts on the round's accepted updates (:class:`FloraLedger`, :class:`AuditObserver`,
-then one combiner: :class:`Aggregate` with the server step, or :class:`NoisySum`). The
-downlink (:class:`fedpeft.rounds.ServerRounds` sends each node's view, or the
-compressed change to it) is chosen by ``compression.downlink``.
+then one combiner: :class:`Aggregate` with the server step, or :class:`NoisySum`); the
+:class:`Accountant` then says the ε spent. The downlink
+(:class:`fedpeft.rounds.ServerRounds` sends each node's view, or the compressed change
+to it) is chosen by ``compression.downlink`` (:attr:`Stages.downlink_views`).
 
 Every stage names the state it keeps between rounds (``keeps``: a node-state key on a
 client, a checkpoint key on the server) and whether that state survives ``--resume``
@@ -39,11 +40,11 @@ import dataclasses
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
 import numpy as np
 
-from fedpeft import client
+from fedpeft import client, nodestate
 from fedpeft.aggregation import (
     Aggregator,
     ClientUpdate,
@@ -60,10 +61,6 @@ from fedpeft.privacy.mechanisms import clip, dp_fedavg, gaussian_noise, global_n
 from fedpeft.train import Encoded
 from fedpeft.types import State
 from fedpeft.wire import TrainIns, TrainRes, UpdateRejected
-
-if TYPE_CHECKING:  # both import this module
-    from fedpeft.audit.tap import AuditTap
-    from fedpeft.rounds import RoundStats
 
 
 # ---------------------------------------------------------------------- client
@@ -108,7 +105,7 @@ class LocalBudget(ClientStage):
     """Local DP: the node's accountant after one more release, or
     :class:`fedpeft.client.BudgetSpent` before any training is spent on it."""
 
-    keeps = "history"
+    keeps = nodestate.HISTORY
     lost_on_resume = "the 'local' accountants live on the nodes"
 
     def __call__(self, out: Outgoing) -> Outgoing:
@@ -127,7 +124,7 @@ class Train(ClientStage):
 class DPSGD(ClientStage):
     """Record-level DP: DP-SGD through Opacus, its accountant kept on the node."""
 
-    keeps = "history"
+    keeps = nodestate.HISTORY
     lost_on_resume = "the 'record' accountants live on the nodes"
 
     def __call__(self, out: Outgoing) -> Outgoing:
@@ -169,7 +166,7 @@ class Compress(ClientStage):
     With error feedback the node keeps the residual; without, nothing."""
 
     error_feedback: bool
-    keeps = "residual"
+    keeps = nodestate.RESIDUAL
     lost_on_resume = "error-feedback residuals and downlink views live on the nodes"
 
     def resume_loss(self) -> str | None:
@@ -256,19 +253,30 @@ class CentralReclip(ReplyStage):
 @dataclass
 class RoundInput:
     """What a round stage sees: the round, the adapters its instructions were cut from,
-    the accepted updates (partition order), every taking-part node, the round's stats."""
+    the accepted updates (partition order) and every taking-part node; and what the
+    audit observer scored (it goes into the round's record)."""
 
     server_round: int
     global_state: State
     updates: list[ClientUpdate]
     nodes: Sequence[int]
-    stats: RoundStats
+    audit: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+class Tap(Protocol):
+    """The gradient-inversion tap (:class:`fedpeft.audit.tap.AuditTap`)."""
+
+    def due(self, server_round: int) -> bool: ...
+
+    def __call__(
+        self, server_round: int, updates: list[tuple[ClientUpdate, LoraConfig]]
+    ) -> dict[str, dict[str, float]]: ...
 
 
 class RoundStage:
     """A step over the round's accepted updates, in order. Observers return None; the
-    combiner (the last stage) returns the new global adapters. ``keeps``: the name of
-    the state it owns between rounds, or None."""
+    combiner (the last stage) returns the new global adapters. ``keeps``: the state it
+    owns between rounds (its key in ``checkpoint.npz`` when it is checkpointed), or None."""
 
     keeps: ClassVar[str | None] = None
     lost_on_resume: ClassVar[str | None] = None  # as for a client stage
@@ -323,12 +331,12 @@ class AuditObserver(RoundStage):
 
     def __init__(self, client_loras: dict[int, LoraConfig]) -> None:
         self.client_loras = client_loras
-        self.tap: AuditTap | None = None
+        self.tap: Tap | None = None
 
     def __call__(self, step: RoundInput) -> None:
         if self.tap is not None and self.tap.due(step.server_round):
             pairs = [(u, self.client_loras[u.client_id]) for u in step.updates]
-            step.stats.audit = self.tap(step.server_round, pairs)
+            step.audit = self.tap(step.server_round, pairs)
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,13 @@ os.environ.setdefault("FEDPEFT_CACHE", tempfile.mkdtemp(prefix="fedpeft-cache-")
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-# `make test` runs the suite on two pytest-xdist workers. The deployment tests (one
-# group, so one worker runs them one after the other) go first; the longest of the rest
-# follow. A deployment's nodes start a ClientApp process per message (about 10 s of CPU
-# for its imports) and must answer within the round's timeout, so every other test runs
-# at a lower CPU priority (DEFERENTIAL_NICENESS): it takes the cores the deployment
-# leaves idle while it waits on heartbeats and timeouts, instead of stretching it.
+# `make test` runs the suite on two pytest-xdist workers. The deployment tests (marker
+# ``deployment``, one xdist group) go first, on one worker, one after the other; the
+# longest of the rest follow on the other. A deployment's nodes start a ClientApp
+# process per message (about 10 s of CPU for its imports) and must answer within the
+# round's timeout, so every other test runs at a lower CPU priority
+# (DEFERENTIAL_NICENESS): it takes the cores the deployment leaves idle while it waits
+# on heartbeats and timeouts, instead of stretching it.
 LONGEST_FIRST = (
     "test_deploy_tls.py",
     "test_deploy_resume.py",
@@ -42,7 +43,6 @@ LONGEST_FIRST = (
     "test_packaged.py",
     "test_cli.py",
 )
-DEPLOYMENT_GROUP = "deployment"
 DEFERENTIAL_NICENESS = 10
 
 
@@ -69,8 +69,7 @@ _deferred = False  # this worker has lowered its priority (it cannot raise it ag
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     global _deferred
-    group = item.get_closest_marker("xdist_group")
-    in_deployment = group is not None and DEPLOYMENT_GROUP in group.args
+    in_deployment = item.get_closest_marker("deployment") is not None
     if _workers() > 1 and not in_deployment and not _deferred:
         os.nice(DEFERENTIAL_NICENESS)  # inherited by the test's Ray actors and processes
         _deferred = True

@@ -31,9 +31,9 @@ from tests.deployment import (
     wait_for_port,
 )
 
-# one pytest-xdist worker runs the deployment tests, first and one after the other; the
-# other tests yield the CPU to them (tests/conftest.py)
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deployment")]
+# one worker runs the deployment tests, one after the other; the other tests yield the
+# CPU to them (tests/conftest.py)
+pytestmark = [pytest.mark.slow, pytest.mark.deployment, pytest.mark.xdist_group("deployment")]
 
 TINY = (
     "model.name=tiny-bert model.max_length=32 lora.r=4 data.synthetic_samples=300 "

@@ -13,7 +13,6 @@ from fedpeft import client, stages, wire
 from fedpeft.aggregation import ClientUpdate
 from fedpeft.config import config_from_dict
 from fedpeft.privacy.mechanisms import global_norm
-from fedpeft.rounds import RoundStats
 from tests.test_golden import with_sections
 
 BASE: dict[str, Any] = {
@@ -142,7 +141,7 @@ def test_the_aggregate_stage_takes_the_server_step() -> None:
         ClientUpdate(i, {"lora_A.weight": np.full((2, 3), d, np.float32)}, 1)
         for i, d in enumerate([1.0, 3.0])
     ]
-    step = stages.RoundInput(1, x, updates, [0, 1], RoundStats())
+    step = stages.RoundInput(1, x, updates, [0, 1])
     new = combiner(step)
     assert new is not None
     np.testing.assert_allclose(new["lora_A.weight"], 1.0 + 0.5 * 2.0)  # x + η mean(Δ)
