@@ -30,14 +30,6 @@ def clip(update: State, clip_norm: float) -> tuple[State, float]:
     return {k: (v * factor).astype(np.float32) for k, v in update.items()}, norm
 
 
-def server_reclip(update: State, mode: str, clip_norm: float) -> State:
-    """What the server makes of a decoded update under user-level DP (``mode: user``):
-    clipped to C again, so that a client that did not clip (or whose compression
-    lengthened it) cannot exceed its share of DP-FedAvg's sensitivity. Other modes: as
-    it came."""
-    return clip(update, clip_norm)[0] if mode == "user" else update
-
-
 def gaussian_noise(update: State, std: float, rng: np.random.Generator) -> State:
     """The update plus i.i.d. N(0, std²) on every coordinate."""
     return {
