@@ -27,9 +27,11 @@ os.environ.setdefault("FEDPEFT_CACHE", tempfile.mkdtemp(prefix="fedpeft-cache-")
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-# `make test` runs the suite on two pytest-xdist workers. The deployment tests (marker
-# ``deployment``, one xdist group) go first, on one worker, one after the other; the
-# longest of the rest follow on the other. A deployment's nodes start a ClientApp
+# `make test` runs the suite on two pytest-xdist workers. The deployment tests and the
+# Ctrl-C test (marker ``full_priority``, one xdist group) go first, on one worker, one
+# after the other; the longest of the rest follow on the other. Under a lowered priority
+# the Ctrl-C test's Ray actors sometimes die of the signal before its driver silences
+# Flower's log of it. A deployment's nodes start a ClientApp
 # process per message (about 10 s of CPU for its imports) and must answer within the
 # round's timeout, so every other test runs at a lower CPU priority
 # (DEFERENTIAL_NICENESS): it takes the cores the deployment leaves idle while it waits
@@ -69,8 +71,8 @@ _deferred = False  # this worker has lowered its priority (it cannot raise it ag
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     global _deferred
-    in_deployment = item.get_closest_marker("deployment") is not None
-    if _workers() > 1 and not in_deployment and not _deferred:
+    full_priority = item.get_closest_marker("full_priority") is not None
+    if _workers() > 1 and not full_priority and not _deferred:
         os.nice(DEFERENTIAL_NICENESS)  # inherited by the test's Ray actors and processes
         _deferred = True
 

@@ -43,6 +43,8 @@ def _rounds(out: Path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.full_priority  # see tests/conftest.py
+@pytest.mark.xdist_group("full_priority")
 def test_one_ctrl_c_stops_a_simulation_quietly_and_keeps_its_checkpoint(tmp_path: Path) -> None:
     """It printed "interrupted" and then hung in the ServerApp thread's join until a
     second Ctrl-C, which ended in a traceback."""

@@ -36,7 +36,7 @@ from tests.test_resume import _rows
 
 # one worker runs the deployment tests, one after the other; the other tests yield the
 # CPU to them (tests/conftest.py)
-pytestmark = [pytest.mark.slow, pytest.mark.deployment, pytest.mark.xdist_group("deployment")]
+pytestmark = [pytest.mark.slow, pytest.mark.full_priority, pytest.mark.xdist_group("full_priority")]
 
 TINY = (
     "model.name=tiny-bert model.max_length=32 lora.r=4 data.synthetic_samples=200 "
