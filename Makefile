@@ -38,7 +38,7 @@ lint: venv
 # (tests/conftest.py; --no-loadscope-reorder keeps the longest first). pytest exits 5
 # when it collected no test: say so, and fail.
 test: lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=12 || { rc=$$?; [ $$rc -eq 5 ] && echo "no test ran" >&2; exit $$rc; }
+	$(BIN)/python -m pytest -q --durations=12 || { rc=$$?; [ $$rc -eq 5 ] && echo "no test ran" >&2; exit $$rc; }
 
 # docs/configuration.md from the config dataclasses' docstrings (tests/test_configdoc.py
 # checks it); written aside first, so that a failure leaves the page as it was
