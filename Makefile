@@ -33,10 +33,11 @@ lint: venv
 	$(BIN)/ruff format --check fedpeft server clients simulations tests
 	$(BIN)/mypy
 
-# Two pytest-xdist workers: one runs the deployment tests, which wait on heartbeats and
-# timeouts for minutes; the other runs the rest beside them at a lower CPU priority
-# (tests/conftest.py; --no-loadscope-reorder keeps the longest first). pytest exits 5
-# when it collected no test: say so, and fail.
+# Serial: under pytest-xdist workers the Ctrl-C test can print a Ray actor's crash
+# traceback (its actors die of the signal before the driver silences Flower's log).
+# `pytest -n 2 --dist loadgroup --no-loadscope-reorder` runs the suite in parallel
+# (tests/conftest.py orders and prioritizes it). pytest exits 5 when it collected no
+# test: say so, and fail.
 test: lint
 	$(BIN)/python -m pytest -q --durations=12 || { rc=$$?; [ $$rc -eq 5 ] && echo "no test ran" >&2; exit $$rc; }
 
