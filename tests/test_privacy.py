@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
+from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
 from fedpeft.compression.codec import dense
 from fedpeft.compression.compeft import compress
@@ -111,6 +111,10 @@ def test_epsilon_equals_opacus_accountant(kind: str) -> None:
     assert ours == pytest.approx(theirs.get_epsilon(delta=1e-5), rel=1e-9)
     # the node state's plain lists give back the same history
     assert accounting.from_lists(**accounting.to_lists(history)) == history  # type: ignore[arg-type]
+
+
+def test_the_noise_search_tops_out_where_opacus_does() -> None:
+    assert accounting.MAX_NOISE == MAX_SIGMA  # a copy, so the client needs no Opacus import
 
 
 def test_noise_for_a_budget_spends_that_budget() -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from scipy import stats
 
 from fedpeft.aggregation.base import (
     ClientUpdate,
@@ -43,6 +42,10 @@ def coordinate_median(stack: np.ndarray) -> np.ndarray:
 
 def trimmed_mean(beta: float) -> Combine:
     def combine(stack: np.ndarray) -> np.ndarray:
+        # imported here: scipy.stats costs about 1 s, and every ClientApp process
+        # imports this package (its registry calls trimmed_mean)
+        from scipy import stats
+
         return np.asarray(stats.trim_mean(stack, beta, axis=0))
 
     return combine

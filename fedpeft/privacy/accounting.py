@@ -20,11 +20,10 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from opacus.accountants import create_accountant
-from opacus.accountants.accountant import IAccountant
-from opacus.accountants.utils import MAX_SIGMA
+if TYPE_CHECKING:
+    from opacus.accountants.accountant import IAccountant
 
 AccountantName = Literal["rdp", "prv"]
 
@@ -38,6 +37,10 @@ class Entry:
 
 def accountant(history: list[Entry], kind: AccountantName = "rdp") -> IAccountant:
     """An Opacus accountant holding ``history``."""
+    # imported here: Opacus's accountants import scipy.stats (about 1 s), and every
+    # ClientApp process imports this module for its node-state history
+    from opacus.accountants import create_accountant
+
     acc = create_accountant(kind)
     acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in history]
     return acc
@@ -65,7 +68,7 @@ def add_steps(history: list[Entry], z: float, q: float, steps: int) -> list[Entr
 # it never gets within 0.01 of it (adjacent floats of z are further apart in ε), and below
 # z ~ 1e-155 its RDP series never ends (1 / z² overflows); PRV fails below z ~ 0.01.
 MIN_NOISE = 0.05  # one step at q = 1 spends ε ≈ 280 here: nothing below it protects
-MAX_NOISE = MAX_SIGMA  # Opacus's own top: past it, "the privacy budget is too low"
+MAX_NOISE = 1e6  # Opacus's MAX_SIGMA (a test checks): past it, "the budget is too low"
 MAX_HALVINGS = 40  # Opacus needs up to ~22; 40 narrow the bracket to 1e-12 of its top
 EPSILON_TOLERANCE = 0.01  # Opacus's default: the search stops within 0.01 below ε
 # PRV composes on a mesh of about ε √steps points (ε of the probed z), so its searches

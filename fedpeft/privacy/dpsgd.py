@@ -20,7 +20,6 @@ import time
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, Dataset
 
 from fedpeft.config import TrainConfig
@@ -77,6 +76,10 @@ def train_local_dp(
         torch.seed()
     else:
         torch.manual_seed(seed)
+    # imported here: Opacus imports scipy.stats (about 1 s), which a ClientApp process
+    # that does not train with DP-SGD never needs
+    from opacus import PrivacyEngine
+
     engine = PrivacyEngine(accountant=accountant)
     engine.accountant.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in history]
     loader = DataLoader(_Indices(len(data)), batch_size=batch_size)
