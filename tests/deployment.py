@@ -88,10 +88,12 @@ def start_insecure_fleet(start: Callable[..., Any], link_port: int, nodes: dict[
         )  # fmt: skip
 
 
-def kill_leftovers(ports: list[int]) -> list[str]:
+def kill_leftovers(ports: list[int], lingering: str = "") -> list[str]:
     """The test's own descendants (named by its private ports) still alive 20 s after
-    their SuperLink and SuperNodes stopped, killed; returns their PIDs and commands."""
-    leftovers = _wait_gone(ports, wait_s=20)
+    their SuperLink and SuperNodes stopped, killed; returns their PIDs and commands.
+    Processes whose command line holds ``lingering`` (known to outlive their SuperNode)
+    are not waited for, only killed and returned."""
+    leftovers = _wait_gone(ports, wait_s=20, unless=lingering)
     described = [f"{pid} {_command(pid)}" for pid in leftovers]
     for pid in leftovers:
         os.kill(pid, signal.SIGKILL)
@@ -105,9 +107,14 @@ def _command(pid: int) -> str:
         return "?"
 
 
-def _wait_gone(ports: list[int], wait_s: float) -> list[int]:
+def _wait_gone(ports: list[int], wait_s: float, unless: str = "") -> list[int]:
+    """The processes left of ``ports``, once all but those whose command line holds
+    ``unless`` are gone or ``wait_s`` has passed."""
     deadline = time.time() + wait_s
-    while _pids_using(ports) and time.time() < deadline:
+    while time.time() < deadline:
+        waited = [p for p in _pids_using(ports) if not unless or unless not in _command(p)]
+        if not waited:
+            break
         time.sleep(0.5)
     return _pids_using(ports)
 

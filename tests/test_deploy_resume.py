@@ -1,5 +1,5 @@
 """``resume=true`` on Flower's deployment runtime: a SuperLink and two SuperNodes on
-loopback run a 3-round config whose ServerApp process is killed (SIGKILL) as soon as its
+loopback run a 2-round config whose ServerApp process is killed (SIGKILL) as soon as its
 round-1 checkpoint is on disk; the dead run is stopped (``flwr stop``) and a new ``flwr
 run`` with ``resume=true`` on the same output directory finishes it. Its metrics, round
 by round, and its final metrics must equal those of the same config run without
@@ -40,7 +40,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.full_priority, pytest.mark.xdist_gro
 
 TINY = (
     "model.name=tiny-bert model.max_length=32 lora.r=4 data.synthetic_samples=200 "
-    "partition.num_clients=2 partition.scheme=iid federation.rounds=3 train.local_steps=2 "
+    "partition.num_clients=2 partition.scheme=iid federation.rounds=2 train.local_steps=2 "
     "federation.timeout=60 simulation.runtime=inprocess"
 )  # the runtime is read by `fedpeft simulate` only: the reference runs in process
 
@@ -91,7 +91,7 @@ def test_a_killed_serverapp_resumes_where_it_stopped(
             )
             killed_run = flwr.run(run_config(split))
             killed_after = _kill_serverapp_after_round(split, link_port, 120, tmp_path)
-            assert killed_after < 3, "the run finished before it could be killed"
+            assert killed_after < 2, "the run finished before it could be killed"
             timings["until killed"] = time.perf_counter() - began - timings["simulation"]
             # Left alone, the SuperLink marks the run failed once the ServerApp's
             # heartbeats have expired (about a minute), and a run launched before then
@@ -106,7 +106,8 @@ def test_a_killed_serverapp_resumes_where_it_stopped(
             assert status == "finished:completed", flwr.log_tail(resumed_run)
             timings["resumed"] = time.perf_counter() - began - sum(timings.values())
     finally:
-        leftovers = kill_leftovers([link_port, *node_ports])
+        # a ClientApp of the killed run may wait forever (see below): no waiting for it
+        leftovers = kill_leftovers([link_port, *node_ports], lingering="flwr-clientapp")
     print(f"killed after round {killed_after}; then {killed_status}")
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     print(f"left behind by the killed run, killed by the test: {leftovers}")
@@ -117,9 +118,9 @@ def test_a_killed_serverapp_resumes_where_it_stopped(
     assert not others, f"Flower processes outlived their SuperLink/SuperNode: {others}"
     assert len(leftovers) <= len(node_ports)
 
-    assert [r["round"] for r in _rows(split)] == [1, 2, 3]
+    assert [r["round"] for r in _rows(split)] == [1, 2]
     assert _rows(split) == _rows(whole)
     summaries = [json.loads((out / "summary.json").read_text()) for out in (whole, split)]
     assert summaries[1]["final"] == summaries[0]["final"]
     assert summaries[1]["initial"] == summaries[0]["initial"]
-    assert load_checkpoint(split).round == 3
+    assert load_checkpoint(split).round == 2

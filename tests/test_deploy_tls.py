@@ -1,14 +1,16 @@
 """A TLS-secured, node-authenticated deployment on loopback, as docs/deployment.md runs
 it: ``fedpeft credentials``, a SuperLink with TLS and ``--enable-supernode-auth``, three
 registered SuperNodes that declare different device profiles, one unregistered
-SuperNode that must be refused, and ``flwr run`` for five rounds. One node is killed
+SuperNode that must be refused, and ``flwr run`` for four rounds. One node is killed
 (SIGKILL) after round 1 and, once round 2 has ended without it, restarted with the same
 key (the SuperLink refuses the key until it has marked the node offline: two missed
-heartbeats, about 60 s). Round 2 must record it, the last round must have it back, the
-run must finish on its own, and no process may outlive the test."""
+heartbeats, about 60 s). Round 2 must record it, the last round must have it back (round
+3 starts as round 2 ends, before the restarted node is online), the run must finish on
+its own, and no process may outlive the test."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -37,7 +39,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.full_priority, pytest.mark.xdist_gro
 
 TINY = (
     "model.name=tiny-bert model.max_length=32 lora.r=4 data.synthetic_samples=300 "
-    "partition.num_clients=3 partition.scheme=iid federation.rounds=5 train.local_steps=2 "
+    "partition.num_clients=3 partition.scheme=iid federation.rounds=4 train.local_steps=2 "
     "federation.min_clients=2 federation.timeout=90"
 )
 NODE_CONFIGS = [
@@ -90,7 +92,6 @@ def test_tls_authenticated_run_survives_a_node_killed_and_restarted(
                 flwr(["supernode", "register", str(creds / f"node-{i}.pub"), "tls"])
             nodes = [supernode(i, config) for i, config in enumerate(NODE_CONFIGS)]
             intruder = supernode(3, "partition-id=0")  # a valid key nobody registered
-            assert intruder.wait(timeout=90) != 0, "an unregistered SuperNode joined"
             run_id = flwr.run(run_config)
             _wait_for_rounds(out_dir / "metrics.jsonl", 1, wait_s=150, log_dir=tmp_path)
             os.kill(nodes[KILLED].pid, signal.SIGKILL)  # a crash, not a shutdown
@@ -110,13 +111,18 @@ def test_tls_authenticated_run_survives_a_node_killed_and_restarted(
                 time.sleep(1)
             status, listing = flwr.final_status(run_id, 180, written=out_dir / "summary.json")
             assert status == "finished:completed", (listing, tail(tmp_path))
+            # refused long ago (it exits within seconds), but its exit is asserted here
+            # so that the run does not wait for it
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                intruder.wait(timeout=30)
+            assert intruder.returncode not in (None, 0), "an unregistered SuperNode joined"
     finally:
         leftovers = kill_leftovers([link_port, *node_ports])
     assert not leftovers, f"Flower processes outlived their SuperLink/SuperNode: {leftovers}"
     assert "Failed to activate SuperNode" in (tmp_path / "supernode3.log").read_text()
 
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
     assert sorted(rows[0]["clients"]) == [0, 1, 2] and rows[0]["rejected"] == []
     assert sorted(rows[1]["clients"]) == [0, 1]  # the round completed with the others
     # the dead node is recorded, as silent or as unavailable, under its own client id
