@@ -33,13 +33,10 @@ lint: venv
 	$(BIN)/ruff format --check fedpeft server clients simulations tests
 	$(BIN)/mypy
 
-# Serial: under pytest-xdist workers the Ctrl-C test can print a Ray actor's crash
-# traceback (its actors die of the signal before the driver silences Flower's log).
-# `pytest -n 2 --dist loadgroup --no-loadscope-reorder` runs the suite in parallel
-# (tests/conftest.py orders and prioritizes it). pytest exits 5 when it collected no
-# test: say so, and fail.
+# Two pytest-xdist workers; tests/conftest.py orders the tests and lowers the priority of
+# all but the deployment tests. pytest exits 5 when it collected no test: say so, and fail.
 test: lint
-	$(BIN)/python -m pytest -q --durations=12 || { rc=$$?; [ $$rc -eq 5 ] && echo "no test ran" >&2; exit $$rc; }
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=12 || { rc=$$?; [ $$rc -eq 5 ] && echo "no test ran" >&2; exit $$rc; }
 
 # docs/configuration.md from the config dataclasses' docstrings (tests/test_configdoc.py
 # checks it); written aside first, so that a failure leaves the page as it was

@@ -17,10 +17,13 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -201,12 +204,13 @@ def simulate(
             "starting Flower's simulation runtime: %d virtual clients on Ray (the first "
             "round waits for its actors to load the model)", nodes,
         )  # fmt: skip
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=nodes,
-            backend_config=backend_config(cfg),
-        )
+        with quiet_interrupt():
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=nodes,
+                backend_config=backend_config(cfg),
+            )
     summary_path = out_dir / "summary.json"
     if not summary_path.is_file():
         raise RuntimeError("The simulation ended without writing its summary; see the log above.")
@@ -333,13 +337,47 @@ def remove_if_empty(out: Path) -> None:
         out.rmdir()  # only succeeds when empty
 
 
+def silence_runtimes() -> None:
+    """Mute Flower's and Ray's loggers: once a run is being stopped, their threads log
+    the client actors' deaths as tracebacks."""
+    for name in ("flwr", "ray"):
+        logging.getLogger(name).disabled = True
+
+
+@contextlib.contextmanager
+def quiet_interrupt() -> Iterator[None]:
+    """Ctrl-C mutes the runtimes before it raises KeyboardInterrupt.
+
+    ``run_simulation``'s ``finally`` stops the Ray actors while the backend's threads
+    still wait on them, and those threads log each actor's death; muting only when the
+    KeyboardInterrupt reaches ``main`` left a race that a loaded machine lost. A shell's
+    background job ignores SIGINT, and keeps ignoring it here.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may install a handler (tests call from others)
+        return
+
+    def interrupted(signum: int, frame: object) -> None:
+        silence_runtimes()
+        raise KeyboardInterrupt
+
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def stop_now(code: int) -> NoReturn:
     """Exit at once: stop Ray's processes, flush, and skip the join of Flower's ServerApp
     thread (it blocks in ``InMemoryGrid.send_and_receive`` and would hold the exit open
     forever). What the last finished round wrote is already on disk: metrics lines are
     fsynced and checkpoints are replaced atomically."""
-    for name in ("flwr", "ray"):  # their threads log the actors' deaths as tracebacks
-        logging.getLogger(name).disabled = True
+    silence_runtimes()
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         with contextlib.suppress(Exception):  # exiting anyway; nothing is left to protect

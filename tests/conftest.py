@@ -27,13 +27,13 @@ os.environ.setdefault("FEDPEFT_CACHE", tempfile.mkdtemp(prefix="fedpeft-cache-")
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-# Under pytest-xdist (`pytest -n 2 --dist loadgroup --no-loadscope-reorder`; `make test`
-# runs serially) the deployment tests and the Ctrl-C test (marker ``full_priority``, one
-# xdist group) go first, on one worker, one after the other; the longest of the rest
-# follow on the other. A deployment's nodes start a ClientApp process per message (about
-# 10 s of CPU for its imports) and must answer within the round's timeout, so every
-# other test runs at a lower CPU priority (DEFERENTIAL_NICENESS): it takes the cores the
-# deployment leaves idle while it waits on heartbeats and timeouts.
+# Under pytest-xdist (`make test`: `pytest -n 2 --dist loadgroup --no-loadscope-reorder`)
+# the deployment tests (marker ``full_priority``, one xdist group) go first, on one
+# worker, one after the other; the longest of the rest follow on the other. A
+# deployment's nodes start a ClientApp process per message (about 9 s of CPU for its
+# imports) and must answer within the round's timeout, so every other test runs at a
+# lower CPU priority (DEFERENTIAL_NICENESS): it takes the cores the deployment leaves
+# idle while it waits on heartbeats and timeouts.
 LONGEST_FIRST = (
     "test_deploy_tls.py",
     "test_deploy_resume.py",

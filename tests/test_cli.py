@@ -43,11 +43,10 @@ def _rounds(out: Path) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.full_priority  # see tests/conftest.py
-@pytest.mark.xdist_group("full_priority")
 def test_one_ctrl_c_stops_a_simulation_quietly_and_keeps_its_checkpoint(tmp_path: Path) -> None:
     """It printed "interrupted" and then hung in the ServerApp thread's join until a
-    second Ctrl-C, which ended in a traceback."""
+    second Ctrl-C, which ended in a traceback. Later, on a loaded machine, it sometimes
+    printed a Ray actor's death (Flower's teardown raced the muting of its log)."""
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [str(FEDPEFT), "simulate", str(_config(tmp_path)), "--out", str(out)],
