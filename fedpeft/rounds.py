@@ -40,7 +40,6 @@ from fedpeft import stages, traffic, wire
 from fedpeft.aggregation import ClientUpdate, State
 from fedpeft.audit.membership import CanaryAudit
 from fedpeft.compression import codec
-from fedpeft.compression.compeft import apply_change, downlink_change
 from fedpeft.config import Config, lora_to_json
 from fedpeft.models import adapter_shapes
 from fedpeft.planning import FleetPlan
@@ -133,10 +132,7 @@ class ServerRounds:
         self.noisy_sum = _stage(self.stages.round, stages.NoisySum)
         self.stats: dict[int, RoundStats] = {}
         self.global_state: State = {}  # the adapters this round's instructions were cut from
-        self.sent: dict[int, State] = {}  # node id -> the adapters it was sent this round
-        # downlink compression: node id -> the adapters it holds, and their view number
-        self._views: dict[int, State] = {}
-        self._view_numbers: dict[int, int] = {}
+        self.sent: dict[int, State] = {}  # node id -> the adapters it holds this round
         self.round_offset = 0
         self.final: State = {}  # the last aggregate (the canary audit's θ_T)
         self.lora_json = {pid: lora_to_json(lo) for pid, lo in fleet.client_loras.items()}
@@ -210,8 +206,9 @@ class ServerRounds:
                 partition_id=pid,
                 merges=merges,
             )
-            ins = self._compressed_downlink(node, full)
-            self.sent[node] = ins.adapters if ins.downlink is None else self._views[node]
+            ins, self.sent[node] = (
+                self.stages.downlink(node, full) if self.stages.downlink else (full, target)
+            )
             content = wire.encode_train_ins(ins)
             stats.downlink_bytes += traffic.record_bytes(content)
             stats.downlink_fp32_bytes += traffic.record_bytes(
@@ -219,28 +216,6 @@ class ServerRounds:
             )
             contents[node] = content
         return contents
-
-    def _compressed_downlink(self, node: int, ins: wire.TrainIns) -> wire.TrainIns:
-        """With ``compression.downlink``: send a node that holds a view of the adapters
-        only the compressed change to them, and remember the view it will then hold. A
-        node without one (first message, or after an error) gets the fp32 adapters."""
-        if not self.stages.downlink_views:
-            return ins
-        comp = self.cfg.compression
-        assert comp.density is not None
-        number = self._view_numbers.get(node, -1)
-        if node not in self._views:
-            self._views[node] = ins.adapters
-            self._view_numbers[node] = number + 1
-            return dataclasses.replace(ins, view=number + 1)
-        change = downlink_change(
-            ins.adapters, self._views[node], comp.density, comp.scale, comp.alpha
-        )
-        self._views[node] = apply_change(self._views[node], change)
-        self._view_numbers[node] = number + 1
-        return dataclasses.replace(
-            ins, adapters={}, downlink=codec.pack(change), base_view=number, view=number + 1
-        )
 
     def affordable_rounds(self) -> int:
         """The run's last round: ``federation.rounds``, or with user-level DP at a fixed z
@@ -300,9 +275,10 @@ class ServerRounds:
             log.warning("round %d: no valid update; the global adapters stay", server_round)
             return None
         step = stages.RoundInput(server_round, self.global_state, updates, list(self.partitions))
-        for stage in self.stages.round:  # observers, then the combiner
-            new_state = stage(step)
-        assert new_state is not None, "the last round stage combines the updates"
+        for stage in self.stages.round:  # observers, the combiner, the server step
+            stage(step)
+        new_state = step.aggregate
+        assert new_state is not None, "a round stage combines the updates"
         if step.audit:
             stats.audit = step.audit
         if not all(np.isfinite(v).all() for v in new_state.values()):
@@ -364,7 +340,8 @@ class ServerRounds:
             self._reject(stats, node, f"no reply within {self.cfg.federation.timeout:g} s")
 
     def _reject(self, stats: RoundStats, node: int, reason: str) -> None:
-        self._views.pop(node, None)  # its view is unknown now: the next message is fp32
+        if self.stages.downlink is not None:
+            self.stages.downlink.forget(node)  # the next message is fp32
         client_id = self.partitions.get(node, -1)
         log.warning("rejected the update of client %d (node %d): %s", client_id, node, reason)
         stats.rejected.append({"client": client_id, "node": node, "reason": reason})

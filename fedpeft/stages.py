@@ -23,10 +23,10 @@ Client stages (:class:`ClientStage`) pass an :class:`Outgoing` along, in this or
 Server stages come in two kinds. :class:`ReplyStage` acts on one decoded reply and may
 reject it with a reason (:class:`NormGate`, :class:`CentralReclip`); :class:`RoundStage`
 acts on the round's accepted updates (:class:`FloraLedger`, :class:`AuditObserver`,
-then one combiner: :class:`Aggregate` with the server step, or :class:`NoisySum`); the
-:class:`Accountant` then says the ε spent. The downlink
-(:class:`fedpeft.rounds.ServerRounds` sends each node's view, or the compressed change
-to it) is chosen by ``compression.downlink`` (:attr:`Stages.downlink_views`).
+then one combiner, :class:`Aggregate` or :class:`NoisySum`, then :class:`ServerStep`); the
+:class:`Accountant` then says the ε spent. The downlink stage :class:`DownlinkViews`
+(``compression.downlink``) turns each node's instruction into the compressed change to
+the view of the adapters it holds.
 
 Every stage names the state it keeps between rounds (``keeps``: a node-state key on a
 client, a checkpoint key on the server) and whether that state survives ``--resume``
@@ -55,6 +55,8 @@ from fedpeft.aggregation import (
 )
 from fedpeft.aggregation.base import LORA_B, Scaling
 from fedpeft.audit.membership import CanaryAudit
+from fedpeft.compression import codec
+from fedpeft.compression.compeft import ScaleRule, apply_change, downlink_change
 from fedpeft.config import Config, LoraConfig, PrivacyConfig
 from fedpeft.privacy.accounting import Entry, add_steps, epsilon, noise_multiplier
 from fedpeft.privacy.mechanisms import clip, dp_fedavg, gaussian_noise, global_norm
@@ -167,7 +169,7 @@ class Compress(ClientStage):
 
     error_feedback: bool
     keeps = nodestate.RESIDUAL
-    lost_on_resume = "error-feedback residuals and downlink views live on the nodes"
+    lost_on_resume = "error-feedback residuals live on the nodes"
 
     def resume_loss(self) -> str | None:
         return self.lost_on_resume if self.error_feedback else None
@@ -253,14 +255,16 @@ class CentralReclip(ReplyStage):
 @dataclass
 class RoundInput:
     """What a round stage sees: the round, the adapters its instructions were cut from,
-    the accepted updates (partition order) and every taking-part node; and what the
-    audit observer scored (it goes into the round's record)."""
+    the accepted updates (partition order) and every taking-part node; and what stages
+    wrote: the audit observer's scores (they go into the round's record) and the
+    aggregate (the combiner's, then the server step's: the new global adapters)."""
 
     server_round: int
     global_state: State
     updates: list[ClientUpdate]
     nodes: Sequence[int]
     audit: dict[str, dict[str, float]] = field(default_factory=dict)
+    aggregate: State | None = None
 
 
 class Tap(Protocol):
@@ -274,14 +278,14 @@ class Tap(Protocol):
 
 
 class RoundStage:
-    """A step over the round's accepted updates, in order. Observers return None; the
-    combiner (the last stage) returns the new global adapters. ``keeps``: the state it
-    owns between rounds (its key in ``checkpoint.npz`` when it is checkpointed), or None."""
+    """A step over the round's accepted updates, in order: observers read the round, the
+    combiner writes ``step.aggregate`` and the server step moves it. ``keeps``: the state
+    it owns between rounds (its key in ``checkpoint.npz`` when it is checkpointed), or None."""
 
     keeps: ClassVar[str | None] = None
     lost_on_resume: ClassVar[str | None] = None  # as for a client stage
 
-    def __call__(self, step: RoundInput) -> State | None:
+    def __call__(self, step: RoundInput) -> None:
         raise NotImplementedError
 
     def resume_loss(self) -> str | None:
@@ -289,9 +293,10 @@ class RoundStage:
 
 
 class FloraLedger(RoundStage):
-    """FLoRA (Wang et al. 2024): each round's stacked update W += η ΔW_t (η folded into B
-    for the nodes too), kept until every node has merged it into its base, and Σ of the
-    merged updates for the evaluator."""
+    """FLoRA (Wang et al. 2024): each round's stacked update W += η_s ΔW_t, kept until
+    every node has merged it into its base, and Σ of the merged updates for the
+    evaluator. The server step's η_s is folded into B here: FLoRA's update goes into the
+    frozen base, which :class:`ServerStep` never sees."""
 
     keeps = "stacks"
     lost_on_resume = "FLoRA's merged updates live on the nodes"
@@ -341,30 +346,27 @@ class AuditObserver(RoundStage):
 
 @dataclass(frozen=True)
 class Aggregate(RoundStage):
-    """The configured aggregator, then the server step of Reddi et al. (2021):
-    x ← x + η_s (aggregate − x)."""
+    """The configured aggregator (``federation.aggregator``)."""
 
     aggregator: Aggregator
     scaling: Scaling
-    server_lr: float
 
-    def __call__(self, step: RoundInput) -> State:
-        aggregate = self.aggregator.aggregate(step.global_state, step.updates, self.scaling)
-        return server_step(step.global_state, aggregate, self.server_lr)
+    def __call__(self, step: RoundInput) -> None:
+        step.aggregate = self.aggregator.aggregate(step.global_state, step.updates, self.scaling)
 
 
 class NoisySum(RoundStage):
-    """DP-FedAvg (McMahan et al. 2018, Alg. 1): x + η (Σ Δ̃_k + N(0, (zC)²)) / m over the
-    m sampled, canary clients (``privacy.canaries``) counted among them. Its noise
-    generator is checkpointed; the canaries compare against the run's first adapters."""
+    """DP-FedAvg (McMahan et al. 2018, Alg. 1): x + (Σ Δ̃_k + N(0, (zC)²)) / m over the
+    m sampled, canary clients (``privacy.canaries``) counted among them; the server step
+    then scales the step by η_s (post-processing: ε is unchanged). Its noise generator is
+    checkpointed; the canaries compare against the run's first adapters."""
 
     keeps = "noise_rng"
 
     def __init__(
-        self, priv: PrivacyConfig, noise: float, sampled: int, q: float, server_lr: float, seed: int
+        self, priv: PrivacyConfig, noise: float, sampled: int, q: float, seed: int
     ) -> None:
-        self.priv, self.noise, self.sampled, self.q = priv, noise, sampled, q
-        self.server_lr, self.seed = server_lr, seed
+        self.priv, self.noise, self.sampled, self.q, self.seed = priv, noise, sampled, q, seed
         self.rng = np.random.default_rng(priv.noise_seed)
         self.canary_audit: CanaryAudit | None = None
 
@@ -382,17 +384,28 @@ class NoisySum(RoundStage):
             return "the canary audit compares against the run's first adapters"
         return None
 
-    def __call__(self, step: RoundInput) -> State:
+    def __call__(self, step: RoundInput) -> None:
         canaries = self._canaries(step.global_state)
-        return dp_fedavg(
+        step.aggregate = dp_fedavg(
             step.global_state,
             [u.delta for u in step.updates] + canaries,
             self.priv.clip_norm,
             self.noise,
             self.sampled + len(canaries),
             self.rng,
-            self.server_lr,
         )
+
+
+@dataclass(frozen=True)
+class ServerStep(RoundStage):
+    """The server optimizer step of FedOpt with plain SGD (Reddi et al. 2021, Alg. 2):
+    x ← x + η_s (aggregate − x), whichever combiner made the aggregate."""
+
+    server_lr: float
+
+    def __call__(self, step: RoundInput) -> None:
+        assert step.aggregate is not None, "the server step follows a combiner"
+        step.aggregate = server_step(step.global_state, step.aggregate, self.server_lr)
 
 
 class Accountant:
@@ -417,6 +430,48 @@ class Accountant:
         return None
 
 
+# ---------------------------------------------------------------------- downlink
+class DownlinkViews:
+    """ComPEFT's downlink (Yadav et al. 2023): a node that holds a view of the global
+    adapters is sent only the change to them, top-k sparsified and ternarized
+    (:func:`fedpeft.compression.compeft.downlink_change`), and the server mirrors the
+    view the node then holds, bit for bit. What is not sent now stays in the next
+    change (error feedback by construction). A node without a view (its first message,
+    or after a rejected reply, when its view is unknown) gets the fp32 adapters."""
+
+    lost_on_resume: ClassVar[str] = "downlink views live on the nodes"
+
+    def __init__(self, density: float, scale: ScaleRule, alpha: float) -> None:
+        self.density, self.scale, self.alpha = density, scale, alpha
+        self.views: dict[int, State] = {}  # node id -> the adapters it holds
+        self.numbers: dict[int, int] = {}  # node id -> that view's number
+
+    def __call__(self, node: int, ins: TrainIns) -> tuple[TrainIns, State]:
+        """The instruction to send ``node`` instead of ``ins``, and the adapters the
+        node holds once it has applied it."""
+        number = self.numbers.get(node, -1) + 1
+        self.numbers[node] = number
+        if node not in self.views:
+            self.views[node] = ins.adapters
+            return dataclasses.replace(ins, view=number), ins.adapters
+        change = downlink_change(
+            ins.adapters, self.views[node], self.density, self.scale, self.alpha
+        )
+        self.views[node] = apply_change(self.views[node], change)
+        packed = codec.pack(change)
+        sent = dataclasses.replace(
+            ins, adapters={}, downlink=packed, base_view=number - 1, view=number
+        )
+        return sent, self.views[node]
+
+    def forget(self, node: int) -> None:
+        """``node``'s reply was rejected: what it holds is unknown now."""
+        self.views.pop(node, None)
+
+    def resume_loss(self) -> str:
+        return self.lost_on_resume
+
+
 @dataclass(frozen=True)
 class Stages:
     """The round's stages for one config. The server's (``reply``, ``round``, the
@@ -427,18 +482,18 @@ class Stages:
     round: Sequence[RoundStage] = ()
     accountant: Accountant | None = None
     aggregator: Aggregator | None = None  # also cuts each node's view of the adapters
-    downlink_views: bool = False  # send each node the compressed change to its view
+    downlink: DownlinkViews | None = None  # compressed changes to each node's view
 
     def resume_problem(self) -> str | None:
         """Why ``--resume`` cannot continue a run of these stages exactly: the first
         stage whose state does not survive it, or None."""
-        losses = [s.resume_loss() for s in self.client] + [s.resume_loss() for s in self.round]
-        for reason in losses:
-            if reason is not None:
-                return reason
-        if self.downlink_views:
-            return Compress.lost_on_resume
-        return None
+        downlink = [self.downlink] if self.downlink is not None else []
+        stages: list[ClientStage | RoundStage | DownlinkViews] = [
+            *self.client,
+            *self.round,
+            *downlink,
+        ]
+        return next((r for r in (s.resume_loss() for s in stages) if r is not None), None)
 
 
 def client_stages(cfg: Config) -> list[ClientStage]:
@@ -508,14 +563,17 @@ def build(
     # user-level DP replaces the aggregator by the noisy sum (config validation refuses
     # it with an aggregator other than fedit: DP-FedAvg needs one LoRA shape)
     if priv.mode == "user":
-        rounds.append(NoisySum(priv, noise, sampled, q, fed.server_lr, cfg.seed))
+        rounds.append(NoisySum(priv, noise, sampled, q, cfg.seed))
     else:
-        rounds.append(Aggregate(aggregator, scaling, fed.server_lr))
+        rounds.append(Aggregate(aggregator, scaling))
+    rounds.append(ServerStep(fed.server_lr))
     return Stages(
         clients,
         reply_stages(cfg),
         rounds,
         Accountant(priv, noise, q),
         aggregator,
-        downlink_views=comp.downlink and comp.density is not None,
+        downlink=DownlinkViews(comp.density, comp.scale, comp.alpha)
+        if comp.downlink and comp.density is not None
+        else None,
     )

@@ -30,12 +30,12 @@ def names(found: Any) -> list[str]:
 @pytest.mark.parametrize(
     ("sections", "client_stages", "reply_stages", "round_stages"),
     [
-        ({}, ["Train"], [], ["Aggregate"]),
+        ({}, ["Train"], [], ["Aggregate", "ServerStep"]),
         (
             {"privacy": {"mode": "user", "noise_multiplier": 1.0}, "compression": {"density": 0.1}},
             ["Train", "Clip", "Compress", "ReclipSent", "RedactMetrics"],
             ["CentralReclip"],
-            ["NoisySum"],
+            ["NoisySum", "ServerStep"],
         ),
         (
             {
@@ -44,13 +44,13 @@ def names(found: Any) -> list[str]:
             },
             ["LocalBudget", "Train", "Clip", "LocalNoise", "Compress", "RedactMetrics"],
             [],
-            ["Aggregate"],
+            ["Aggregate", "ServerStep"],
         ),
         (
             {"privacy": {"mode": "record", "noise_multiplier": 1.0}},
             ["DPSGD", "RedactMetrics"],
             [],
-            ["Aggregate"],
+            ["Aggregate", "ServerStep"],
         ),
         (
             {
@@ -59,7 +59,7 @@ def names(found: Any) -> list[str]:
             },
             ["Train"],
             ["NormGate"],
-            ["FloraLedger", "AuditObserver", "Aggregate"],
+            ["FloraLedger", "AuditObserver", "Aggregate", "ServerStep"],
         ),
     ],
 )
@@ -81,8 +81,30 @@ def test_the_builder_picks_the_stages_in_order(
 def test_only_downlink_compression_keeps_views_on_the_nodes() -> None:
     plain = config_from_dict(with_sections(BASE, compression={"density": 0.2}))
     views = config_from_dict(with_sections(BASE, compression={"density": 0.2, "downlink": True}))
-    assert not stages.build(plain, 4).downlink_views
-    assert stages.build(views, 4).downlink_views
+    assert stages.build(plain, 4).downlink is None
+    assert stages.build(views, 4).downlink is not None
+
+
+def test_downlink_views_send_changes_to_a_view_the_server_mirrors() -> None:
+    views = config_from_dict(with_sections(BASE, compression={"density": 0.5, "downlink": True}))
+    downlink = stages.build(views, 4).downlink
+    assert downlink is not None
+
+    def ins(value: list[float]) -> wire.TrainIns:
+        return wire.TrainIns(1, "{}", 2, {"a": np.array(value, np.float32)}, "{}", 0)
+
+    first, held = downlink(7, ins([1.0, 2.0, 3.0, 4.0]))
+    assert first.downlink is None and first.view == 0  # no view yet: fp32
+    second, held = downlink(7, ins([1.0, 2.0, 3.0, 9.0]))
+    assert second.adapters == {} and second.downlink is not None
+    assert (second.base_view, second.view) == (0, 1)
+    # the node's view moved toward the target only where the change was sent
+    assert held["a"][3] > 4.0 and np.array_equal(held["a"][:3], [1.0, 2.0, 3.0])
+    on_node = client.received_adapters(second, 0, first.adapters)
+    np.testing.assert_array_equal(on_node.adapters["a"], held["a"])  # bit for bit
+    downlink.forget(7)  # a rejected reply: the view is unknown
+    third, _ = downlink(7, ins([1.0, 2.0, 3.0, 9.0]))
+    assert third.downlink is None and third.view == 2
 
 
 def _res(update: dict[str, np.ndarray]) -> wire.TrainRes:
@@ -132,19 +154,28 @@ def test_compression_keeps_the_residual_and_the_reclip_moves_the_excess_into_it(
     np.testing.assert_allclose(total, update["a"], atol=1e-5)
 
 
-def test_the_aggregate_stage_takes_the_server_step() -> None:
-    cfg = config_from_dict(with_sections(BASE, federation={"server_lr": 0.5}))
-    built = stages.build(cfg, 2)
-    combiner = built.round[-1]
+def _one_round(server_lr: float, privacy: dict[str, Any]) -> np.ndarray:
+    sections = {"federation": {"server_lr": server_lr, "min_clients": 2}, "privacy": privacy}
+    built = stages.build(config_from_dict(with_sections(BASE, **sections)), 2)
     x = {"lora_A.weight": np.ones((2, 3), dtype=np.float32)}
     updates = [
         ClientUpdate(i, {"lora_A.weight": np.full((2, 3), d, np.float32)}, 1)
         for i, d in enumerate([1.0, 3.0])
     ]
     step = stages.RoundInput(1, x, updates, [0, 1])
-    new = combiner(step)
-    assert new is not None
-    np.testing.assert_allclose(new["lora_A.weight"], 1.0 + 0.5 * 2.0)  # x + η mean(Δ)
+    for stage in built.round:
+        stage(step)
+    assert step.aggregate is not None
+    return step.aggregate["lora_A.weight"]
+
+
+def test_the_server_step_follows_either_combiner() -> None:
+    np.testing.assert_allclose(_one_round(0.5, {}), 1.0 + 0.5 * 2.0)  # x + η mean(Δ)
+    # DP-FedAvg: the same noise (noise_seed), then the same step from x = 1
+    user = {"mode": "user", "noise_multiplier": 1.0, "clip_norm": 5.0, "noise_seed": 3}
+    full, half = _one_round(1.0, user), _one_round(0.5, user)
+    assert not np.allclose(full, 3.0)  # noised
+    np.testing.assert_allclose(half, 1.0 + 0.5 * (full - 1.0), rtol=1e-6)
 
 
 def test_the_accountant_steps_at_user_level_and_reports_clients_otherwise() -> None:
