@@ -23,6 +23,9 @@ from fedpeft.config import config_from_dict
 from tests.test_simulation import TINY
 
 pytestmark = pytest.mark.slow
+# the tests of the module's one simulation (the ``run`` fixture) share a pytest-xdist
+# worker, so that it runs once, not once per worker
+SHARES_THE_RUN = pytest.mark.xdist_group("compression-run")
 
 COMPRESSED = {
     **TINY,
@@ -79,6 +82,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"log": log, "rows": rows, "summary": summary}
 
 
+@SHARES_THE_RUN
 def test_only_the_compressed_payload_crosses_the_wire(run: dict[str, Any]) -> None:
     assert {tuple(e["records"]) for e in run["log"]} == {(wire.PACKED,)}
     for e in run["log"]:  # ternary: one magnitude per tensor, ~10% of the entries kept
@@ -89,6 +93,7 @@ def test_only_the_compressed_payload_crosses_the_wire(run: dict[str, Any]) -> No
             assert kept.size <= max(1, int(np.ceil(0.1 * value.size)))
 
 
+@SHARES_THE_RUN
 def test_error_feedback_residual_survives_between_rounds(run: dict[str, Any]) -> None:
     by_round = {(e["partition"], e["round"]): e for e in run["log"]}
     for partition in (1, 2):
@@ -99,6 +104,7 @@ def test_error_feedback_residual_survives_between_rounds(run: dict[str, Any]) ->
             assert any(np.abs(v).sum() > 0 for v in kept.values())
 
 
+@SHARES_THE_RUN
 def test_a_corrupted_update_is_rejected_and_the_round_goes_on(run: dict[str, Any]) -> None:
     rows = run["rows"]
     assert [r["rejected"] for r in (rows[0], rows[2])] == [[], []]
@@ -107,6 +113,7 @@ def test_a_corrupted_update_is_rejected_and_the_round_goes_on(run: dict[str, Any
     assert sorted(rows[1]["clients"]) == [1, 2]
 
 
+@SHARES_THE_RUN
 def test_byte_accounting_against_fp32_and_the_bound(run: dict[str, Any]) -> None:
     rows, comp = run["rows"], run["summary"]["compression"]
     sent = {(e["round"], e["partition"]): e["bytes"] for e in run["log"]}

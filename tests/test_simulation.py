@@ -28,6 +28,9 @@ from fedpeft.models import adapter_state, build_peft_model, load_base_model, loa
 from fedpeft.train import encode, evaluate
 
 pytestmark = pytest.mark.slow
+# the tests of the module's one simulation (the ``run`` fixture) share a pytest-xdist
+# worker, so that it runs once, not once per worker
+SHARES_THE_RUN = pytest.mark.xdist_group("simulation-run")
 
 TINY = {
     "seed": 3,
@@ -84,6 +87,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"cfg": cfg, "out": out / "run", "tap": _read_jsonl(tap_log), "base": out}
 
 
+@SHARES_THE_RUN
 def test_outputs_follow_the_contract(run: dict[str, Any]) -> None:
     rows = _read_jsonl(run["out"] / "metrics.jsonl")
     assert [r["round"] for r in rows] == [1, 2]
@@ -109,6 +113,7 @@ def test_outputs_follow_the_contract(run: dict[str, Any]) -> None:
     assert (run["out"] / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@SHARES_THE_RUN
 def test_only_adapter_tensors_cross_the_wire(run: dict[str, Any]) -> None:
     cfg: Config = run["cfg"]
     ds = load_dataset(cfg.data, cfg.model.task, cfg.seed)
@@ -127,6 +132,7 @@ def test_only_adapter_tensors_cross_the_wire(run: dict[str, Any]) -> None:
     assert all(e["out_arrays"] == exchanged and e["in_arrays"] == exchanged for e in train_msgs)
 
 
+@SHARES_THE_RUN
 def test_logged_bytes_equal_the_bytes_in_the_messages(run: dict[str, Any]) -> None:
     up: dict[int, int] = defaultdict(int)
     down: dict[int, int] = defaultdict(int)
@@ -145,6 +151,7 @@ def test_logged_bytes_equal_the_bytes_in_the_messages(run: dict[str, Any]) -> No
             assert 4 * n_params < e["out_bytes"] < 4 * n_params + 600 * len(e["out_arrays"]) + 1024
 
 
+@SHARES_THE_RUN
 def test_saved_adapter_reproduces_the_federated_model(run: dict[str, Any]) -> None:
     from peft import PeftModel
 
