@@ -263,11 +263,19 @@ class FleetConfig:
             ``uplink_mbps``), e.g. ``configs/devices/pi.yaml``.
         mix: profile name -> number of clients with it.
         max_rank: highest LoRA rank the planner gives any layer.
+        policy: what a device trains. ``adapt``: the plan its memory affords (its own
+            depth and ranks). ``bucket``: the plan every device of the fleet affords
+            (each layer at its smallest planned rank), so all clients share one shape.
+            ``exclude``: the ``lora`` section as it is, on the devices that afford it;
+            the others take no part. ``bucket`` and ``exclude`` are the two ways to run
+            a mixed fleet without heterogeneous adapters (the baselines of
+            ``simulations/bench_hetero.py``).
     """
 
     profiles: tuple[str, ...] = ()
     mix: dict[str, int] = field(default_factory=dict)
     max_rank: int = 16
+    policy: Literal["adapt", "bucket", "exclude"] = "adapt"
 
     def __hash__(self) -> int:  # mix is a dict; hash its canonical JSON
         return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))

@@ -142,6 +142,7 @@ def plan_clients(
             left_out[pid] = _too_small(cfg, profile)
         else:
             configured[pid] = (profile.name, plan)
+    configured = _apply_policy(cfg, shape.num_layers, configured, left_out)
     uniform = [i for i in range(n) if i not in configured and i not in left_out]
     plans = [plan for _, plan in configured.values()]
     if uniform:
@@ -156,6 +157,51 @@ def plan_clients(
         profile_names=dict(sorted({**names, **dict.fromkeys(uniform, "uniform")}.items())),
         left_out=left_out,
     )
+
+
+def _apply_policy(
+    cfg: Config,
+    num_layers: int,
+    configured: dict[int, tuple[str, AdapterPlan]],
+    left_out: dict[int, str],
+) -> dict[int, tuple[str, AdapterPlan]]:
+    """``fleet.policy`` on the planned clients: ``adapt`` keeps each plan; ``bucket``
+    gives every client the plan all of them afford; ``exclude`` gives the clients whose
+    plan holds the ``lora`` section's that section, and leaves the others out (their
+    reason goes into ``left_out``)."""
+    policy = cfg.fleet.policy
+    if policy == "adapt" or not configured:
+        return configured
+    if policy == "bucket":
+        # memory grows with depth and rank, so the smallest rank of each layer over the
+        # fleet is a plan every device affords
+        common = intersection_plan([plan for _, plan in configured.values()])
+        return {pid: (name, common) for pid, (name, _) in configured.items()}
+    reference = _plan_of_lora(cfg.lora, num_layers)
+    kept = {}
+    for pid, (name, plan) in configured.items():
+        if holds(plan, reference):
+            kept[pid] = (name, reference)
+        else:
+            left_out[pid] = (
+                f"device profile '{name}' affords ranks {plan.ranks}, less than the 'lora' "
+                f"section's {reference.ranks}, and 'fleet.policy' is 'exclude'"
+            )
+    return kept
+
+
+def holds(plan: AdapterPlan, other: AdapterPlan) -> bool:
+    """Every layer of ``plan`` has at least the rank ``other`` gives it."""
+    return all(r >= o for r, o in zip(plan.ranks, other.ranks, strict=True))
+
+
+def intersection_plan(plans: list[AdapterPlan]) -> AdapterPlan:
+    """The largest plan that every plan contains: each layer at its smallest rank."""
+    ranks = tuple(min(ranks) for ranks in zip(*(p.ranks for p in plans), strict=True))
+    adapted = [i for i, r in enumerate(ranks) if r > 0]
+    if not adapted:
+        raise ConfigError("'fleet.policy: bucket' needs a layer that every device can train.")
+    return AdapterPlan(depth=len(ranks) - adapted[0], ranks=ranks)  # down to its lowest
 
 
 def _profile_plan(cfg: Config, shape: ModelShape, profile: DeviceProfile) -> AdapterPlan | None:

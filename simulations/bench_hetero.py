@@ -11,6 +11,19 @@ profile's plan with its estimated and measured training-step memory.
         [--scaling fixed|standard|rslora] [--homogeneous fedit ...] [--no-homogeneous]
         [--seed N] [--set key=value ...]
 
+    python simulations/bench_hetero.py --baselines [--seeds 0 1 2 10 11] [--rounds 15]
+
+``--baselines`` runs the fleets a user would pick instead of heterogeneous adapters
+(``fleet.policy``), each under the default aggregator, over several seeds, and prints
+accuracy (mean of the last 3 rounds) per seed and the worst drop after round 5 below
+the best round so far (collapse or oscillation):
+
+- ``mixed``: the mixed fleet, every device at its own plan (``fleet.policy: adapt``);
+- ``bucket``: every client at the plan the weakest device affords;
+- ``exclude``: only the devices that afford r = 8 on all layers (the laptops) train;
+- ``reference``: every client at r = 8 on all layers (a fleet of capable devices);
+- ``ceiling``: every client at the laptop's plan (the strongest).
+
 ``--scaling`` is the mixed fleet's ``lora.scaling``. The homogeneous fleet has one rank
 (r = 8 = lora.r), where every rule gives the same alpha / 8; ``--homogeneous`` names the
 aggregators it runs under (default fedit, the reference). ``--set`` applies to every run,
@@ -41,6 +54,17 @@ FLEET = [
 ]
 
 
+PROFILES = FLEET[0]
+BASELINES = {
+    "mixed": FLEET,
+    "bucket": [*FLEET, "fleet.policy=bucket"],
+    "exclude": [*FLEET, "fleet.policy=exclude"],
+    "reference": [],  # mr.yaml's lora section on every client: r=8 on all layers
+    "ceiling": [PROFILES, "fleet.mix={laptop: 10}", "fleet.max_rank=16"],
+}
+STABLE_AFTER = 5  # rounds: the target's "after round 5"
+
+
 def run(name: str, overrides: list[str], out: Path) -> dict[str, float]:
     cfg = load_config(ROOT / "configs" / "mr.yaml", overrides)
     summary, rows = run_or_reuse(cfg, out / name)
@@ -49,7 +73,41 @@ def run(name: str, overrides: list[str], out: Path) -> dict[str, float]:
         "uplink": summary["uplink_bytes_total"],
         "downlink": summary["downlink_bytes_total"],
         "minutes": summary["wall_seconds"] / 60,
+        "worst_drop": worst_drop([r["accuracy"] for r in rows]),
     }
+
+
+def worst_drop(accuracy: list[float], after: int = STABLE_AFTER) -> float:
+    """The largest fall of a round after ``after`` below the best round before it."""
+    drops = [max(accuracy[:i]) - accuracy[i] for i in range(after, len(accuracy))]
+    return max([0.0, *drops])
+
+
+def baselines(args: argparse.Namespace) -> None:
+    """Every fleet of BASELINES on every seed; the table of the issue's target."""
+    out = Path(args.out)
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    for seed in args.seeds:
+        base = [f"federation.rounds={args.rounds}", f"seed={seed}", *args.set]
+        for fleet, overrides in BASELINES.items():
+            name = "homogeneous" if fleet == "reference" else fleet  # reuse earlier runs
+            results.setdefault(fleet, {})[seed] = run(
+                name, [*base, *overrides], out / f"seed{seed}"
+            )
+    extra = f", {' '.join(args.set)}" if args.set else ""
+    print(f"\n{args.rounds} rounds, 10 clients, mr, default aggregator{extra}")
+    seeds = "".join(f"{f'seed {s}':>9}" for s in args.seeds)
+    print(f"{'fleet':<11}{seeds}{'mean':>8}{'worst drop':>12}{'uplink MB':>11}{'min/run':>9}")
+    for fleet, by_seed in results.items():
+        acc = [by_seed[s]["accuracy"] for s in args.seeds]
+        cells = "".join(f"{a:>9.4f}" for a in acc)
+        drop = max(r["worst_drop"] for r in by_seed.values())
+        uplink = sum(r["uplink"] for r in by_seed.values()) / len(by_seed) / 1e6
+        minutes = sum(r["minutes"] for r in by_seed.values()) / len(by_seed)
+        print(
+            f"{fleet:<11}{cells}{sum(acc) / len(acc):>8.4f}{drop:>12.4f}"
+            f"{uplink:>11.1f}{minutes:>9.1f}"
+        )
 
 
 def main() -> None:
@@ -66,9 +124,16 @@ def main() -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override (repeatable)"
     )
+    parser.add_argument("--baselines", action="store_true", help="the fleets of BASELINES")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 10, 11])
     args = parser.parse_args()
+    if args.rounds <= STABLE_AFTER:
+        parser.error(f"--rounds should be above {STABLE_AFTER}: stability is judged after it")
     os.chdir(ROOT)
     setup_logging(verbose=False)
+    if args.baselines:
+        baselines(args)
+        return
     out = Path(args.out)
     base = [f"federation.rounds={args.rounds}", f"seed={args.seed}", *args.set]
     out = out / f"seed{args.seed}"

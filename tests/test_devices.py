@@ -267,3 +267,53 @@ def test_lora_scaling_rule_is_what_peft_applies(rule: str, expected: dict[int, f
             rank = module.r["default"]
             assert module.scaling["default"] == pytest.approx(expected[rank]), name
             assert base.scaling_for(rank) == pytest.approx(expected[rank])
+
+
+@pytest.mark.parametrize("policy", ["adapt", "bucket", "exclude"])
+def test_the_fleet_policy_decides_what_each_device_trains(tmp_path, policy: str) -> None:  # type: ignore[no-untyped-def]
+    from fedpeft.models import adapter_shapes
+    from fedpeft.planning import plan_clients
+
+    (tmp_path / "small.yaml").write_text("name: small\nmemory_mb: 5\nmax_rank: 1\n")
+    (tmp_path / "big.yaml").write_text("name: big\nmemory_mb: 64\n")
+    profiles = f"fleet.profiles=['{tmp_path / 'small.yaml'}', '{tmp_path / 'big.yaml'}']"
+    cfg = _tiny_cfg(profiles, "fleet.mix={small: 1, big: 1}", f"fleet.policy={policy}")
+    fleet = plan_clients(cfg, 2)
+    # the devices are assigned to partitions as under 'adapt' (seeded)
+    adapted = plan_clients(_tiny_cfg(profiles, "fleet.mix={small: 1, big: 1}"), 2)
+    small = next(p for p, n in adapted.profile_names.items() if n == "small")
+    big = 1 - small
+    if policy == "adapt":  # each its own: the top layer at rank 1, both layers up to 16
+        assert fleet.client_loras[small].layers_to_transform == (1,)
+        assert _top_rank(fleet.client_loras[big]) == 16
+    if policy == "bucket":  # both at what the small device affords
+        assert fleet.client_loras[small] == fleet.client_loras[big]
+        assert fleet.client_loras[big].layers_to_transform == (1,)
+        assert _top_rank(fleet.client_loras[big]) == 1
+    if policy == "exclude":  # the lora section (r=4 on both layers) where it fits
+        assert set(fleet.client_loras) == {big}
+        assert "'fleet.policy' is 'exclude'" in fleet.left_out[small]
+        shapes = adapter_shapes(cfg.model, fleet.client_loras[big], 2)
+        assert shapes == adapter_shapes(cfg.model, cfg.lora, 2)
+    else:
+        assert fleet.left_out == {}
+
+
+def test_an_excluded_device_never_trains(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from fedpeft.cli import simulate
+
+    (tmp_path / "small.yaml").write_text("name: small\nmemory_mb: 5\nmax_rank: 1\n")
+    (tmp_path / "big.yaml").write_text("name: big\nmemory_mb: 64\n")
+    profiles = f"fleet.profiles=['{tmp_path / 'small.yaml'}', '{tmp_path / 'big.yaml'}']"
+    cfg = _tiny_cfg(
+        profiles, "fleet.mix={small: 2, big: 1}", "fleet.policy=exclude",
+        "partition.num_clients=3", "federation.min_clients=1", "federation.rounds=2",
+        "train.local_steps=1", "simulation.runtime=inprocess",
+    )  # fmt: skip
+    summary = simulate(cfg, tmp_path / "out")
+    assert len(summary["left_out"]) == 2
+    (kept,) = (int(p) for p in summary["client_plans"])
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["clients"] for r in rows] == [[kept], [kept]]
