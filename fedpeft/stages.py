@@ -488,12 +488,9 @@ class Stages:
         """Why ``--resume`` cannot continue a run of these stages exactly: the first
         stage whose state does not survive it, or None."""
         downlink = [self.downlink] if self.downlink is not None else []
-        stages: list[ClientStage | RoundStage | DownlinkViews] = [
-            *self.client,
-            *self.round,
-            *downlink,
-        ]
-        return next((r for r in (s.resume_loss() for s in stages) if r is not None), None)
+        kept: list[ClientStage | RoundStage | DownlinkViews] = [*self.client, *self.round]
+        reasons = (s.resume_loss() for s in [*kept, *downlink])
+        return next((r for r in reasons if r is not None), None)
 
 
 def client_stages(cfg: Config) -> list[ClientStage]:
