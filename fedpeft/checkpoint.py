@@ -2,8 +2,9 @@
 
 After every round the server writes ``DIR/checkpoint.npz``: the round, the global
 adapters, the server's strategy state (the user-level accountant's history, the ε the
-clients reported, the central noise generator's state) and the run's initial metrics,
-with the resolved config. The file is written under a temporary name, fsynced, and
+clients reported, the central noise generator's state), the server optimizer's buffers
+(FedAvgM's velocity, FedAdam's moments) and the run's initial metrics, with the
+resolved config. The file is written under a temporary name, fsynced, and
 renamed over the previous one, so a crash mid-write leaves the previous checkpoint
 intact. Partition sampling and client seeds are functions of (seed, round), so they need
 no state.
@@ -39,18 +40,21 @@ class Checkpoint:
     global_state: State
     strategy: dict[str, Any] = field(default_factory=dict)  # JSON-able server state
     initial: dict[str, float] = field(default_factory=dict)  # round-0 metrics
+    buffers: State = field(default_factory=dict)  # the server optimizer's
 
 
 def save_checkpoint(out_dir: Path, ckpt: Checkpoint) -> None:
-    keys = sorted(ckpt.global_state)
+    keys, buffer_keys = sorted(ckpt.global_state), sorted(ckpt.buffers)
     meta = {
         "round": ckpt.round,
         "config": ckpt.config,
         "strategy": ckpt.strategy,
         "initial": ckpt.initial,
         "keys": keys,
+        "buffer_keys": buffer_keys,
     }
     arrays = {f"a{i}": ckpt.global_state[k] for i, k in enumerate(keys)}
+    arrays |= {f"b{i}": ckpt.buffers[k] for i, k in enumerate(buffer_keys)}
     arrays[_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{FILE}.", suffix=".npz")
     with os.fdopen(fd, "wb") as fh:
@@ -68,6 +72,8 @@ def load_checkpoint(out_dir: Path) -> Checkpoint:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(bytes(data[_META]).decode())
             state = {k: np.asarray(data[f"a{i}"]) for i, k in enumerate(meta["keys"])}
+            keys = meta.get("buffer_keys", [])  # none before the server optimizers
+            buffers = {k: np.asarray(data[f"b{i}"]) for i, k in enumerate(keys)}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
         raise ConfigError(f"The checkpoint '{path}' cannot be read ({err}).") from err
     return Checkpoint(
@@ -76,6 +82,7 @@ def load_checkpoint(out_dir: Path) -> Checkpoint:
         global_state=state,
         strategy=meta["strategy"],
         initial=meta["initial"],
+        buffers=buffers,
     )
 
 

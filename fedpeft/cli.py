@@ -401,9 +401,11 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     """The verbs that load a config: plan, audit, simulate."""
     cfg = load_config(args.config, args.set)
     if args.command == "plan":
-        from fedpeft.planning import format_plan, plan_fleet
+        from fedpeft.planning import format_clients, format_plan, plan_fleet
 
         print(format_plan(plan_fleet(cfg, measure=args.measure)))
+        if cfg.fleet.profiles:
+            print(format_clients(cfg))
         return 0
     if args.command == "audit":
         from fedpeft.audit.sweep import run_audit

@@ -225,7 +225,15 @@ class FederationConfig:
         min_clients: fewest clients a round may use.
         aggregator: aggregator name from :mod:`fedpeft.aggregation`.
         server_lr: server learning rate η_s (Reddi et al., 2021, "Adaptive Federated
-            Optimization"): the new global is x + η_s (aggregate − x); 1.0 is plain FedAvg.
+            Optimization"): with ``sgd`` the new global is x + η_s (aggregate − x); 1.0
+            is plain FedAvg.
+        server_optimizer: the server's step on the pseudo-gradient Δ = aggregate − x:
+            ``sgd`` (x + η_s Δ), ``momentum`` (FedAvgM: m ← β m + Δ, x + η_s m) or
+            ``adam`` (FedAdam). ``momentum``/``adam`` keep buffers per tensor, so they
+            need an aggregator whose factors keep their basis (``fedit``, ``zero_pad``).
+        server_momentum: β of ``momentum``, β₁ of ``adam``.
+        server_beta2: β₂ of ``adam``.
+        server_tau: τ of ``adam`` (the adaptivity: x + η_s m / (√v + τ)).
         server_eval: evaluate the global adapters on held-out data every round.
         eval_batch_size: batch size for evaluation.
         client_eval: also ask the sampled clients to evaluate on their own held-out split.
@@ -240,6 +248,10 @@ class FederationConfig:
     min_clients: int = 2
     aggregator: str = "fedit"
     server_lr: float = 1.0
+    server_optimizer: str = "sgd"
+    server_momentum: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
     server_eval: bool = True
     eval_batch_size: int = 64
     client_eval: bool = False
@@ -270,12 +282,18 @@ class FleetConfig:
             the others take no part. ``bucket`` and ``exclude`` are the two ways to run
             a mixed fleet without heterogeneous adapters (the baselines of
             ``simulations/bench_hetero.py``).
+        assign: which partition each device of ``mix`` gets. ``shuffled``: the mix in an
+            order drawn from the seed, independent of the data. ``skewed``: a stress
+            fleet in which capacity follows the labels: the devices weakest first (by
+            ``memory_mb``) get the partitions holding the most examples of the first
+            label, so the weak devices hold most of one class.
     """
 
     profiles: tuple[str, ...] = ()
     mix: dict[str, int] = field(default_factory=dict)
     max_rank: int = 16
     policy: Literal["adapt", "bucket", "exclude"] = "adapt"
+    assign: Literal["shuffled", "skewed"] = "shuffled"
 
     def __hash__(self) -> int:  # mix is a dict; hash its canonical JSON
         return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
@@ -719,6 +737,8 @@ def _check_train(t: TrainConfig) -> None:
 
 def _check_federation(f: FederationConfig, num_clients: int) -> None:
     from fedpeft.aggregation import AGGREGATORS
+    from fedpeft.aggregation.serveropt import MOMENTUM_AGGREGATORS
+    from fedpeft.aggregation.serveropt import OPTIMIZERS as SERVER_OPTIMIZERS
 
     _require(f.rounds >= 1, "'federation.rounds' should be at least 1.")
     _require(0.0 < f.fraction_train <= 1.0, "'federation.fraction_train' should be in (0, 1].")
@@ -731,6 +751,20 @@ def _check_federation(f: FederationConfig, num_clients: int) -> None:
         f"'federation.aggregator' should be one of {sorted(AGGREGATORS)}, got {f.aggregator!r}.",
     )
     _require(0 < f.server_lr < float("inf"), "'federation.server_lr' should be a positive number.")
+    _require(
+        f.server_optimizer in SERVER_OPTIMIZERS,
+        f"'federation.server_optimizer' should be one of {', '.join(SERVER_OPTIMIZERS)}, "
+        f"not {f.server_optimizer!r}.",
+    )
+    _require(
+        f.server_optimizer == "sgd" or f.aggregator in MOMENTUM_AGGREGATORS,
+        f"'federation.server_optimizer: {f.server_optimizer}' keeps a buffer per factor, which "
+        f"needs an aggregator that keeps the factors' basis ({', '.join(MOMENTUM_AGGREGATORS)}); "
+        f"'{f.aggregator}' re-factorizes or restarts them every round.",
+    )
+    _require(0 <= f.server_momentum < 1, "'federation.server_momentum' should be in [0, 1).")
+    _require(0 <= f.server_beta2 < 1, "'federation.server_beta2' should be in [0, 1).")
+    _require(0 < f.server_tau < float("inf"), "'federation.server_tau' should be positive.")
     _require(f.eval_batch_size >= 1, "'federation.eval_batch_size' should be at least 1.")
     _require(f.timeout > 0, "'federation.timeout' should be positive.")
     _require(
@@ -743,6 +777,10 @@ def _check_fleet(f: FleetConfig, num_clients: int) -> None:
     _require(f.max_rank >= 1, "'fleet.max_rank' should be a positive integer.")
     _require(bool(f.mix) == bool(f.profiles), "'fleet.profiles' and 'fleet.mix' go together.")
     _require(all(n >= 0 for n in f.mix.values()), "'fleet.mix' counts should be non-negative.")
+    _require(
+        f.assign == "shuffled" or bool(f.mix),
+        f"'fleet.assign: {f.assign}' assigns the devices of 'fleet.mix', which is empty.",
+    )
     if f.mix:
         _require(
             sum(f.mix.values()) == num_clients,

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fedpeft.config import DataConfig, PartitionConfig
+from fedpeft.config import Config, DataConfig, PartitionConfig
 from fedpeft.errors import DataError
 from fedpeft.instruct import Chat, alpaca_chat, classification_chat, messages_chat, with_system
 
@@ -448,6 +448,15 @@ def partition_indices(labels: list[int], cfg: PartitionConfig, seed: int) -> lis
 def _partitions(cfg: DataConfig, pcfg: PartitionConfig, task: str, seed: int) -> list[list[int]]:
     ds = load_dataset(cfg, task, seed)
     return partition_indices([r["label"] for r in ds.train], pcfg, seed)
+
+
+def partition_label_counts(cfg: Config, label: int) -> list[int]:
+    """Each partition's number of training examples of ``label`` (label id)."""
+    ds = load_dataset(cfg.data, cfg.model.task, cfg.seed)
+    if any("label" not in r for r in ds.train[:1]):
+        raise DataError("'fleet.assign: skewed' needs labelled training rows.")
+    parts = _partitions(cfg.data, cfg.partition, cfg.model.task, cfg.seed)
+    return [sum(ds.train[i]["label"] == label for i in part) for part in parts]
 
 
 def client_rows(

@@ -202,6 +202,16 @@ def assign_profiles(
     return fleet
 
 
+def skewed_assignment(fleet: list[DeviceProfile], label_counts: list[int]) -> list[DeviceProfile]:
+    """A stress fleet: client i's profile when the devices, weakest (least memory) first,
+    get the partitions in decreasing order of ``label_counts`` (each partition's examples
+    of one label), so the weak devices hold most of that label."""
+    weakest_first = sorted(fleet, key=lambda p: (p.memory_mb, p.name))
+    richest_first = sorted(range(len(label_counts)), key=lambda i: (-label_counts[i], i))
+    by_partition = dict(zip(richest_first, weakest_first, strict=True))
+    return [by_partition[i] for i in range(len(fleet))]
+
+
 LAYER_CONTAINERS = {"bert": "layer", "gpt2": "h"}
 
 

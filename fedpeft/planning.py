@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fedpeft.config import Config, ConfigError, LoraConfig
-from fedpeft.data import load_dataset
+from fedpeft.data import load_dataset, partition_label_counts
 from fedpeft.devices import (
     AdapterPlan,
     DeviceProfile,
@@ -19,6 +19,7 @@ from fedpeft.devices import (
     load_profile,
     lora_for_plan,
     plan_for_budget,
+    skewed_assignment,
     trainable_params,
     uplink_seconds,
 )
@@ -100,6 +101,29 @@ def format_plan(rows: list[PlanRow]) -> str:
             f"{r.profile.name:<10}{r.plan.depth:>6}  {ranks:<24}{r.trainable:>10,}{r.estimate_bytes / 2**20:>10.1f}"
             f"{measured}{r.round_bytes / 1e3:>10.1f}{uplink_seconds(r.profile, r.round_bytes):>9.2f}"
         )
+    return "\n".join(lines)
+
+
+def format_clients(cfg: Config) -> str:
+    """Which profile each client has under ``fleet.assign`` and what ``fleet.policy``
+    makes of it (the plan its profile affords, the fleet's common plan, or left out)."""
+    num_labels = load_dataset(cfg.data, cfg.model.task, cfg.seed).num_labels
+    fleet = plan_clients(cfg, num_labels)
+    trains = {
+        "adapt": "its profile's plan",
+        "bucket": "the common plan",
+        "exclude": "the lora section",
+    }
+    counts = partition_label_counts(cfg, label=0) if cfg.fleet.assign == "skewed" else None
+    lines = [f"fleet.assign: {cfg.fleet.assign}, fleet.policy: {cfg.fleet.policy}"]
+    for pid in range(cfg.partition.num_clients):
+        held = f" ({counts[pid]} examples of label 0)" if counts is not None else ""
+        if pid in fleet.left_out:
+            lines.append(f"client {pid}{held}: left out: {fleet.left_out[pid]}")
+        else:
+            lines.append(
+                f"client {pid}{held}: {fleet.profile_names[pid]}, trains {trains[cfg.fleet.policy]}"
+            )
     return "\n".join(lines)
 
 
@@ -231,6 +255,8 @@ def _configured_plans(cfg: Config, shape: ModelShape) -> dict[int, tuple[str, Ad
             raise ConfigError(_too_small(cfg, profile))
         by_name[name] = plan
     fleet = assign_profiles(profiles, cfg.fleet.mix, cfg.seed)
+    if cfg.fleet.assign == "skewed":
+        fleet = skewed_assignment(fleet, partition_label_counts(cfg, label=0))
     return {i: (p.name, by_name[p.name]) for i, p in enumerate(fleet)}
 
 

@@ -130,6 +130,9 @@ class ServerRounds:
         self.ledger = _stage(self.stages.round, stages.FloraLedger)
         self.observer = _stage(self.stages.round, stages.AuditObserver)
         self.noisy_sum = _stage(self.stages.round, stages.NoisySum)
+        server_step = _stage(self.stages.round, stages.ServerStep)
+        assert server_step is not None, "every round ends with the server step"
+        self.optimizer = server_step.optimizer
         self.stats: dict[int, RoundStats] = {}
         self.global_state: State = {}  # the adapters this round's instructions were cut from
         self.sent: dict[int, State] = {}  # node id -> the adapters it holds this round
@@ -254,13 +257,20 @@ class ServerRounds:
             state["noise_rng"] = self.noisy_sum.rng.bit_generator.state
         return state
 
-    def restore_state(self, state: dict[str, Any], completed_rounds: int) -> None:
+    def buffers(self) -> State:
+        """The server optimizer's buffers (arrays; empty for FedAvg's SGD step)."""
+        return self.optimizer.state()
+
+    def restore_state(
+        self, state: dict[str, Any], completed_rounds: int, buffers: State | None = None
+    ) -> None:
         self.accountant.history = from_lists(**state["history"])
         self.accountant.client_epsilon = {
             int(k): float(v) for k, v in state["client_epsilon"].items()
         }
         if self.noisy_sum is not None:
             self.noisy_sum.rng.bit_generator.state = state["noise_rng"]
+        self.optimizer.load(buffers or {})
         self.round_offset = completed_rounds
 
     # ------------------------------------------------------------------ train

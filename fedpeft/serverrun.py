@@ -179,7 +179,12 @@ class RoundRecorder:
         self._log_samples(server_round)
         save_adapter(self._exported(), self.run_log.out_dir / "adapter")
         checkpoint = Checkpoint(
-            server_round, self.cfg.to_dict(), state, self.rounds.export_state(), self.initial
+            server_round,
+            self.cfg.to_dict(),
+            state,
+            self.rounds.export_state(),
+            self.initial,
+            self.rounds.buffers(),
         )
         save_checkpoint(self.run_log.out_dir, checkpoint)
         log.info(
@@ -276,7 +281,7 @@ class ServerRun:
         recorder = RoundRecorder(cfg, rounds, run_log, model, test)
         start = adapter_state(model)
         if ckpt is not None:
-            rounds.restore_state(ckpt.strategy, ckpt.round)
+            rounds.restore_state(ckpt.strategy, ckpt.round, ckpt.buffers)
             recorder.initial, start = ckpt.initial, ckpt.global_state
         last = rounds.affordable_rounds()
         if last <= rounds.round_offset:

@@ -51,13 +51,13 @@ from fedpeft.aggregation import (
     MergesIntoBase,
     get_aggregator,
     merge_stacks,
-    server_step,
 )
 from fedpeft.aggregation.base import LORA_B, Scaling
+from fedpeft.aggregation.serveropt import ServerOptimizer
 from fedpeft.audit.membership import CanaryAudit
 from fedpeft.compression import codec
 from fedpeft.compression.compeft import ScaleRule, apply_change, downlink_change
-from fedpeft.config import Config, LoraConfig, PrivacyConfig
+from fedpeft.config import Config, FederationConfig, LoraConfig, PrivacyConfig
 from fedpeft.privacy.accounting import Entry, add_steps, epsilon, noise_multiplier
 from fedpeft.privacy.mechanisms import clip, dp_fedavg, gaussian_noise, global_norm
 from fedpeft.train import Encoded
@@ -396,16 +396,19 @@ class NoisySum(RoundStage):
         )
 
 
-@dataclass(frozen=True)
 class ServerStep(RoundStage):
-    """The server optimizer step of FedOpt with plain SGD (Reddi et al. 2021, Alg. 2):
-    x ← x + η_s (aggregate − x), whichever combiner made the aggregate."""
+    """The server optimizer's step on the pseudo-gradient aggregate − x, whichever
+    combiner made the aggregate (:mod:`fedpeft.aggregation.serveropt`: FedAvg's
+    x + η_s Δ, FedAvgM, FedAdam). ``keeps``: the momentum buffers, in the checkpoint."""
 
-    server_lr: float
+    keeps = "server_optimizer"
+
+    def __init__(self, optimizer: ServerOptimizer) -> None:
+        self.optimizer = optimizer
 
     def __call__(self, step: RoundInput) -> None:
         assert step.aggregate is not None, "the server step follows a combiner"
-        step.aggregate = server_step(step.global_state, step.aggregate, self.server_lr)
+        step.aggregate = self.optimizer.step(step.global_state, step.aggregate)
 
 
 class Accountant:
@@ -538,6 +541,13 @@ def user_noise(cfg: Config, num_nodes: int) -> float:
 _noise = functools.lru_cache(maxsize=8)(noise_multiplier)
 
 
+def server_optimizer(fed: FederationConfig) -> ServerOptimizer:
+    """``federation.server_optimizer`` with its learning rate and moments."""
+    return ServerOptimizer(
+        fed.server_optimizer, fed.server_lr, fed.server_momentum, fed.server_beta2, fed.server_tau
+    )
+
+
 def build(
     cfg: Config, num_nodes: int = 0, client_loras: dict[int, LoraConfig] | None = None
 ) -> Stages:
@@ -563,7 +573,7 @@ def build(
         rounds.append(NoisySum(priv, noise, sampled, q, cfg.seed))
     else:
         rounds.append(Aggregate(aggregator, scaling))
-    rounds.append(ServerStep(fed.server_lr))
+    rounds.append(ServerStep(server_optimizer(fed)))
     return Stages(
         clients,
         reply_stages(cfg),

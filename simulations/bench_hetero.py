@@ -12,6 +12,7 @@ profile's plan with its estimated and measured training-step memory.
         [--seed N] [--set key=value ...]
 
     python simulations/bench_hetero.py --baselines [--seeds 0 1 2 10 11] [--rounds 15]
+        [--fleets mixed bucket ...] [--set federation.server_optimizer=momentum ...]
 
 ``--baselines`` runs the fleets a user would pick instead of heterogeneous adapters
 (``fleet.policy``), each under the default aggregator, over several seeds, and prints
@@ -22,7 +23,10 @@ the best round so far (collapse or oscillation):
 - ``bucket``: every client at the plan the weakest device affords;
 - ``exclude``: only the devices that afford r = 8 on all layers (the laptops) train;
 - ``reference``: every client at r = 8 on all layers (a fleet of capable devices);
-- ``ceiling``: every client at the laptop's plan (the strongest).
+- ``ceiling``: every client at the laptop's plan (the strongest);
+- ``mixed-stress``, ``bucket-stress``, ``exclude-stress``: the same devices with
+  capacity tied to the labels (``fleet.assign: skewed``: the weakest devices hold the
+  partitions with the most examples of label 0), reported separately.
 
 ``--scaling`` is the mixed fleet's ``lora.scaling``. The homogeneous fleet has one rank
 (r = 8 = lora.r), where every rule gives the same alpha / 8; ``--homogeneous`` names the
@@ -62,6 +66,12 @@ BASELINES = {
     "reference": [],  # mr.yaml's lora section on every client: r=8 on all layers
     "ceiling": [PROFILES, "fleet.mix={laptop: 10}", "fleet.max_rank=16"],
 }
+# the stress fleet: the same devices, the weakest given the partitions that hold the most
+# of one label (fleet.assign: skewed); the reference and ceiling fleets have one profile
+STRESS = {
+    f"{name}-stress": [*BASELINES[name], "fleet.assign=skewed"]
+    for name in ("mixed", "bucket", "exclude")
+}
 STABLE_AFTER = 5  # rounds: the target's "after round 5"
 
 
@@ -84,18 +94,20 @@ def worst_drop(accuracy: list[float], after: int = STABLE_AFTER) -> float:
 
 
 def baselines(args: argparse.Namespace) -> None:
-    """Every fleet of BASELINES on every seed; the table of the issue's target."""
+    """The fleets asked for (``--fleets``: of BASELINES and STRESS) on every seed; the
+    table of the issue's target."""
     out = Path(args.out)
+    fleets = {**BASELINES, **STRESS}
     results: dict[str, dict[int, dict[str, float]]] = {}
     for seed in args.seeds:
         base = [f"federation.rounds={args.rounds}", f"seed={seed}", *args.set]
-        for fleet, overrides in BASELINES.items():
+        for fleet in args.fleets:
             name = "homogeneous" if fleet == "reference" else fleet  # reuse earlier runs
             results.setdefault(fleet, {})[seed] = run(
-                name, [*base, *overrides], out / f"seed{seed}"
+                name, [*base, *fleets[fleet]], out / f"seed{seed}"
             )
     extra = f", {' '.join(args.set)}" if args.set else ""
-    print(f"\n{args.rounds} rounds, 10 clients, mr, default aggregator{extra}")
+    print(f"\n{args.rounds} rounds, 10 clients, mr, {aggregator(args.set)}{extra}")
     seeds = "".join(f"{f'seed {s}':>9}" for s in args.seeds)
     print(f"{'fleet':<11}{seeds}{'mean':>8}{'worst drop':>12}{'uplink MB':>11}{'min/run':>9}")
     for fleet, by_seed in results.items():
@@ -108,6 +120,12 @@ def baselines(args: argparse.Namespace) -> None:
             f"{fleet:<11}{cells}{sum(acc) / len(acc):>8.4f}{drop:>12.4f}"
             f"{uplink:>11.1f}{minutes:>9.1f}"
         )
+
+
+def aggregator(overrides: list[str]) -> str:
+    """The aggregator and server optimizer the runs use, as the table's caption says."""
+    fed = load_config(ROOT / "configs" / "mr.yaml", overrides).federation
+    return f"{fed.aggregator}, server optimizer {fed.server_optimizer}"
 
 
 def main() -> None:
@@ -126,6 +144,10 @@ def main() -> None:
     )
     parser.add_argument("--baselines", action="store_true", help="the fleets of BASELINES")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 10, 11])
+    parser.add_argument(
+        "--fleets", nargs="+", default=[*BASELINES, *STRESS], choices=[*BASELINES, *STRESS],
+        help="with --baselines: which fleets (default all, the stress fleets last)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.baselines and args.rounds <= STABLE_AFTER:
         parser.error(f"--rounds should be above {STABLE_AFTER}: stability is judged after it")

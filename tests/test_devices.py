@@ -317,3 +317,41 @@ def test_an_excluded_device_never_trains(tmp_path) -> None:  # type: ignore[no-u
     (kept,) = (int(p) for p in summary["client_plans"])
     rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["clients"] for r in rows] == [[kept], [kept]]
+
+
+def test_the_skewed_assignment_gives_the_weakest_devices_the_most_of_one_label() -> None:
+    from fedpeft.devices import DeviceProfile, skewed_assignment
+
+    weak, mid, strong = (
+        DeviceProfile(n, m) for n, m in (("weak", 50), ("mid", 100), ("strong", 400))
+    )
+    fleet = skewed_assignment([strong, weak, mid, strong], label_counts=[5, 90, 0, 40])
+    assert [p.name for p in fleet] == ["strong", "weak", "strong", "mid"]
+
+
+@pytest.mark.parametrize("assign", ["shuffled", "skewed"])
+def test_fleet_assign_ties_capacity_to_labels_only_when_asked(tmp_path, assign: str) -> None:  # type: ignore[no-untyped-def]
+    from fedpeft.data import partition_label_counts
+    from fedpeft.planning import format_clients, plan_clients
+
+    (tmp_path / "small.yaml").write_text("name: small\nmemory_mb: 5\nmax_rank: 1\n")
+    (tmp_path / "big.yaml").write_text("name: big\nmemory_mb: 64\n")
+    profiles = f"fleet.profiles=['{tmp_path / 'small.yaml'}', '{tmp_path / 'big.yaml'}']"
+    skew = ["partition.num_clients=4", "partition.scheme=dirichlet", "partition.alpha=0.3"]
+    cfg = _tiny_cfg(profiles, "fleet.mix={small: 2, big: 2}", f"fleet.assign={assign}", *skew)
+    names = plan_clients(cfg, cfg.data.synthetic_classes).profile_names
+    counts = partition_label_counts(cfg, label=0)
+    small = sorted(counts[p] for p, n in names.items() if n == "small")
+    big = sorted(counts[p] for p, n in names.items() if n == "big")
+    if assign == "skewed":
+        assert min(small) >= max(big) and sum(small) > sum(big)
+        assert "examples of label 0): small" in format_clients(cfg)
+    else:  # this seed's shuffle happens not to follow the labels
+        assert sorted(small + big)[-2:] != small
+
+
+def test_a_skewed_assignment_without_a_mix_is_one_sentence() -> None:
+    from fedpeft.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"assigns the devices of 'fleet\.mix', which is empty"):
+        _tiny_cfg("fleet.assign=skewed")

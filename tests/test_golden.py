@@ -108,6 +108,15 @@ RUNS: dict[str, dict[str, Any]] = {
         federation={"rounds": 3, "min_clients": 3, "aggregator": "median", "max_update_norm": 1e4},
     ),
     "resume": with_sections(BASE, federation={"rounds": 3, "fraction_train": 0.67}),
+    "fedavgm": with_sections(
+        BASE,
+        federation={
+            "rounds": 3,
+            "server_optimizer": "momentum",
+            "server_lr": 0.5,
+            "server_momentum": 0.5,
+        },
+    ),
     "instruction_llama": LLAMA,
 }
 

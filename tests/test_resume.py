@@ -27,14 +27,22 @@ def _rows(out: Path) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(tmp_path: Path) -> None:
-    simulate(config_from_dict(BASE), tmp_path / "whole")
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])  # adam: buffers m and v to carry
+def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(
+    tmp_path: Path, optimizer: str
+) -> None:
+    base = {**BASE, "federation": {**BASE["federation"], "server_optimizer": optimizer}}
+    if optimizer == "adam":
+        base["federation"]["server_lr"] = 0.01
+    simulate(config_from_dict(base), tmp_path / "whole")
     # "killed" after round 2: the same config with 2 rounds, then resumed to 3
-    two = {**BASE, "federation": {**BASE["federation"], "rounds": 2}}
+    two = {**base, "federation": {**base["federation"], "rounds": 2}}
     simulate(config_from_dict(two), tmp_path / "split")
     with (tmp_path / "split" / "metrics.jsonl").open("a") as fh:  # a half-logged round 3
         fh.write(json.dumps({"round": 3, "accuracy": 0.0}) + "\n")
-    summary = simulate(config_from_dict(BASE), tmp_path / "split", resume=True)
+    if optimizer == "adam":
+        assert {k[:2] for k in load_checkpoint(tmp_path / "split").buffers} == {"m/", "v/"}
+    summary = simulate(config_from_dict(base), tmp_path / "split", resume=True)
     assert _rows(tmp_path / "split") == _rows(tmp_path / "whole")
     whole = json.loads((tmp_path / "whole" / "summary.json").read_text())
     assert summary["final"] == whole["final"] and summary["rounds"] == 3
