@@ -230,7 +230,7 @@ class FederationConfig:
         server_optimizer: the server's step on the pseudo-gradient Δ = aggregate − x:
             ``sgd`` (x + η_s Δ), ``momentum`` (FedAvgM: m ← β m + Δ, x + η_s m) or
             ``adam`` (FedAdam). ``momentum``/``adam`` keep buffers per tensor, so they
-            need an aggregator whose factors keep their basis (``fedit``, ``zero_pad``).
+            need an aggregator whose factors keep their basis (``fedit``, ``zero_pad``, ``rbla``).
         server_momentum: β of ``momentum``, β₁ of ``adam``.
         server_beta2: β₂ of ``adam``.
         server_tau: τ of ``adam`` (the adaptivity: x + η_s m / (√v + τ)).

@@ -165,6 +165,56 @@ def test_zero_pad_golden() -> None:
     np.testing.assert_allclose(new["m.lora_B.weight"].ravel(), [3.0, 3.0])
 
 
+def test_rbla_averages_each_component_over_its_owners() -> None:
+    glob = {
+        "m.lora_A.weight": np.zeros((2, 1), np.float32),
+        "m.lora_B.weight": np.zeros((1, 2), np.float32),
+        "head": np.zeros(1, np.float32),
+    }
+    small = {
+        "m.lora_A.weight": np.array([[2.0]], np.float32),
+        "m.lora_B.weight": np.array([[4.0]], np.float32),
+        "head": np.array([1.0], np.float32),
+    }
+    big = {
+        "m.lora_A.weight": np.array([[1.0], [3.0]], np.float32),
+        "m.lora_B.weight": np.array([[2.0, 6.0]], np.float32),
+        "head": np.array([4.0], np.float32),
+    }
+    rbla = AGGREGATORS["rbla"]
+    ups = [
+        _update(0, 1.0, rbla.cut(glob, {k: v.shape for k, v in small.items()}, SCALE), small),
+        _update(1, 3.0, glob, big),
+    ]
+    new = rbla.aggregate(glob, ups, SCALE)
+    # component 0: (1·2 + 3·1) / 4 and (1·4 + 3·2) / 4; component 1 only the big client's
+    # (FedIT would give it 3·3 / 4 and 3·6 / 4); the head over both
+    np.testing.assert_allclose(new["m.lora_A.weight"].ravel(), [1.25, 3.0])
+    np.testing.assert_allclose(new["m.lora_B.weight"].ravel(), [2.5, 6.0])
+    np.testing.assert_allclose(new["head"], [3.25])
+    fedit = AGGREGATORS["fedit"].aggregate(glob, ups, SCALE)
+    np.testing.assert_allclose(fedit["m.lora_A.weight"].ravel(), [1.25, 2.25])
+
+
+def test_rbla_is_fedit_at_equal_ranks_and_keeps_what_nobody_trained() -> None:
+    rng = np.random.default_rng(0)
+    glob = {
+        "a.lora_A.weight": rng.normal(size=(3, 4)).astype(np.float32),
+        "b.lora_A.weight": np.ones((3, 4), np.float32),
+    }
+    ups = [
+        _update(
+            k, float(k + 1), glob, {"a.lora_A.weight": rng.normal(size=(3, 4)).astype(np.float32)}
+        )
+        for k in range(3)
+    ]
+    new = AGGREGATORS["rbla"].aggregate(glob, ups, SCALE)
+    np.testing.assert_allclose(
+        new["a.lora_A.weight"], aggregate_fedit(glob, ups)["a.lora_A.weight"], rtol=1e-6
+    )
+    np.testing.assert_array_equal(new["b.lora_A.weight"], glob["b.lora_A.weight"])
+
+
 def _rank_r_global(rng: np.random.Generator, rank: int) -> dict[str, np.ndarray]:
     """A non-zero global adapter in FlexLoRA's SVD form (as after any aggregation)."""
     flex = AGGREGATORS["flexlora"]

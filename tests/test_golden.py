@@ -85,6 +85,7 @@ RUNS: dict[str, dict[str, Any]] = {
     "fedit": with_sections(BASE, federation={"client_eval": True}),
     "flexlora_fleet": with_sections(BASE, federation={"aggregator": "flexlora"}, fleet=FLEET),
     "zero_pad_fleet": with_sections(BASE, federation={"aggregator": "zero_pad"}, fleet=FLEET),
+    "rbla_fleet": with_sections(BASE, federation={"aggregator": "rbla"}, fleet=FLEET),
     "flora_fleet": with_sections(
         BASE, federation={"aggregator": "flora", "rounds": 3, "client_eval": True}, fleet=FLEET
     ),

@@ -8,6 +8,7 @@ round's updates (:class:`~fedpeft.aggregation.base.Aggregator`). Build by name f
 - ``flora``: FLoRA, the stacked exact product merged into every client's base weights
   (exact; the stack grows with the clients); it also implements :class:`MergesIntoBase`.
 - ``zero_pad``: HetLoRA, zero-padded factor averaging (baseline, inexact).
+- ``rbla``: RBLA, each rank component averaged over the clients that own it (inexact).
 - ``fedit``: FedAvg of the factors (baseline, inexact for the product).
 - ``median``, ``trimmed_mean``: coordinate-wise median / 20%-trimmed mean of the exact
   product changes, for fleets with untrusted clients (unweighted).
@@ -19,12 +20,14 @@ from fedpeft.aggregation.base import Aggregator, ClientUpdate, MergesIntoBase, S
 from fedpeft.aggregation.fedit import FedIT, aggregate_fedit
 from fedpeft.aggregation.flexlora import FlexLoRA
 from fedpeft.aggregation.flora import FLoRA, merge_stacks
+from fedpeft.aggregation.rbla import RBLA
 from fedpeft.aggregation.robust import RobustProduct, coordinate_median, trimmed_mean
 from fedpeft.aggregation.zero_pad import ZeroPad
 
 AGGREGATORS: dict[str, Aggregator] = {
     "fedit": FedIT(),
     "zero_pad": ZeroPad(),
+    "rbla": RBLA(),
     "flexlora": FlexLoRA(),
     "flora": FLoRA(),
     "median": RobustProduct(coordinate_median),

@@ -16,7 +16,8 @@ and grows once η h > 2, while heavy ball contracts by √β for every h in
 [(1 − √β)² / η, (1 + √β)² / η] (Polyak, 1964); η = β = 0.5 covers h from 0.17 to 5.8.
 
 The buffers are per tensor of the global adapters, so they only mean something for a
-combiner whose factors keep their basis from round to round (``fedit``, ``zero_pad``):
+combiner whose factors keep their basis from round to round (``fedit``, ``zero_pad``,
+``rbla``):
 an aggregator that re-factorizes by SVD rotates the factors each round, and FLoRA
 restarts them. :data:`MOMENTUM_AGGREGATORS` names the ones that may use a buffer.
 """
@@ -29,7 +30,7 @@ from fedpeft.aggregation.base import server_step
 from fedpeft.types import State
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
-MOMENTUM_AGGREGATORS = ("fedit", "zero_pad")
+MOMENTUM_AGGREGATORS = ("fedit", "zero_pad", "rbla")
 
 
 class ServerOptimizer:
