@@ -141,31 +141,9 @@ def test_depth_heterogeneous_round_only_touches_owned_layers() -> None:
         np.testing.assert_allclose(new["classifier.weight"], 1.0, err_msg=name)
 
 
-def test_zero_pad_golden() -> None:
-    glob = {
-        "m.lora_A.weight": np.zeros((2, 1), np.float32),
-        "m.lora_B.weight": np.zeros((1, 2), np.float32),
-    }
-    small = {
-        "m.lora_A.weight": np.array([[2.0]], np.float32),
-        "m.lora_B.weight": np.array([[4.0]], np.float32),
-    }
-    big = {
-        "m.lora_A.weight": np.array([[1.0], [3.0]], np.float32),
-        "m.lora_B.weight": np.array([[2.0, 6.0]], np.float32),
-    }
-    zp = AGGREGATORS["zero_pad"]
-    ups = [
-        _update(0, 1.0, zp.cut(glob, {k: v.shape for k, v in small.items()}, SCALE), small),
-        _update(1, 1.0, glob, big),
-    ]
-    new = zp.aggregate(glob, ups, SCALE)
-    # padded mean: A = ([2, 0] + [1, 3]) / 2, B = ([4, 0] + [2, 6]) / 2
-    np.testing.assert_allclose(new["m.lora_A.weight"].ravel(), [1.5, 1.5])
-    np.testing.assert_allclose(new["m.lora_B.weight"].ravel(), [3.0, 3.0])
-
-
-def test_rbla_averages_each_component_over_its_owners() -> None:
+def _rank_one_and_two(weights: tuple[float, float], name: str) -> tuple[dict, dict]:
+    """A rank-1 and a rank-2 client of one 1 × 1 module plus a head, from a zero global
+    adapter, aggregated by ``name``: (the global adapter, the new one)."""
     glob = {
         "m.lora_A.weight": np.zeros((2, 1), np.float32),
         "m.lora_B.weight": np.zeros((1, 2), np.float32),
@@ -181,18 +159,29 @@ def test_rbla_averages_each_component_over_its_owners() -> None:
         "m.lora_B.weight": np.array([[2.0, 6.0]], np.float32),
         "head": np.array([4.0], np.float32),
     }
-    rbla = AGGREGATORS["rbla"]
+    agg = AGGREGATORS[name]
     ups = [
-        _update(0, 1.0, rbla.cut(glob, {k: v.shape for k, v in small.items()}, SCALE), small),
-        _update(1, 3.0, glob, big),
+        _update(0, weights[0], agg.cut(glob, {k: v.shape for k, v in small.items()}, SCALE), small),
+        _update(1, weights[1], glob, big),
     ]
-    new = rbla.aggregate(glob, ups, SCALE)
+    return glob, agg.aggregate(glob, ups, SCALE)
+
+
+def test_zero_pad_golden() -> None:
+    _, new = _rank_one_and_two((1.0, 1.0), "zero_pad")
+    # padded mean: A = ([2, 0] + [1, 3]) / 2, B = ([4, 0] + [2, 6]) / 2
+    np.testing.assert_allclose(new["m.lora_A.weight"].ravel(), [1.5, 1.5])
+    np.testing.assert_allclose(new["m.lora_B.weight"].ravel(), [3.0, 3.0])
+
+
+def test_rbla_averages_each_component_over_its_owners() -> None:
+    _, new = _rank_one_and_two((1.0, 3.0), "rbla")
     # component 0: (1·2 + 3·1) / 4 and (1·4 + 3·2) / 4; component 1 only the big client's
     # (FedIT would give it 3·3 / 4 and 3·6 / 4); the head over both
     np.testing.assert_allclose(new["m.lora_A.weight"].ravel(), [1.25, 3.0])
     np.testing.assert_allclose(new["m.lora_B.weight"].ravel(), [2.5, 6.0])
     np.testing.assert_allclose(new["head"], [3.25])
-    fedit = AGGREGATORS["fedit"].aggregate(glob, ups, SCALE)
+    _, fedit = _rank_one_and_two((1.0, 3.0), "fedit")
     np.testing.assert_allclose(fedit["m.lora_A.weight"].ravel(), [1.25, 2.25])
 
 
