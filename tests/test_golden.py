@@ -7,12 +7,17 @@ process (``simulation.runtime: inprocess``, :mod:`fedpeft.loopback`), and its
 equal the recorded ones in ``tests/golden/``. ``test_inprocess_equals_ray`` shows that the
 in-process runtime is what Flower's Ray runtime computes, so the goldens stand for both.
 
-The goldens hold floats to the last bit, which depend on the CPU's kernels: on a machine
-whose torch version or CPU capability differs from the recording's, the floats are
-compared to 1e-4 instead (and the test says so). Re-record, after a change that is meant
-to change results, with::
+The goldens hold floats to the last bit, which depend on the CPU's kernels (AVX2 and
+AVX512 hosts differ in the last bits, and so, through the entropy coder, by a byte in a
+compressed payload): each run is recorded once per CPU capability, in
+``tests/golden/NAME.CAPABILITY.json``. On a machine with no recording of its own (or
+another torch version) the numbers are compared to a tolerance instead (``close``).
+Re-record, after a change that is meant to change results, with::
 
     python tests/test_golden.py --record [NAME ...]
+
+which deletes the other capabilities' recordings of those runs (stale now); on a host of
+another capability, with the code unchanged, ``--record --keep-others`` adds its own.
 """
 
 from __future__ import annotations
@@ -186,10 +191,16 @@ def run(name: str, out: Path, runtime: str = "inprocess") -> dict[str, Any]:
     return outcome(out)
 
 
+def golden_path(name: str, capability: str) -> Path:
+    return GOLDEN / f"{name}.{capability}.json"
+
+
 def recorded(name: str) -> dict[str, Any]:
-    path = GOLDEN / f"{name}.json"
-    if not path.is_file():
-        pytest.fail(f"{path} is missing: record it with `python tests/test_golden.py --record`")
+    """This CPU capability's recording of ``name``, else any other one."""
+    paths = [golden_path(name, platform()["cpu"]), *sorted(GOLDEN.glob(f"{name}.*.json"))]
+    path = next((p for p in paths if p.is_file()), None)
+    if path is None:
+        pytest.fail(f"{name} has no golden: record it with `python tests/test_golden.py --record`")
     loaded: dict[str, Any] = json.loads(path.read_text())
     return loaded
 
@@ -199,16 +210,21 @@ def assert_same(got: dict[str, Any], want: dict[str, Any]) -> None:
         assert got["rows"] == want["rows"]
         assert got["summary"] == want["summary"]
         assert got["adapters_sha256"] == want["adapters_sha256"]
-    else:  # other kernels: the same run to float tolerance
+    else:  # other kernels: the same run to a tolerance
         assert close(got["rows"], want["rows"]), (got["rows"], want["rows"])
         assert close(got["summary"], want["summary"]), (got["summary"], want["summary"])
 
 
 def close(a: Any, b: Any) -> bool:
-    """``a == b`` with floats compared to 1e-4 relative (1e-6 absolute), recursively."""
+    """``a == b`` with floats compared to 1e-3 relative (1e-6 absolute) and integers to
+    1 %, recursively: other kernels change the last float bits, and with them a
+    compressed payload's size by a byte and the ratios computed from it (counts below
+    100, such as client ids, stay exact)."""
     if isinstance(a, float) or isinstance(b, float):
         both = isinstance(a, (int, float)) and isinstance(b, (int, float))
-        return both and math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6)
+        return both and math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-6)
+    if isinstance(a, int) and isinstance(b, int):
+        return math.isclose(a, b, rel_tol=1e-2)
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):
@@ -252,7 +268,11 @@ def test_the_goldens_differ_where_their_stages_differ() -> None:
     assert len(set(digests.values())) == len(RUNS), digests
 
 
-def _record(names: list[str]) -> None:
+def _record(names: list[str], keep_others: bool) -> None:
+    """Record this CPU capability's goldens of ``names`` (default all). A change meant to
+    change results makes the other capabilities' recordings stale, so they are deleted
+    (they fall back to the tolerance until recorded there), unless ``keep_others``: the
+    code is unchanged and this only adds a capability."""
     import tempfile
 
     from fedpeft.cli import setup_logging
@@ -262,11 +282,17 @@ def _record(names: list[str]) -> None:
     for name in names or sorted(RUNS):
         with tempfile.TemporaryDirectory() as tmp:
             got = {"platform": platform(), **run(name, Path(tmp) / "run")}
-        (GOLDEN / f"{name}.json").write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
-        print(f"recorded {name}: {len(got['rows'])} rounds, {got['adapters_sha256'][:12]}")
+        path = golden_path(name, got["platform"]["cpu"])
+        path.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+        stale = [] if keep_others else [p for p in GOLDEN.glob(f"{name}.*.json") if p != path]
+        for other in stale:
+            other.unlink()
+        print(f"recorded {path.name}: {len(got['rows'])} rounds, {got['adapters_sha256'][:12]}")
+        print("".join(f"  deleted the stale {other.name}\n" for other in stale), end="")
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["--record"]:
         sys.exit(__doc__)
-    _record(sys.argv[2:])
+    keep = "--keep-others" in sys.argv
+    _record([a for a in sys.argv[2:] if a != "--keep-others"], keep_others=keep)
