@@ -12,7 +12,7 @@ profile's plan with its estimated and measured training-step memory.
         [--seed N] [--set key=value ...]
 
     python simulations/bench_hetero.py --baselines [--seeds 0 1 2 10 11] [--rounds 15]
-        [--fleets mixed bucket ...] [--set federation.server_optimizer=momentum ...]
+        [--fleets mixed bucket ...] [--task mr|llm] [--set federation.server_optimizer=momentum ...]
 
 ``--baselines`` runs the fleets a user would pick instead of heterogeneous adapters
 (``fleet.policy``), each under the default aggregator, over several seeds, and prints
@@ -27,6 +27,10 @@ the best round so far (collapse or oscillation):
 - ``mixed-stress``, ``bucket-stress``, ``exclude-stress``: the same devices with
   capacity tied to the labels (``fleet.assign: skewed``: the weakest devices hold the
   partitions with the most examples of label 0), reported separately.
+
+``--task llm`` runs the same fleets on configs/llm-mr.yaml (mr as instructions to
+SmolLM2-135M-Instruct) with the profiles of configs/devices/bench-llm/, whose memory
+budgets give the phones 3 of 30 layers and the laptops all 30 (``fedpeft plan`` shows it).
 
 ``--scaling`` is the mixed fleet's ``lora.scaling``. The homogeneous fleet has one rank
 (r = 8 = lora.r), where every rule gives the same alpha / 8; ``--homogeneous`` names the
@@ -48,42 +52,63 @@ sys.path.insert(0, str(ROOT))
 from fedpeft.cli import setup_logging  # noqa: E402
 from fedpeft.config import load_config  # noqa: E402
 from fedpeft.planning import format_plan, plan_fleet  # noqa: E402
-from simulations.common import last3_accuracy, run_or_reuse  # noqa: E402
+from simulations.common import run_or_reuse  # noqa: E402
 
-DEVICES = ROOT / "configs" / "devices" / "bench"
-FLEET = [
-    f"fleet.profiles=[{', '.join(str(DEVICES / f'{n}.yaml') for n in ('phone', 'pi', 'tablet', 'laptop'))}]",
-    "fleet.mix={phone: 3, pi: 3, tablet: 2, laptop: 2}",
-    "fleet.max_rank=16",
-]
-
-
-PROFILES = FLEET[0]
-BASELINES = {
-    "mixed": FLEET,
-    "bucket": [*FLEET, "fleet.policy=bucket"],
-    "exclude": [*FLEET, "fleet.policy=exclude"],
-    "reference": [],  # mr.yaml's lora section on every client: r=8 on all layers
-    "ceiling": [PROFILES, "fleet.mix={laptop: 10}", "fleet.max_rank=16"],
+# --task: the run config and the device profiles whose memory budgets fit its model
+TASKS = {
+    "mr": ("configs/mr.yaml", "configs/devices/bench"),
+    "llm": ("configs/llm-mr.yaml", "configs/devices/bench-llm"),
 }
-# the stress fleet: the same devices, the weakest given the partitions that hold the most
-# of one label (fleet.assign: skewed); the reference and ceiling fleets have one profile
-STRESS = {
-    f"{name}-stress": [*BASELINES[name], "fleet.assign=skewed"]
-    for name in ("mixed", "bucket", "exclude")
-}
+
+
+def fleet(devices: str) -> list[str]:
+    """The mixed fleet: 3 phones, 3 boards, 2 tablets, 2 laptops, ranks up to 16."""
+    names = ("phone", "pi", "tablet", "laptop")
+    return [
+        f"fleet.profiles=[{', '.join(str(ROOT / devices / f'{n}.yaml') for n in names)}]",
+        "fleet.mix={phone: 3, pi: 3, tablet: 2, laptop: 2}",
+        "fleet.max_rank=16",
+    ]
+
+
+def baseline_fleets(devices: str) -> dict[str, list[str]]:
+    """Each fleet of ``--baselines``, as overrides of the task's config."""
+    mixed = fleet(devices)
+    fleets = {
+        "mixed": mixed,
+        "bucket": [*mixed, "fleet.policy=bucket"],
+        "exclude": [*mixed, "fleet.policy=exclude"],
+        "reference": [],  # the config's lora section on every client: r=8 on all layers
+        "ceiling": [mixed[0], "fleet.mix={laptop: 10}", "fleet.max_rank=16"],
+    }
+    # the stress fleet: the same devices, the weakest given the partitions that hold the
+    # most of one label (fleet.assign: skewed); reference and ceiling have one profile
+    stress = {
+        f"{name}-stress": [*fleets[name], "fleet.assign=skewed"]
+        for name in ("mixed", "bucket", "exclude")
+    }
+    return {**fleets, **stress}
+
+
+FLEET_NAMES = [*baseline_fleets(TASKS["mr"][1])]
+FLEET = fleet(TASKS["mr"][1])
 STABLE_AFTER = 5  # rounds: the target's "after round 5"
 
 
-def run(name: str, overrides: list[str], out: Path) -> dict[str, float]:
-    cfg = load_config(ROOT / "configs" / "mr.yaml", overrides)
+def run(
+    name: str, overrides: list[str], out: Path, config: str = TASKS["mr"][0]
+) -> dict[str, float]:
+    cfg = load_config(ROOT / config, overrides)
     summary, rows = run_or_reuse(cfg, out / name)
+    # the LLM's score is the exact match of its generated label word
+    key = "accuracy" if cfg.model.task == "classification" else "exact_match"
+    score = [r[key] for r in rows]
     return {
-        "accuracy": last3_accuracy(rows),
+        "accuracy": sum(score[-3:]) / len(score[-3:]),  # as last3_accuracy
         "uplink": summary["uplink_bytes_total"],
         "downlink": summary["downlink_bytes_total"],
         "minutes": summary["wall_seconds"] / 60,
-        "worst_drop": worst_drop([r["accuracy"] for r in rows]),
+        "worst_drop": worst_drop(score),
     }
 
 
@@ -94,20 +119,22 @@ def worst_drop(accuracy: list[float], after: int = STABLE_AFTER) -> float:
 
 
 def baselines(args: argparse.Namespace) -> None:
-    """The fleets asked for (``--fleets``: of BASELINES and STRESS) on every seed; the
+    """The fleets asked for (``--fleets``: of baseline_fleets) on every seed; the
     table of the issue's target."""
     out = Path(args.out)
-    fleets = {**BASELINES, **STRESS}
+    config, devices = TASKS[args.task]
+    fleets = baseline_fleets(devices)
     results: dict[str, dict[int, dict[str, float]]] = {}
     for seed in args.seeds:
         base = [f"federation.rounds={args.rounds}", f"seed={seed}", *args.set]
         for fleet in args.fleets:
             name = "homogeneous" if fleet == "reference" else fleet  # reuse earlier runs
             results.setdefault(fleet, {})[seed] = run(
-                name, [*base, *fleets[fleet]], out / f"seed{seed}"
+                name, [*base, *fleets[fleet]], out / f"seed{seed}", config
             )
     extra = f", {' '.join(args.set)}" if args.set else ""
-    print(f"\n{args.rounds} rounds, 10 clients, mr, {aggregator(args.set)}{extra}")
+    task = "mr" if args.task == "mr" else "mr as instructions to SmolLM2-135M"
+    print(f"\n{args.rounds} rounds, 10 clients, {task}, {aggregator(config, args.set)}{extra}")
     seeds = "".join(f"{f'seed {s}':>9}" for s in args.seeds)
     print(f"{'fleet':<11}{seeds}{'mean':>8}{'worst drop':>12}{'uplink MB':>11}{'min/run':>9}")
     for fleet, by_seed in results.items():
@@ -122,9 +149,9 @@ def baselines(args: argparse.Namespace) -> None:
         )
 
 
-def aggregator(overrides: list[str]) -> str:
+def aggregator(config: str, overrides: list[str]) -> str:
     """The aggregator and server optimizer the runs use, as the table's caption says."""
-    fed = load_config(ROOT / "configs" / "mr.yaml", overrides).federation
+    fed = load_config(ROOT / config, overrides).federation
     return f"{fed.aggregator}, server optimizer {fed.server_optimizer}"
 
 
@@ -142,13 +169,19 @@ def main() -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override (repeatable)"
     )
-    parser.add_argument("--baselines", action="store_true", help="the fleets of BASELINES")
+    parser.add_argument("--baselines", action="store_true", help="the fleets a user would pick")
+    parser.add_argument(
+        "--task", default="mr", choices=[*TASKS],
+        help="with --baselines: MiniLM on mr, or mr as instructions to SmolLM2-135M",
+    )  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 10, 11])
     parser.add_argument(
-        "--fleets", nargs="+", default=[*BASELINES, *STRESS], choices=[*BASELINES, *STRESS],
+        "--fleets", nargs="+", default=FLEET_NAMES, choices=FLEET_NAMES,
         help="with --baselines: which fleets (default all, the stress fleets last)",
     )  # fmt: skip
     args = parser.parse_args()
+    if args.task != "mr" and not args.baselines:
+        parser.error("--task applies to --baselines only")
     if args.baselines and args.rounds <= STABLE_AFTER:
         parser.error(f"--rounds should be above {STABLE_AFTER}: stability is judged after it")
     os.chdir(ROOT)

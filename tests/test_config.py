@@ -29,7 +29,11 @@ def test_shipped_configs_read_files_of_the_repository(path: Path) -> None:
             assert (ROOT / name).is_file(), name
 
 
-@pytest.mark.parametrize("path", sorted(ROOT.glob("configs/devices/*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    sorted(ROOT.glob("configs/devices/**/*.yaml")),
+    ids=lambda p: str(p.relative_to(ROOT / "configs" / "devices")),
+)
 def test_shipped_device_profiles_load(path: Path) -> None:
     from fedpeft.devices import load_profile
 
