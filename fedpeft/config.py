@@ -187,6 +187,9 @@ class TrainConfig:
             the gradients (fedSGD; what the gradient-inversion audit assumes), and under
             DP-SGD it does not rescale the noise coordinate by coordinate as Adam does.
         momentum: SGD momentum (heavy ball); ``sgd`` only.
+        adam_eps: ε of AdamW's step lr · m̂ / (√v̂ + ε); ``adamw`` only. A coordinate whose
+            gradient is well below ε moves like SGD at lr / ε, in proportion to its
+            gradient, instead of by about lr whatever the gradient's size.
         logit_adjustment: τ of the logit-adjusted loss (Menon et al., 2021; FedLC, Zhang
             et al., 2022): CE(logits + τ log π_client, y), with π_client the client's label
             prior. Under label skew a client then learns features rather than its prior;
@@ -210,6 +213,7 @@ class TrainConfig:
     logit_adjustment: float = 0.0
     optimizer: str = "adamw"
     momentum: float = 0.0
+    adam_eps: float = 1e-8
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
@@ -728,6 +732,11 @@ def _check_train(t: TrainConfig) -> None:
     _require(
         t.momentum == 0 or t.optimizer == "sgd",
         "'train.momentum' applies to 'train.optimizer: sgd' only.",
+    )
+    _require(t.adam_eps > 0, "'train.adam_eps' should be positive.")
+    _require(
+        t.adam_eps == 1e-8 or t.optimizer == "adamw",
+        "'train.adam_eps' applies to 'train.optimizer: adamw' only.",
     )
     _require(
         DEVICE_CHOICE.fullmatch(t.device) is not None,

@@ -148,6 +148,8 @@ def test_config_is_hashable_and_round_trips_json() -> None:
         ({"train": {"optimizer": "adam"}}, "'train.optimizer' should be one of adamw, sgd"),
         ({"train": {"momentum": 0.9}}, "'train.momentum' applies to 'train.optimizer: sgd'"),
         ({"train": {"optimizer": "sgd", "momentum": 1.0}}, "'train.momentum' should be in"),
+        ({"train": {"adam_eps": 0}}, "'train.adam_eps' should be positive."),
+        ({"train": {"optimizer": "sgd", "adam_eps": 1e-3}}, "'train.adam_eps' applies to"),
     ],
 )
 def test_more_value_rules(raw: dict, fragment: str) -> None:

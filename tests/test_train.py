@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import pytest
 
 from fedpeft.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
 from fedpeft.data import load_dataset
@@ -38,9 +41,9 @@ def test_classification_training_changes_adapters_and_lowers_loss() -> None:
     assert evaluate(model, data, 64, tok.pad_token_id, "classification")["loss"] < loss0
 
 
-def test_one_sgd_step_is_minus_lr_times_the_gradient() -> None:
-    """train.optimizer: sgd keeps the update linear in the gradient (fedSGD), which the
-    gradient-inversion audit relies on: Δ = −lr ∇L on every trainable tensor."""
+def _one_step(cfg: TrainConfig) -> tuple[dict, dict, dict]:  # type: ignore[type-arg]
+    """The gradient of one batch of a tiny model, and its trainable tensors before and
+    after ``train_local`` takes one step of ``cfg`` on that batch."""
     import torch
 
     mc = ModelConfig(name="tiny-bert", max_length=32)
@@ -53,15 +56,47 @@ def test_one_sgd_step_is_minus_lr_times_the_gradient() -> None:
             module.p = 0.0
     model.zero_grad()
     model(**collate(data, list(range(4)), tok.pad_token_id, "classification")).loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    cfg = TrainConfig(local_steps=1, batch_size=4, lr=0.1, optimizer="sgd")
-    train_local(model, data, cfg, tok.pad_token_id, "classification", 0)
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            expected = before[name] - 0.1 * grads[name]
-            # atol: the step sums the batch in its own order (Adam would be off by ~lr = 0.1)
-            torch.testing.assert_close(p.detach(), expected, rtol=1e-4, atol=5e-5)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: p.grad.detach().clone() for n, p in trainable.items()}  # type: ignore[union-attr]
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    train_local(
+        model,
+        data,
+        dataclasses.replace(cfg, local_steps=1, batch_size=4),
+        tok.pad_token_id,
+        "classification",
+        0,
+    )
+    return grads, before, {n: p.detach().clone() for n, p in trainable.items()}
+
+
+def test_one_sgd_step_is_minus_lr_times_the_gradient() -> None:
+    """train.optimizer: sgd keeps the update linear in the gradient (fedSGD), which the
+    gradient-inversion audit relies on: Δ = −lr ∇L on every trainable tensor."""
+    import torch
+
+    grads, before, after = _one_step(TrainConfig(lr=0.1, optimizer="sgd"))
+    for name, g in grads.items():
+        # atol: the step sums the batch in its own order (Adam would be off by ~lr = 0.1)
+        torch.testing.assert_close(after[name], before[name] - 0.1 * g, rtol=1e-4, atol=5e-5)
+
+
+@pytest.mark.parametrize("eps", [1e-8, 1e-3])
+def test_adam_eps_sets_where_a_step_turns_proportional_to_the_gradient(eps: float) -> None:
+    """AdamW's first step is −lr g / (|g| + ε) per coordinate (bias-corrected m̂ = g,
+    v̂ = g²): about lr whatever the gradient's size at the default ε, and lr g / ε, in
+    proportion to it, where |g| ≪ ε (train.adam_eps)."""
+    import torch
+
+    grads, before, after = _one_step(TrainConfig(lr=0.01, adam_eps=eps))
+    g = torch.cat([t.flatten() for t in grads.values()])
+    step = torch.cat([(after[n] - before[n]).flatten() for n in grads])
+    torch.testing.assert_close(step, -0.01 * g / (g.abs() + eps), rtol=1e-3, atol=1e-7)
+    small = (g.abs() > 0) & (g.abs() < eps / 100)
+    if eps == 1e-8:  # sign-like: every coordinate with a gradient moves by about lr
+        assert torch.all(step[g.abs() > 1e-6].abs() > 0.009)
+    else:  # the small gradients move about 100 times less than lr, or less
+        assert small.sum() > 100 and torch.all(step[small].abs() < 0.01 / 100)
 
 
 def test_causal_lm_reports_perplexity() -> None:
