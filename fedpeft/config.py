@@ -735,7 +735,7 @@ def _check_train(t: TrainConfig) -> None:
     )
     _require(t.adam_eps > 0, "'train.adam_eps' should be positive.")
     _require(
-        t.adam_eps == 1e-8 or t.optimizer == "adamw",
+        t.adam_eps == TrainConfig.adam_eps or t.optimizer == "adamw",  # the default: torch's
         "'train.adam_eps' applies to 'train.optimizer: adamw' only.",
     )
     _require(
