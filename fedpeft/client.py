@@ -210,10 +210,8 @@ def _train_dp(
         if after > priv.epsilon * (1 + 1e-3):  # Opacus's search for z stops within 0.01 of ε
             raise BudgetSpent(f"another round would spend ε = {after:.3g} > {priv.epsilon:g}")
     return train_local_dp(
-        model, data, steps=train.local_steps, batch_size=train.batch_size, lr=train.lr,
-        noise_multiplier=z, clip_norm=priv.clip_norm, pad_id=pad_id, task=cfg.model.task,
-        seed=seed, history=history, accountant=priv.accountant, weight_decay=train.weight_decay,
-        optimizer=train.optimizer, momentum=train.momentum,
+        model, data, train, noise_multiplier=z, clip_norm=priv.clip_norm, pad_id=pad_id,
+        task=cfg.model.task, seed=seed, history=history, accountant=priv.accountant,
     )  # fmt: skip
 
 

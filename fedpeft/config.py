@@ -187,9 +187,10 @@ class TrainConfig:
             the gradients (fedSGD; what the gradient-inversion audit assumes), and under
             DP-SGD it does not rescale the noise coordinate by coordinate as Adam does.
         momentum: SGD momentum (heavy ball); ``sgd`` only.
-        adam_eps: ε of AdamW's step lr · m̂ / (√v̂ + ε); ``adamw`` only. A coordinate whose
-            gradient is well below ε moves like SGD at lr / ε, in proportion to its
-            gradient, instead of by about lr whatever the gradient's size.
+        adam_eps: ε of AdamW's step lr · m̂ / (√v̂ + ε). A coordinate whose gradient is
+            well below ε moves like SGD at lr / ε, in proportion to its gradient, instead of
+            by about lr whatever the gradient's size. ``sgd`` ignores it, so a recipe that
+            sets it switches optimizer with one override.
         logit_adjustment: τ of the logit-adjusted loss (Menon et al., 2021; FedLC, Zhang
             et al., 2022): CE(logits + τ log π_client, y), with π_client the client's label
             prior. Under label skew a client then learns features rather than its prior;
@@ -734,10 +735,6 @@ def _check_train(t: TrainConfig) -> None:
         "'train.momentum' applies to 'train.optimizer: sgd' only.",
     )
     _require(t.adam_eps > 0, "'train.adam_eps' should be positive.")
-    _require(
-        t.adam_eps == TrainConfig.adam_eps or t.optimizer == "adamw",  # the default: torch's
-        "'train.adam_eps' applies to 'train.optimizer: adamw' only.",
-    )
     _require(
         DEVICE_CHOICE.fullmatch(t.device) is not None,
         f"'train.device' should be auto, cpu, cuda, cuda:N or mps, got {t.device!r}.",

@@ -11,6 +11,7 @@ bytes to DIR/accuracy_vs_uplink-SCALE.png.
 
     python simulations/bench_compression.py [--rounds 15] [--densities 0.2 0.1 0.05 0.01]
         [--no-feedback-runs] [--scale compeft|stc] [--seed 0] [--out outputs/bench_compression]
+        [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -112,11 +113,14 @@ def main() -> None:
     parser.add_argument("--scale", choices=["compeft", "stc"], default="compeft")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench_compression"))
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="applies to every run"
+    )
     args = parser.parse_args()
     os.chdir(ROOT)
     setup_logging(verbose=False)
     out = Path(args.out) / f"seed{args.seed}"
-    common = [f"federation.rounds={args.rounds}", f"seed={args.seed}"]
+    common = [f"federation.rounds={args.rounds}", f"seed={args.seed}", *args.set]
 
     results: dict[str, dict[str, Any]] = {}
     results["fp32"] = {**run("fp32", common, out), "density": None, "feedback": None}

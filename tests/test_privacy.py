@@ -12,7 +12,7 @@ from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
 from fedpeft.compression.codec import dense
 from fedpeft.compression.compeft import compress
-from fedpeft.config import DataConfig, LoraConfig, ModelConfig
+from fedpeft.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
 from fedpeft.data import load_dataset
 from fedpeft.models import adapter_state, build_peft_model, load_tokenizer
 from fedpeft.privacy import accounting
@@ -55,10 +55,12 @@ def test_dpsgd_trains_the_adapters_and_records_every_step(
     before = adapter_state(model)
     hooks_before = _hook_count(model)
     loss0 = evaluate(model, data, 64, tok.pad_token_id, "classification")["loss"]
+    train = TrainConfig(
+        local_steps=40, batch_size=32, lr=lr, optimizer=optimizer, momentum=momentum
+    )
     result, history = train_local_dp(
-        model, data, steps=40, batch_size=32, lr=lr, noise_multiplier=0.5, clip_norm=clip_norm,
+        model, data, train, noise_multiplier=0.5, clip_norm=clip_norm,
         pad_id=tok.pad_token_id, task="classification", seed=0, history=[],
-        optimizer=optimizer, momentum=momentum,
     )  # fmt: skip
     after = adapter_state(model)
     for part in ("lora_A", "lora_B", "classifier"):
@@ -73,10 +75,31 @@ def test_dpsgd_trains_the_adapters_and_records_every_step(
     assert _hook_count(model) == hooks_before
     # a second round composes onto the first history
     _, history = train_local_dp(
-        model, data, steps=10, batch_size=32, lr=5e-3, noise_multiplier=0.5, clip_norm=1.0,
-        pad_id=tok.pad_token_id, task="classification", seed=1, history=history,
+        model, data, TrainConfig(local_steps=10, batch_size=32, lr=5e-3), noise_multiplier=0.5,
+        clip_norm=1.0, pad_id=tok.pad_token_id, task="classification", seed=1, history=history,
     )  # fmt: skip
     assert history == [Entry(0.5, q, 50)]
+
+
+def _dp_step_size(adam_eps: float) -> float:
+    """The largest coordinate move of one noiseless DP-AdamW step from the same start."""
+    model, data, tok = _tiny()
+    before = adapter_state(model)
+    train_local_dp(
+        model, data, TrainConfig(local_steps=1, batch_size=32, lr=0.01, adam_eps=adam_eps),
+        noise_multiplier=0.0, clip_norm=1.0, pad_id=tok.pad_token_id, task="classification",
+        seed=0, history=[],
+    )  # fmt: skip
+    after = adapter_state(model)
+    return max(float(np.abs(after[k] - before[k]).max()) for k in before)
+
+
+def test_dpsgd_steps_with_the_configured_adam_eps() -> None:
+    """train.adam_eps reaches Opacus's optimizer: AdamW's first step is lr g / (|g| + ε),
+    about lr at ε = 1e-8 and at most lr · C / ε at ε = 10 (a clipped mean gradient has
+    norm at most C = 1)."""
+    assert _dp_step_size(1e-8) > 0.009
+    assert _dp_step_size(10.0) < 0.01 / 10
 
 
 def test_make_private_needs_the_model_in_training_mode() -> None:

@@ -49,23 +49,20 @@ def sample_rate(num_examples: int, batch_size: int) -> float:
 def train_local_dp(
     model: torch.nn.Module,
     data: Encoded,
+    train: TrainConfig,
     *,
-    steps: int,
-    batch_size: int,
-    lr: float,
     noise_multiplier: float,
     clip_norm: float,
     pad_id: int,
     task: str,
     seed: int | None,
     history: list[Entry],
-    weight_decay: float = 0.0,
     accountant: AccountantName = "rdp",
-    optimizer: str = "adamw",
-    momentum: float = 0.0,
 ) -> tuple[TrainResult, list[Entry]]:
-    """``steps`` DP-SGD steps (Opacus's privatized ``optimizer``: adamw or sgd) on the
-    trainable parameters; returns the result and the accountant's history after them."""
+    """``train.local_steps`` DP-SGD steps of ``train.batch_size`` expected examples with
+    Opacus's privatized ``train.optimizer`` (adamw with its ε, or sgd) on the trainable
+    parameters; returns the result and the accountant's history after them."""
+    steps, batch_size = train.local_steps, train.batch_size
     if len(data) == 0:
         raise ValueError("A client with no training examples cannot train.")
     start = time.perf_counter()
@@ -85,13 +82,9 @@ def train_local_dp(
     loader = DataLoader(_Indices(len(data)), batch_size=batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()  # before make_private: Opacus hooks only modules in training mode
-    local = TrainConfig(
-        local_steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        optimizer=optimizer, momentum=momentum,
-    )  # fmt: skip
     hooks, dp_optimizer, dp_loader = engine.make_private(
         module=model,
-        optimizer=make_optimizer(params, local),
+        optimizer=make_optimizer(params, train),
         data_loader=loader,
         noise_multiplier=noise_multiplier,
         max_grad_norm=clip_norm,
