@@ -3,7 +3,8 @@
 MiniLM on data/mr, δ = 1e-5, ε ∈ {∞, 8, 3, 1} (∞: the same recipe without DP).
 
 - Record-level DP-SGD (Opacus) on 10 clients, Dirichlet(0.5), all clients every round.
-  The non-private recipe of configs/mr.yaml stays at chance under DP-SGD (docs/architecture.md,
+  The non-private recipe of configs/mr.yaml stayed at chance under DP-SGD with the
+  model's own pooler, the file's pooling before commit 371dcf5 (docs/architecture.md,
   known traps); this one uses larger Poisson batches, fewer steps, the plain loss (the
   logit-adjusted loss reads the client's label counts) and clipping at C.
 - User-level DP-FedAvg with ``--user-clients`` clients, all sampled every round (as many
