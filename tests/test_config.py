@@ -19,7 +19,7 @@ def test_shipped_configs_load(path: Path) -> None:
 
 def test_the_mr_recipe_switches_to_sgd_with_one_override() -> None:
     """configs/mr.yaml carries AdamW's ε; SGD ignores it rather than refusing the
-    recipe (the privacy and audit comparisons switch optimizer this way)."""
+    recipe (the hetero benchmark's SGD runs switch optimizer this way)."""
     cfg = load_config(ROOT / "configs" / "mr.yaml", ["train.optimizer=sgd"])
     assert cfg.train.optimizer == "sgd" and cfg.train.adam_eps == 1e-3
 
