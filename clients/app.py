@@ -15,6 +15,9 @@ simulation Flower sets ``partition-id``. A real SuperNode declares who it is in 
 - ``speed`` (number > 0, default 1.0): compute speed relative to the reference device.
 - ``uplink-mbps`` (number > 0, default 10): uplink bandwidth in megabits per second.
 - ``max-rank`` (int >= 1): highest LoRA rank for this node (capped by ``fleet.max_rank``).
+- ``worker`` (path): the Unix socket of this node's warm worker (``fedpeft node``), which
+  trains and evaluates in its place (:mod:`fedpeft.nodelink`); this process then imports
+  neither torch nor transformers. If nothing listens there, the round runs here.
 
     flower-supernode --insecure --superlink 127.0.0.1:8000 --port 9094 \
         --node-config "partition-id=0 device='phone' memory-mb=150 speed=0.5 uplink-mbps=5 max-rank=2"
@@ -26,6 +29,7 @@ with a server-side warning that names the node and the reason.
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -35,61 +39,50 @@ from flwr.clientapp import ClientApp
 
 # Only the query is answered at module level: a deployment starts a ClientApp process
 # per message, and the query round needs none of torch, transformers and peft (about 10 s
-# of imports on a small CPU). Training and evaluation import the library when they run.
-from fedpeft import declaration, threads, wire
+# of imports on a small CPU). Training and evaluation import the library when they run,
+# and not at all when a warm worker (``fedpeft node``) serves this node.
+from fedpeft import declaration, nodelink, threads, wire
+
+log = logging.getLogger("fedpeft")
 
 
 def query(msg: Message, context: Context) -> Message:
     """Tell the server who this node is: its whole node config (partition, declared device
-    profile). The server validates it, since only it can leave a bad node out cleanly."""
-    return Message(declaration.encode_profile(dict(context.node_config)), reply_to=msg)
+    profile). The server validates it, since only it can leave a bad node out cleanly.
+    The worker's socket path is this machine's business, not the server's."""
+    declared = {k: v for k, v in context.node_config.items() if k != nodelink.WORKER_KEY}
+    return Message(declaration.encode_profile(declared), reply_to=msg)
 
 
-def _merged_base(ins: wire.TrainIns, context: Context) -> wire.State:
-    """This node's merged updates (FLoRA), kept in the node's state so that they survive
-    a new ClientApp process per message."""
-    from fedpeft import client, nodestate
-
-    merged_round, base_delta = nodestate.read_merged_base(context.state)
-    new_round, base_delta = client.merge_received(merged_round, base_delta, ins)
-    if new_round != merged_round:
-        nodestate.write_merged_base(context.state, new_round, base_delta)
-    return base_delta
-
-
-def _received(msg: Message, context: Context) -> wire.TrainIns:
-    """The message's instruction with the adapters in full (downlink compression: this
-    node's view plus the change), the new view kept in the node's state."""
-    from fedpeft import client, nodestate
-
-    ins = wire.decode_train_ins(msg.content)
-    if not client.parse_config(ins.config_json).compression.downlink:
-        return ins
-    view_number, view = nodestate.read_view(context.state)
-    ins = client.received_adapters(ins, view_number, view)
-    nodestate.write_view(context.state, ins.view, ins.adapters)
-    return ins
+def _forwarded(op: str, msg: Message, context: Context) -> Message | None:
+    """The reply of this node's warm worker (``worker=`` in the node config), or None
+    when the node has none or nothing listens at its socket (the round then runs here)."""
+    path = nodelink.worker_socket(context)
+    if path is None:
+        return None
+    try:
+        return nodelink.forward(path, op, msg, context)
+    except nodelink.NoWorker as err:
+        log.warning("%s; this round runs in the ClientApp process", err)
+        return None
 
 
 def train(msg: Message, context: Context) -> Message:
-    from fedpeft import client, nodestate, stages
+    reply = _forwarded("train", msg, context)
+    if reply is not None:
+        return reply
+    from fedpeft import handlers
 
-    ins = _received(msg, context)
-    kept = client.Kept(
-        nodestate.read_residual(context.state), nodestate.read_history(context.state)
-    )
-    res, kept = stages.client_round(ins, _merged_base(ins, context), kept)
-    nodestate.write_residual(context.state, kept.residual)
-    nodestate.write_history(context.state, kept.history)
-    return Message(wire.encode_train_res(res), reply_to=msg)
+    return Message(handlers.train(msg.content, context.state), reply_to=msg)
 
 
 def evaluate(msg: Message, context: Context) -> Message:
-    from fedpeft import client
+    reply = _forwarded("evaluate", msg, context)
+    if reply is not None:
+        return reply
+    from fedpeft import handlers
 
-    ins = _received(msg, context)
-    n, metrics = client.evaluate_round(ins, _merged_base(ins, context))
-    return Message(wire.encode_eval_res(n, metrics), reply_to=msg)
+    return Message(handlers.evaluate(msg.content, context.state), reply_to=msg)
 
 
 def ray_placement(msg: Message, context: Context, call_next: Any) -> Message:

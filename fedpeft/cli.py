@@ -5,6 +5,7 @@
     fedpeft audit CONFIG [--set key=value ...] [--out DIR]
     fedpeft credentials DIR [--nodes N] [--host NAME ...] [--force]
     fedpeft generate DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P]
+    fedpeft node --socket PATH [--node-config "k=v ..."] [--max-frame-mb N] [--release-after S]
 
 A user mistake (config, data, model) ends in one sentence on stderr and exit code 2,
 never a traceback. Ctrl-C stops a run within seconds, with exit code 130, keeping what the
@@ -278,7 +279,51 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's p")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--base", action="store_true", help="answer with the base model alone")
+    node = sub.add_parser(
+        "node", help="a warm worker beside a SuperNode: torch and the model loaded once"
+    )
+    node.add_argument(
+        "--socket", required=True, help="its Unix socket; the SuperNode's node config names it"
+    )
+    node.add_argument(
+        "--node-config",
+        help="the SuperNode's --node-config without 'worker'; messages from another are refused",
+    )
+    node.add_argument(
+        "--max-frame-mb",
+        type=float,
+        default=1024.0,
+        help="largest message accepted, MiB (default 1024)",
+    )
+    node.add_argument(
+        "--release-after",
+        type=float,
+        default=600.0,
+        help="seconds a run must be quiet before another run may use the worker (default 600)",
+    )
     return parser
+
+
+def _node(args: argparse.Namespace) -> int:
+    """``fedpeft node``: checks its arguments, then serves in the foreground."""
+    from flwr.common.config import parse_config_args
+
+    from fedpeft.node import Limits, run_worker
+
+    if args.max_frame_mb <= 0 or args.release_after < 0:
+        raise ConfigError("--max-frame-mb must be > 0 and --release-after >= 0.")
+    node_config = None
+    if args.node_config is not None:
+        try:
+            node_config = dict(parse_config_args([args.node_config]))
+        except ValueError as err:
+            raise ConfigError(
+                f"--node-config '{args.node_config}' does not parse ({err})."
+            ) from None
+        if "worker" in node_config:
+            raise ConfigError("--node-config is the SuperNode's, without its 'worker' key.")
+    limits = Limits(max_frame=int(args.max_frame_mb * (1 << 20)), release_after=args.release_after)
+    return run_worker(Path(args.socket).expanduser(), node_config, limits)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -428,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             log.info("generate %s: loading", args.dir)
             return _generate(args)
+        if args.command == "node":
+            log.info("node: loading torch, transformers and peft")
+            return _node(args)
         log.info("%s %s: loading", args.command, args.config)  # the imports take seconds
         if out is not None:
             refuse_overwrite(out, args.command, getattr(args, "resume", False), args.force)

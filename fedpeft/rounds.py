@@ -85,6 +85,8 @@ class RoundStats:
     placement: dict[int, tuple[str, str]] = field(default_factory=dict)  # client: Ray node, host
     load_seconds: list[float] = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
+    # per client: the seconds it reported, by phase (startup, load, train)
+    timing: dict[int, dict[str, float]] = field(default_factory=dict)
     _examples: int = 0
 
     def add_loss(self, loss: float, examples: int) -> None:
@@ -92,6 +94,15 @@ class RoundStats:
         total = self._examples + examples
         self.train_loss = ((self.train_loss or 0.0) * self._examples + loss * examples) / total
         self._examples = total
+
+
+def _timing(res: wire.TrainRes) -> dict[str, float]:
+    phases = {
+        "startup": res.startup_seconds,
+        "load": res.load_seconds,
+        "train": res.train_seconds,
+    }
+    return {k: round(v, 3) for k, v in phases.items() if v is not None}
 
 
 def _count_compression(
@@ -343,6 +354,7 @@ class ServerRounds:
             stats.load_seconds.append(res.load_seconds)
         if res.train_seconds is not None:
             stats.train_seconds.append(res.train_seconds)
+        stats.timing[client_id] = _timing(res)
         return ClientUpdate(client_id, res.update, res.num_examples, sent=self.sent[node])
 
     def _reject_silent(self, stats: RoundStats, replied: set[int]) -> None:

@@ -360,8 +360,7 @@ def _canary_estimate(cfg: Config, rounds: ServerRounds, spent: float) -> dict[st
 
 def _client_seconds(stats: RoundStats) -> dict[str, Any]:
     """The slowest client's process startup (0 when its process served an earlier round),
-    model-and-data-ready and training times this round (none under DP, where clients
-    report no timing)."""
+    model-and-data-ready and training times this round, and each client's own (none under DP, where clients report no timing)."""
     if not stats.train_seconds:
         return {}
     started = stats.startup_seconds
@@ -369,6 +368,7 @@ def _client_seconds(stats: RoundStats) -> dict[str, Any]:
         **({"client_startup_seconds_max": round(max(started), 3)} if started else {}),
         "client_load_seconds_max": round(max(stats.load_seconds, default=0.0), 3),
         "client_train_seconds_max": round(max(stats.train_seconds), 3),
+        "client_seconds": {str(c): t for c, t in sorted(stats.timing.items()) if t},
     }
 
 
