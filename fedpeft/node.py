@@ -74,10 +74,10 @@ def _default_handlers() -> dict[str, Handler]:
 
 
 # ------------------------------------------------------------------- the socket
-def bind_private(path: Path) -> socket.socket:
-    """A listening Unix socket at ``path``, mode 0600, in a directory only this user can
-    enter (created 0700 if missing). A stale socket left by a killed worker is replaced;
-    a live one, or anything that is not a socket, is refused (:class:`ConfigError`)."""
+def check_socket_path(path: Path) -> None:
+    """Refuse (:class:`ConfigError`, one sentence) a path a socket cannot be made private
+    at: too long, in a directory others can enter, taken by a live worker or a file.
+    Creates the directory (0700) if it is missing and removes a stale socket."""
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         raise ConfigError(
             f"The socket path '{path}' is {len(os.fsencode(path))} bytes; a Unix socket's "
@@ -86,6 +86,13 @@ def bind_private(path: Path) -> socket.socket:
     _private_directory(path.parent)
     if os.path.lexists(path):
         _remove_stale(path)
+
+
+def bind_private(path: Path) -> socket.socket:
+    """A listening Unix socket at ``path``, mode 0600, in a directory only this user can
+    enter (created 0700 if missing). A stale socket left by a killed worker is replaced;
+    a live one, or anything that is not a socket, is refused (:class:`ConfigError`)."""
+    check_socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)  # created 0600: no moment at which others may connect
     try:
@@ -282,7 +289,10 @@ def run_worker(
 ) -> int:
     """Serve at ``path`` in the foreground until SIGTERM or SIGINT; returns the exit
     code (0). The socket is removed on the way out, also after an error."""
-    worker = Worker(node_config, limits, handlers, out)  # imports torch before listening
+    check_socket_path(path)  # a mistake ends here, before seconds of imports
+    # torch is imported before the socket listens: until then a ClientApp finds no
+    # worker and runs its round itself, rather than waiting in the listen queue
+    worker = Worker(node_config, limits, handlers, out)
     listener = bind_private(path)
     inode = path.stat().st_ino
     previous = {s: signal.signal(s, _raise_shutdown) for s in (signal.SIGTERM, signal.SIGINT)}

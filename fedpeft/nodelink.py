@@ -194,8 +194,13 @@ def forward(path: Path, op: str, msg: Message, context: Context) -> Message:
             return _error(msg, f"the fedpeft node worker at '{path}' sent a bad frame: {err}")
     if not reply.header.get("ok"):
         return _error(msg, str(reply.header.get("reason", "no reason given")))
-    content = records_from_bytes(reply.parts[0], "reply")
-    new_state = records_from_bytes(reply.parts[1], "node state")
+    try:
+        if len(reply.parts) != 2:
+            raise FrameError(f"a reply has 2 parts, this one {len(reply.parts)}")
+        content = records_from_bytes(reply.parts[0], "reply")
+        new_state = records_from_bytes(reply.parts[1], "node state")
+    except FrameError as err:
+        return _error(msg, f"the fedpeft node worker at '{path}' sent a bad reply: {err}")
     context.state.clear()
     context.state.update(new_state)
     _add_timing(content, entered, float(reply.header.get("seconds", 0.0)))

@@ -1,12 +1,15 @@
-"""Helpers of the deployment tests: free ports, processes started and stopped by PID,
-the Flower processes they leave behind, and their logs."""
+"""Helpers of the deployment tests (and of ``simulations/bench_startup.py --deployment``):
+free ports, processes started and stopped by PID, the Flower processes they leave
+behind, their logs, and the ``flwr`` CLI with a private ``FLWR_HOME``."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 
 def free_ports(n: int) -> list[int]:
@@ -125,3 +129,79 @@ def tail(log_dir: Path, lines: int = 15) -> str:
         f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-lines:])
         for p in sorted(log_dir.glob("*.log"))
     )
+
+
+class FlwrCli:
+    """This environment's ``flwr`` with a private ``FLWR_HOME`` and one SuperLink
+    connection in its ``config.toml``. ``flwr run`` may exit 0 although the ServerApp
+    crashed, so :meth:`final_status` reads the run's status with ``flwr ls``."""
+
+    def __init__(
+        self,
+        home: Path,
+        connection: str,
+        address: str,
+        insecure: bool,
+        root_certificates: Path | None = None,
+    ) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        line = f'address = "{address}"' + ("\ninsecure = true" if insecure else "")
+        if root_certificates is not None:  # TLS with a private CA
+            line += f'\nroot-certificates = "{root_certificates}"'
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{connection}"\n\n[superlink.{connection}]\n{line}\n'
+        )
+        self.home = home
+        self.connection = connection
+        self.env = {
+            **os.environ,
+            # flwr, flower-superlink and flower-supernode start Flower's other commands
+            # by name: they must be this environment's
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLWR_HOME": str(home),
+        }
+
+    def __call__(self, args: list[str], timeout: float = 120) -> str:
+        proc = subprocess.run(
+            [str(BIN / "flwr"), *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    def run(self, run_config: str, *extra: str) -> int:
+        """``flwr run .`` on this connection; returns the run id."""
+        args = ["run", ".", self.connection, "--format", "json", "--run-config", run_config]
+        started = json.loads(self([*args, *extra]))
+        assert started["success"], started
+        return int(started["run-id"])
+
+    def log_tail(self, run_id: int, lines: int = 30) -> str:
+        """The end of the run's ServerApp log, for a failure message."""
+        text = self(["log", str(run_id), self.connection, "--show"])
+        return "\n".join(text.splitlines()[-lines:])
+
+    def final_status(
+        self, run_id: int, wait_s: float, written: Path | None = None
+    ) -> tuple[str, dict[str, object]]:
+        """The run's status once it has finished (or the last one seen after ``wait_s``).
+
+        Each ``flwr ls`` is a Python process that costs about 2 s of CPU, which the
+        nodes' ClientApp processes need: with ``written`` (a file the run writes as it
+        ends, e.g. its summary) the wait watches that file first and asks Flower only
+        then, and the asks are 3 s apart."""
+        deadline = time.time() + wait_s
+        while written is not None and not written.exists() and time.time() < deadline:
+            time.sleep(0.5)
+        while True:
+            listing = json.loads(
+                self(["ls", self.connection, "--run-id", str(run_id), "--format", "json"])
+            )
+            status = str(listing["runs"][0]["status"])
+            if status.startswith("finished") or time.time() > deadline:
+                return status, listing
+            time.sleep(3)

@@ -183,3 +183,24 @@ def test_the_loading_line_is_logged_before_any_work(
     assert main(["simulate", str(config), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.index("simulate") < err.index("fedpeft: Data file")
+
+
+def test_node_mistakes_are_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each before the worker's imports of torch and the model: nothing listens yet."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    private = tmp_path / "private"
+    cases = {
+        "lets other users in": ["--socket", str(shared / "node.sock")],
+        "without its 'worker' key": [
+            "--socket", str(private / "n.sock"), "--node-config", "partition-id=0 worker='x'",
+        ],
+        "must be > 0": ["--socket", str(private / "n.sock"), "--max-frame-mb", "0"],
+        "holds at most 107": ["--socket", str(private / ("x" * 120))],
+    }  # fmt: skip
+    for reason, args in cases.items():
+        assert main(["node", *args]) == 2, reason
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("fedpeft: ") and reason in err[-1], err
+    assert not (private / "n.sock").exists()
