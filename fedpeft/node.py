@@ -234,7 +234,7 @@ class Worker:
         parts = [nodelink.records_to_bytes(reply), nodelink.records_to_bytes(node_state)]
         nodelink.send_frame(conn, {"ok": True, "seconds": seconds}, parts)
         self.served += 1
-        self.status(_round_line(run_id, op, content, reply, seconds))
+        self.status(_round_line(run_id, op, content, reply, seconds) + _started(header))
 
     def _owner_refusal(self, run_id: int) -> str:
         """Why a message of ``run_id`` is refused ('' if it is not)."""
@@ -273,6 +273,20 @@ def _round_line(run_id: int, op: str, content: RecordDict, reply: RecordDict, s:
                 value = metrics[key]
                 shown.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
     return f"run {run_id} round {round_number} {op}: {', '.join(shown) or 'done'} | {s:.2f} s"
+
+
+def _started(header: dict[str, Any]) -> str:
+    """Where the forwarding ClientApp process's start went: Flower's part (interpreter,
+    imports, message pull, app install) until it imported the app, then the rest until
+    it forwarded."""
+    started = header.get("started")
+    if not isinstance(started, dict):
+        return ""
+    try:
+        born, app, forward = (float(started[k]) for k in ("born", "app", "forward"))
+    except (KeyError, TypeError, ValueError):
+        return ""
+    return f" | ClientApp process: {app - born:.2f} s to the app, {forward - app:.2f} s to forward"
 
 
 # ------------------------------------------------------------------- lifecycle

@@ -48,6 +48,9 @@ MAX_HEADER_BYTES = 64 * 1024  # a header is a few hundred bytes of JSON
 DEFAULT_MAX_FRAME_MB = 1024  # the largest body a worker accepts unless told otherwise
 WORKER_KEY = "worker"  # the node-config key that names the worker's socket
 OPS = ("train", "evaluate")
+# when the forwarding ClientApp's module was imported: Flower imports it after its own
+# imports, the message pull and the app install (set as clients/app.py imports this)
+APP_IMPORTED = time.time()
 
 log = logging.getLogger("fedpeft")
 
@@ -183,6 +186,8 @@ def forward(path: Path, op: str, msg: Message, context: Context) -> Message:
             "run_id": context.run_id,
             "node_id": context.node_id,
             "node_config": {k: v for k, v in context.node_config.items() if k != WORKER_KEY},
+            # where this process's start went, for the worker's status line
+            "started": {"born": _process_born(), "app": APP_IMPORTED, "forward": entered},
         }
         parts = [records_to_bytes(msg.content), records_to_bytes(context.state)]
         try:

@@ -443,3 +443,23 @@ def test_a_worker_gives_the_same_replies_bytes_and_metrics_as_the_client_app(
     ).read_bytes()
     last = json.loads((tmp_path / "worker" / "metrics.jsonl").read_text().splitlines()[-1])
     assert set(last["client_seconds"]["0"]) == {"startup", "load", "train"}
+
+
+def test_a_worker_stopped_mid_round_answers_that_round_with_an_error() -> None:
+    """SIGTERM's handler raises :class:`Shutdown` wherever the worker is, here inside
+    training: the round in progress gets the reason, and the worker stops."""
+    from fedpeft.node import Shutdown
+
+    def stopped(content: RecordDict, node_state: RecordDict) -> RecordDict:
+        raise Shutdown("SIGTERM")
+
+    worker = Worker(None, Limits(), {"train": stopped}, io.StringIO())
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        empty = nodelink.records_to_bytes(RecordDict())
+        nodelink.send_frame(ours, {"op": "train", "run_id": 1}, [empty, empty])
+        with pytest.raises(Shutdown):
+            worker.handle(theirs)
+        reply = nodelink.read_frame(ours, 1 << 20).header
+    assert reply == {"ok": False, "reason": reply["reason"], "parts": []}
+    assert "stopped during this round" in reply["reason"]
