@@ -292,8 +292,8 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument(
         "--max-frame-mb",
         type=float,
-        default=1024.0,
-        help="largest message accepted, MiB (default 1024)",
+        default=256.0,
+        help="largest message accepted, MiB (default 256)",
     )
     node.add_argument(
         "--release-after",
@@ -316,7 +316,7 @@ def _node(args: argparse.Namespace) -> int:
     if args.node_config is not None:
         try:
             node_config = dict(parse_config_args([args.node_config]))
-        except ValueError as err:
+        except Exception as err:  # Flower raises click exceptions for a bad value
             raise ConfigError(
                 f"--node-config '{args.node_config}' does not parse ({err})."
             ) from None

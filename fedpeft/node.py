@@ -52,8 +52,9 @@ DEFAULT_RELEASE_AFTER_S = 600.0
 DEFAULT_READ_TIMEOUT_S = 60.0
 
 
-class Shutdown(Exception):
-    """SIGTERM or SIGINT: stop serving."""
+class Shutdown(BaseException):
+    """SIGTERM or SIGINT: stop serving. A BaseException, so that no ``except Exception``
+    on the way (ours, or one inside torch or datasets) can swallow it."""
 
 
 @dataclass
@@ -178,24 +179,32 @@ class Worker:
             if uid != self.uid:
                 self._refuse(conn, f"peer uid {uid} is not this worker's uid {self.uid}")
                 return
-            conn.settimeout(self.limits.read_timeout)
-            frame = nodelink.read_frame(conn, self.limits.max_frame)
-            conn.settimeout(None)
+            # the whole frame within the read timeout: a peer trickling bytes is dropped
+            frame = nodelink.read_frame(conn, self.limits.max_frame, self.limits.read_timeout)
+            conn.settimeout(None)  # training takes as long as it takes
             self._answer(conn, frame)
         except nodelink.FrameError as err:
             self._refuse(conn, f"malformed frame: {err}")
         except (nodelink.Closed, TimeoutError) as err:
-            self.status(f"dropped a connection: {err or 'no frame within the read timeout'}")
+            self.status(f"dropped a connection: {err or 'it stalled'}")
         except Shutdown:
             self._refuse(conn, "the fedpeft node worker was stopped during this round")
             raise
         except OSError as err:  # the peer went away while we wrote
             self.status(f"lost a connection: {err}")
+        except Exception as err:  # whatever a peer sent, the worker stays up
+            self._refuse(conn, f"the worker failed on this request ({type(err).__name__}: {err})")
+
+    def _send(self, conn: socket.socket, header: dict[str, Any], parts: list[bytes]) -> None:
+        """A frame to a peer that must read it within the read timeout."""
+        conn.settimeout(self.limits.read_timeout)
+        nodelink.send_frame(conn, header, parts)
 
     def _refuse(self, conn: socket.socket, reason: str) -> None:
+        reason = reason[:2000]
         self.status(f"refused: {reason}")
         with contextlib.suppress(OSError):  # the peer may be gone already
-            nodelink.send_frame(conn, {"ok": False, "reason": reason})
+            self._send(conn, {"ok": False, "reason": reason}, [])
 
     def _answer(self, conn: socket.socket, frame: nodelink.Frame) -> None:
         header = frame.header
@@ -220,6 +229,22 @@ class Worker:
         content = nodelink.records_from_bytes(frame.parts[0], "message content")
         node_state = nodelink.records_from_bytes(frame.parts[1], "node state")
         self.run_id, self.last_seen = run_id, time.monotonic()
+        # a run is quiet from its last reply on, not from its last message: its own
+        # training time does not count towards --release-after
+        try:
+            self._serve_request(conn, op, run_id, content, node_state, header)
+        finally:
+            self.last_seen = time.monotonic()
+
+    def _serve_request(
+        self,
+        conn: socket.socket,
+        op: str,
+        run_id: int,
+        content: RecordDict,
+        node_state: RecordDict,
+        header: dict[str, Any],
+    ) -> None:
         started = time.perf_counter()
         try:
             reply = self.handlers[op](content, node_state)
@@ -228,11 +253,11 @@ class Worker:
         except Exception as err:  # the same reason Flower's runtime would write
             reason = f"{type(err)}:<'{err}'>"
             self.status(f"run {run_id}, {op} raised: {reason}")
-            nodelink.send_frame(conn, {"ok": False, "reason": reason})
+            self._send(conn, {"ok": False, "reason": reason}, [])
             return
         seconds = time.perf_counter() - started
         parts = [nodelink.records_to_bytes(reply), nodelink.records_to_bytes(node_state)]
-        nodelink.send_frame(conn, {"ok": True, "seconds": seconds}, parts)
+        self._send(conn, {"ok": True, "seconds": seconds}, parts)
         self.served += 1
         self.status(_round_line(run_id, op, content, reply, seconds) + _started(header))
 
@@ -271,7 +296,7 @@ def _round_line(run_id: int, op: str, content: RecordDict, reply: RecordDict, s:
         ):
             if key in metrics:
                 value = metrics[key]
-                shown.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+                shown.append(_shown(key, value))
     return f"run {run_id} round {round_number} {op}: {', '.join(shown) or 'done'} | {s:.2f} s"
 
 
@@ -284,9 +309,17 @@ def _started(header: dict[str, Any]) -> str:
         return ""
     try:
         born, app, forward = (float(started[k]) for k in ("born", "app", "forward"))
-    except (KeyError, TypeError, ValueError):
+        return (
+            f" | ClientApp process: {app - born:.2f} s to the app, {forward - app:.2f} s to forward"
+        )
+    except Exception:  # the peer's numbers: shown if they make sense, never fatal
         return ""
-    return f" | ClientApp process: {app - born:.2f} s to the app, {forward - app:.2f} s to forward"
+
+
+def _shown(key: str, value: Any) -> str:
+    if not isinstance(value, float):
+        return f"{key} {value}"
+    return f"{key} {value:.3f}" if key.endswith("seconds") else f"{key} {value:.4g}"
 
 
 # ------------------------------------------------------------------- lifecycle

@@ -6,7 +6,7 @@ torch, transformers and peft and loads the model again (about 9 s a round on a 2
 CPU, ``docs/deployment.md``). With ``worker=/path/to/socket`` in a SuperNode's node
 config, the ClientApp imports none of them: it hands the message's content and the
 node's state (``Context.state``) to a worker that has them loaded, and returns its
-reply. This module imports neither torch nor numpy.
+reply. This module imports neither torch nor transformers.
 
 A frame, in both directions::
 
@@ -45,7 +45,11 @@ MAGIC = b"FPNW"
 VERSION = 1
 PREFIX = struct.Struct(">4sBIQ")  # magic, version, header length, body length
 MAX_HEADER_BYTES = 64 * 1024  # a header is a few hundred bytes of JSON
-DEFAULT_MAX_FRAME_MB = 1024  # the largest body a worker accepts unless told otherwise
+# The largest body a worker accepts unless told otherwise: a SmolLM2 message with the
+# node's state is about 4 MB, FLoRA's dense merged updates of it about 110 MB both ways
+DEFAULT_MAX_FRAME_MB = 256
+MAX_REPLY_BYTES = 1 << 34  # what the ClientApp accepts from its own user's worker
+CONNECT_TIMEOUT_S = 10.0
 WORKER_KEY = "worker"  # the node-config key that names the worker's socket
 OPS = ("train", "evaluate")
 # when the forwarding ClientApp's module was imported: Flower imports it after its own
@@ -81,24 +85,31 @@ def send_frame(sock: socket.socket, header: dict[str, Any], parts: Sequence[byte
     sock.sendall(encode_frame(header, parts))
 
 
-def _read_exact(sock: socket.socket, n: int, what: str) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
+def _read_exact(sock: socket.socket, n: int, what: str, deadline: float | None) -> bytes:
+    """``n`` bytes, held only as they arrive (a declared length commits no memory), by
+    ``deadline`` (``time.monotonic()``; None: no limit)."""
+    chunks, got = [], 0
     while got < n:
-        k = sock.recv_into(view[got:], min(n - got, 1 << 20))
-        if k == 0:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the {what} did not arrive in time ({got} of {n} bytes)")
+            sock.settimeout(left)
+        chunk = sock.recv(min(n - got, 1 << 20))
+        if not chunk:
             raise Closed(f"the connection closed after {got} of the {n} bytes of the {what}")
-        got += k
-    return bytes(buf)
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
 
 
-def read_frame(sock: socket.socket, max_body: int) -> Frame:
+def read_frame(sock: socket.socket, max_body: int, timeout: float | None = None) -> Frame:
     """One frame, checked before its body is read: magic, version, sizes against
-    ``max_body``, a JSON object header whose ``parts`` add up to the body."""
-    magic, version, header_len, body_len = PREFIX.unpack(
-        _read_exact(sock, PREFIX.size, "frame prefix")
-    )
+    ``max_body``, a JSON object header whose ``parts`` add up to the body. With
+    ``timeout``, the whole frame must arrive within that many seconds."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    prefix = _read_exact(sock, PREFIX.size, "frame prefix", deadline)
+    magic, version, header_len, body_len = PREFIX.unpack(prefix)
     if magic != MAGIC:
         raise FrameError(f"not a fedpeft node frame (it starts with {magic!r}, not {MAGIC!r})")
     if version != VERSION:
@@ -110,20 +121,16 @@ def read_frame(sock: socket.socket, max_body: int) -> Frame:
             f"a body of {body_len} bytes exceeds this worker's limit of {max_body} bytes "
             "(fedpeft node --max-frame-mb)"
         )
-    header = _parse_header(_read_exact(sock, header_len, "header"), body_len)
-    body = _read_exact(sock, body_len, "body")
-    parts, at = [], 0
-    for n in header["parts"]:
-        parts.append(body[at : at + n])
-        at += n
+    header = _parse_header(_read_exact(sock, header_len, "header", deadline), body_len)
+    parts = [_read_exact(sock, n, f"part {i}", deadline) for i, n in enumerate(header["parts"])]
     return Frame(header, parts)
 
 
 def _parse_header(raw: bytes, body_len: int) -> dict[str, Any]:
     try:
         header = json.loads(raw.decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FrameError(f"the header is not JSON ({err})") from None
+    except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, or nested too deep
+        raise FrameError(f"the header is not JSON ({type(err).__name__}: {err})"[:300]) from None
     if not isinstance(header, dict):
         raise FrameError(f"the header is a JSON {type(header).__name__}, not an object")
     parts = header.get("parts")
@@ -174,12 +181,14 @@ def forward(path: Path, op: str, msg: Message, context: Context) -> Message:
     error reply with the reason, and the node's state stays as it was.
 
     Raises :class:`NoWorker` when nothing listens at ``path`` (the caller then runs the
-    round in process)."""
+    round in process). A process of another user at ``path`` gets nothing: an error."""
     entered = time.time()
     try:
         sock = _connect(path)
-    except OSError as err:
+    except (FileNotFoundError, ConnectionRefusedError) as err:
         raise NoWorker(f"no fedpeft node worker at '{path}' ({err.strerror or err})") from None
+    except OSError as err:
+        return _error(msg, f"cannot use the fedpeft node worker at '{path}': {err.strerror or err}")
     with sock:
         header = {
             "op": op,
@@ -190,36 +199,61 @@ def forward(path: Path, op: str, msg: Message, context: Context) -> Message:
             "started": {"born": _process_born(), "app": APP_IMPORTED, "forward": entered},
         }
         parts = [records_to_bytes(msg.content), records_to_bytes(context.state)]
-        try:
-            send_frame(sock, header, parts)
-            reply = read_frame(sock, max_body=1 << 62)  # our own worker: no limit
-        except (Closed, OSError) as err:
-            return _error(msg, f"the fedpeft node worker at '{path}' stopped mid-round ({err})")
-        except FrameError as err:
-            return _error(msg, f"the fedpeft node worker at '{path}' sent a bad frame: {err}")
+        reply = _exchange(sock, path, header, parts, msg.metadata.ttl)
+    if isinstance(reply, str):
+        return _error(msg, reply)
     if not reply.header.get("ok"):
-        return _error(msg, str(reply.header.get("reason", "no reason given")))
+        return _error(msg, str(reply.header.get("reason", "no reason given"))[:2000])
     try:
         if len(reply.parts) != 2:
             raise FrameError(f"a reply has 2 parts, this one {len(reply.parts)}")
         content = records_from_bytes(reply.parts[0], "reply")
         new_state = records_from_bytes(reply.parts[1], "node state")
-    except FrameError as err:
+        seconds = float(reply.header.get("seconds", 0.0))
+    except (FrameError, TypeError, ValueError) as err:
         return _error(msg, f"the fedpeft node worker at '{path}' sent a bad reply: {err}")
     context.state.clear()
     context.state.update(new_state)
-    _add_timing(content, entered, float(reply.header.get("seconds", 0.0)))
+    _add_timing(content, entered, seconds)
     return Message(content, reply_to=msg)
+
+
+def _exchange(
+    sock: socket.socket, path: Path, header: dict[str, Any], parts: list[bytes], ttl: float
+) -> Frame | str:
+    """Send the request, read the reply (a reason string if there is none). A worker
+    that refuses a request before reading it all (too large, wrong uid) has closed its
+    end: the send fails, but its answer is there to read."""
+    sent_error: OSError | None = None
+    try:
+        send_frame(sock, header, parts)
+    except OSError as err:
+        sent_error = err
+    try:
+        # a reply after the message's time to live is of no use to the server
+        return read_frame(sock, MAX_REPLY_BYTES, timeout=ttl if ttl > 0 else None)
+    except TimeoutError:
+        return f"the fedpeft node worker at '{path}' did not reply within {ttl:g} s"
+    except (Closed, OSError) as err:
+        why = sent_error or err
+        return f"the fedpeft node worker at '{path}' stopped mid-round ({why})"
+    except (FrameError, MemoryError) as err:
+        return f"the fedpeft node worker at '{path}' sent a bad frame: {err}"
 
 
 def _connect(path: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        sock.settimeout(CONNECT_TIMEOUT_S)
         sock.connect(str(path))
-        # the socket's directory is the worker's to guard, but a worker of another user
+        sock.settimeout(None)
+        # the socket's directory is the worker's to guard, but a process of another user
         # must never receive this node's data
-        if peer_uid(sock) != os.getuid():
-            raise PermissionError(1, "the worker runs as another user")
+        uid = peer_uid(sock)
+        if uid != os.getuid():
+            raise PermissionError(
+                1, f"it runs as uid {uid}, not as this node's uid {os.getuid()}; nothing sent"
+            )
     except OSError:
         sock.close()
         raise

@@ -198,6 +198,7 @@ def test_node_mistakes_are_one_sentence(tmp_path: Path, capsys: pytest.CaptureFi
         ],
         "must be > 0": ["--socket", str(private / "n.sock"), "--max-frame-mb", "0"],
         "holds at most 107": ["--socket", str(private / ("x" * 120))],
+        "does not parse": ["--socket", str(private / "n.sock"), "--node-config", "a=/b"],
     }  # fmt: skip
     for reason, args in cases.items():
         assert main(["node", *args]) == 2, reason

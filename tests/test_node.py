@@ -23,8 +23,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import make_client_app
@@ -233,7 +243,8 @@ MALFORMED = {
     "huge body": (nodelink.PREFIX.pack(nodelink.MAGIC, 1, 2, 1 << 40), "exceeds this worker's limit"),
     "not json": (nodelink.PREFIX.pack(nodelink.MAGIC, 1, 3, 0) + b"{{{", "not JSON"),
     "a list": (nodelink.PREFIX.pack(nodelink.MAGIC, 1, 2, 0) + b"[]", "JSON list, not an object"),
-    "parts": (nodelink.encode_frame({"op": "train"}, [b"ab"])[:-2] + b"", "closed"),
+    "parts": (nodelink.PREFIX.pack(nodelink.MAGIC, 1, 26, 3) + b'{"op":"train","parts":[5]}abc', "add up to 5 bytes, the body has 3"),
+    "nested": (nodelink.PREFIX.pack(nodelink.MAGIC, 1, 60000, 0) + b"[" * 30000 + b"]" * 30000, "not JSON"),
     "body": (nodelink.encode_frame({"op": "train", "run_id": 1}, [b"\xff" * 9, b""]), "not a serialized"),
     "op": (nodelink.encode_frame({"op": "shutdown", "run_id": 1}, [b"", b""]), "op 'shutdown'"),
     "run": (nodelink.encode_frame({"op": "train", "run_id": "x"}, [b"", b""]), "run id 'x'"),
@@ -257,16 +268,36 @@ def test_a_malformed_frame_is_answered_with_its_reason_and_the_worker_goes_on(
     assert train(grid).content.metric_records["metrics"]["num-examples"] == 1
 
 
-def test_the_parts_must_add_up_to_the_body() -> None:
-    left, right = socket.socketpair()
-    with left, right:
-        frame = nodelink.encode_frame({"op": "train"}, [b"abc"])
-        header_len = nodelink.PREFIX.unpack(frame[: nodelink.PREFIX.size])[2]
-        raw = json.dumps({"op": "train", "parts": [5]}).encode()
-        left.sendall(nodelink.PREFIX.pack(nodelink.MAGIC, 1, len(raw), 3) + raw + b"abc")
-        with pytest.raises(nodelink.FrameError, match="add up to 5 bytes, the body has 3"):
-            nodelink.read_frame(right, 100)
-        assert header_len > 0
+def test_a_peers_numbers_that_overflow_do_not_stop_the_worker(serve: Any) -> None:
+    """The status line reads the ClientApp's timestamps; 10**400 is valid JSON."""
+    worker = serve()
+    empty = nodelink.records_to_bytes(RecordDict())
+    frame = nodelink.encode_frame({"op": "train", "run_id": 1, "started": {"born": 1}}, [empty] * 2)
+    frame = frame.replace(b'"born":1', b'"born":1' + b"0" * 400)
+    frame = (
+        nodelink.PREFIX.pack(
+            nodelink.MAGIC,
+            1,
+            nodelink.PREFIX.unpack(frame[: nodelink.PREFIX.size])[2] + 400,
+            2 * len(empty),
+        )
+        + frame[nodelink.PREFIX.size :]
+    )
+    assert raw_exchange(worker.path, frame)["ok"] is True
+    assert train(node_grid(worker.path)).content.metric_records["metrics"]["num-examples"] == 1
+
+
+def test_a_request_above_the_limit_reaches_the_server_with_the_workers_reason(
+    serve: Any,
+) -> None:
+    """The worker refuses it after its prefix and closes: the ClientApp's send breaks
+    off, and it still reads the refusal."""
+    worker = serve(max_frame=1 << 20)
+    grid = node_grid(worker.path)
+    big = RecordDict({"x": ArrayRecord({"x": Array(np.zeros(4 << 20, dtype=np.float32))})})
+    msg = Message(big, dst_node_id=next(iter(grid.contexts)), message_type=MessageType.TRAIN)
+    (reply,) = grid.send_and_receive([msg])
+    assert reply.has_error() and "exceeds this worker's limit of 1048576" in reply.error.reason
 
 
 def test_the_socket_is_private(tmp_path: Path) -> None:
@@ -463,3 +494,43 @@ def test_a_worker_stopped_mid_round_answers_that_round_with_an_error() -> None:
         reply = nodelink.read_frame(ours, 1 << 20).header
     assert reply == {"ok": False, "reason": reply["reason"], "parts": []}
     assert "stopped during this round" in reply["reason"]
+
+
+def test_sigterm_mid_round_answers_the_round_removes_the_socket_and_exits_0(
+    tmp_path: Path,
+) -> None:
+    """A real signal to a real worker process (its handler sleeps, as training would)."""
+    path = tmp_path / "run" / "slow.sock"
+    script = f"""
+import time
+from pathlib import Path
+from flwr.app import RecordDict
+from fedpeft.node import run_worker
+
+def slow(content, node_state):
+    time.sleep(60)
+    return RecordDict()
+
+raise SystemExit(run_worker(Path({str(path)!r}), None, handlers={{"train": slow}}))
+"""
+    log = tmp_path / "worker.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_listening(log, proc, 60)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(path))
+            empty = nodelink.records_to_bytes(RecordDict())
+            nodelink.send_frame(sock, {"op": "train", "run_id": 1}, [empty, empty])
+            time.sleep(1.0)  # the worker is asleep in its handler
+            proc.send_signal(signal.SIGTERM)
+            reply = nodelink.read_frame(sock, 1 << 20, timeout=30).header
+        assert proc.wait(30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert reply["ok"] is False and "stopped during this round" in reply["reason"]
+    assert not path.exists()
+    assert "SIGTERM: stopping after 0 messages" in log.read_text()
