@@ -6,8 +6,8 @@ Flower 1.41 starts a ClientApp process per message and ends it after one task (i
 imports torch once, and the model, tokenizer and partition it loads in its first round
 stay cached in memory (:mod:`fedpeft.client`'s caches) for every later one. The
 ClientApp, given ``worker=/path/to/socket`` in the SuperNode's node config, forwards
-each train and evaluate message here (:mod:`fedpeft.nodelink`) and runs the same
-handlers (:mod:`fedpeft.handlers`) in the same order, so the replies are the same bytes.
+each train and evaluate message here (:mod:`fedpeft.nodelink`), where the same handlers
+run (:mod:`fedpeft.handlers`), so the replies are the same bytes.
 
 The node's state (error-feedback residual, accountant history, downlink view, FLoRA's
 merged base) is the SuperNode's ``Context.state``: it travels with every message and
@@ -20,9 +20,11 @@ Safety, for a worker that trusts nothing it reads:
 - a peer whose uid differs from the worker's (``SO_PEERCRED``) is refused;
 - a frame larger than ``max_frame`` bytes is refused before its body is read; a
   malformed one is answered with the reason and the worker goes on;
-- a stalled peer is dropped after ``read_timeout`` seconds;
+- a peer that does not send its whole frame, or read its reply, within ``read_timeout``
+  seconds is dropped;
 - the worker belongs to one run at a time: another run's message is refused, with both
-  run ids, until the current run has sent nothing for ``release_after`` seconds;
+  run ids, until the current run has been quiet (no message, no reply in progress) for
+  ``release_after`` seconds;
 - SIGTERM or SIGINT stops it: a round in progress is answered with an error, the socket
   is removed, and it exits 0.
 """
@@ -159,7 +161,7 @@ class Worker:
         self.handlers = handlers if handlers is not None else _default_handlers()
         self.out = out
         self.run_id: int | None = None  # the run this worker belongs to
-        self.last_seen = 0.0  # when that run's last message arrived (monotonic)
+        self.last_seen = 0.0  # that run's last message or reply (monotonic)
         self.served = 0
 
     def status(self, line: str) -> None:
@@ -270,7 +272,7 @@ class Worker:
             self.status(f"run {self.run_id} quiet for {quiet:.0f} s; now serving run {run_id}")
             return ""
         return (
-            f"this fedpeft node worker belongs to run {self.run_id} (last message "
+            f"this fedpeft node worker belongs to run {self.run_id} (last active "
             f"{quiet:.0f} s ago); run {run_id} is refused until run {self.run_id} has been "
             f"quiet for {self.limits.release_after:.0f} s, or start a worker of its own"
         )
