@@ -67,22 +67,23 @@ def _forwarded(op: str, msg: Message, context: Context) -> Message | None:
         return None
 
 
-def train(msg: Message, context: Context) -> Message:
-    reply = _forwarded("train", msg, context)
+def _handled(op: str, msg: Message, context: Context) -> Message:
+    """The reply to a train or evaluate message: the worker's, or this process's own."""
+    reply = _forwarded(op, msg, context)
     if reply is not None:
         return reply
     from fedpeft import handlers
 
-    return Message(handlers.train(msg.content, context.state), reply_to=msg)
+    handler = handlers.train if op == "train" else handlers.evaluate
+    return Message(handler(msg.content, context.state), reply_to=msg)
+
+
+def train(msg: Message, context: Context) -> Message:
+    return _handled("train", msg, context)
 
 
 def evaluate(msg: Message, context: Context) -> Message:
-    reply = _forwarded("evaluate", msg, context)
-    if reply is not None:
-        return reply
-    from fedpeft import handlers
-
-    return Message(handlers.evaluate(msg.content, context.state), reply_to=msg)
+    return _handled("evaluate", msg, context)
 
 
 def ray_placement(msg: Message, context: Context, call_next: Any) -> Message:

@@ -183,6 +183,7 @@ def forward(path: Path, op: str, msg: Message, context: Context) -> Message:
     Raises :class:`NoWorker` when nothing listens at ``path`` (the caller then runs the
     round in process). A process of another user at ``path`` gets nothing: an error."""
     entered = time.time()
+    born = _process_born()
     try:
         sock = _connect(path)
     except (FileNotFoundError, ConnectionRefusedError) as err:
@@ -196,7 +197,7 @@ def forward(path: Path, op: str, msg: Message, context: Context) -> Message:
             "node_id": context.node_id,
             "node_config": {k: v for k, v in context.node_config.items() if k != WORKER_KEY},
             # where this process's start went, for the worker's status line
-            "started": {"born": _process_born(), "app": APP_IMPORTED, "forward": entered},
+            "started": {"born": born, "app": APP_IMPORTED, "forward": entered},
         }
         parts = [records_to_bytes(msg.content), records_to_bytes(context.state)]
         reply = _exchange(sock, path, header, parts, msg.metadata.ttl)
@@ -214,7 +215,7 @@ def forward(path: Path, op: str, msg: Message, context: Context) -> Message:
         return _error(msg, f"the fedpeft node worker at '{path}' sent a bad reply: {err}")
     context.state.clear()
     context.state.update(new_state)
-    _add_timing(content, entered, seconds)
+    _add_timing(content, born, entered, seconds)
     return Message(content, reply_to=msg)
 
 
@@ -264,7 +265,7 @@ def _error(msg: Message, reason: str) -> Message:
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
-def _add_timing(content: RecordDict, entered: float, worker_seconds: float) -> None:
+def _add_timing(content: RecordDict, born: float, entered: float, worker_seconds: float) -> None:
     """A train reply's timing, as this process saw it. ``startup-seconds`` becomes this
     process's start to the message (Flower's process start, app install and message
     pull); ``load-seconds`` gains what the socket round trip added to the worker's own
@@ -275,7 +276,7 @@ def _add_timing(content: RecordDict, entered: float, worker_seconds: float) -> N
     if metrics is None or "train-seconds" not in metrics or "load-seconds" not in metrics:
         return
     relay = max(0.0, time.time() - entered - worker_seconds)
-    metrics["startup-seconds"] = max(0.0, entered - _process_born())
+    metrics["startup-seconds"] = max(0.0, entered - born)
     metrics["load-seconds"] = float(metrics["load-seconds"]) + relay  # type: ignore[arg-type]
 
 

@@ -39,6 +39,17 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], wait_s: float = 30) 
     raise AssertionError(f"nothing listens on port {port} after {wait_s:.0f} s")
 
 
+def wait_listening(log: Path, proc: subprocess.Popen[bytes], wait_s: float = 120) -> None:
+    """Until a ``fedpeft node`` worker, logging to ``log``, says it listens."""
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        assert proc.poll() is None, log.read_text()
+        if "listening at" in log.read_text():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the worker did not listen within {wait_s:.0f} s: {log.read_text()}")
+
+
 def _pids_using(ports: list[int]) -> list[int]:
     """Processes whose command line names one of the test's ports: Flower's SuperExec,
     ServerApp and ClientApp processes started for this test (read only)."""

@@ -22,7 +22,15 @@ from typing import Any
 
 import pytest
 
-from tests.deployment import ROOT, free_ports, kill_leftovers, processes, start_insecure_fleet, tail
+from tests.deployment import (
+    ROOT,
+    free_ports,
+    kill_leftovers,
+    processes,
+    start_insecure_fleet,
+    tail,
+    wait_listening,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.full_priority, pytest.mark.xdist_group("full_priority")]
 
@@ -57,16 +65,6 @@ def _kill_mid_round(proc: Any, path: Path, metrics: Path, wait_s: float, logs: P
     raise AssertionError(f"worker 0 was never caught in round {KILLED_IN}\n{tail(logs)}")
 
 
-def _wait_listening(log: Path, proc: Any, wait_s: float = 120) -> None:
-    deadline = time.time() + wait_s
-    while time.time() < deadline:
-        assert proc.poll() is None, log.read_text()
-        if "listening at" in log.read_text():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"the worker did not listen within {wait_s:.0f} s\n{log.read_text()}")
-
-
 def test_a_killed_worker_costs_one_round_and_its_node_comes_back(
     tmp_path: Path, flwr_cli: Callable[..., Any]
 ) -> None:
@@ -90,7 +88,7 @@ def test_a_killed_worker_costs_one_round_and_its_node_comes_back(
         with processes(tmp_path, flwr.env) as start:
             workers = [worker(f"worker{i}", i) for i in range(2)]
             for i, proc in enumerate(workers):
-                _wait_listening(tmp_path / f"worker{i}.log", proc)
+                wait_listening(tmp_path / f"worker{i}.log", proc)
             start_insecure_fleet(
                 start,
                 link_port,

@@ -43,6 +43,7 @@ from fedpeft.config import ConfigError, config_from_dict
 from fedpeft.loopback import LoopbackGrid, run_loopback
 from fedpeft.node import Limits, Worker, bind_private
 from server.app import make_server_app
+from tests.deployment import wait_listening
 from tests.test_simulation import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -374,16 +375,6 @@ def start_worker(path: Path, node_config: str, log: Path) -> subprocess.Popen[by
              "--node-config", node_config],
             cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
         )  # fmt: skip
-
-
-def wait_listening(log: Path, proc: subprocess.Popen[bytes], wait_s: float = 120) -> None:
-    deadline = time.time() + wait_s
-    while time.time() < deadline:
-        assert proc.poll() is None, log.read_text()
-        if "listening at" in log.read_text():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"the worker did not listen within {wait_s:.0f} s: {log.read_text()}")
 
 
 def tapped(log: list[dict[str, Any]]) -> Any:
