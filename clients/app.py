@@ -74,7 +74,7 @@ def _handled(op: str, msg: Message, context: Context) -> Message:
         return reply
     from fedpeft import handlers
 
-    handler = handlers.train if op == "train" else handlers.evaluate
+    handler = {"train": handlers.train, "burnin": handlers.burnin}.get(op, handlers.evaluate)
     return Message(handler(msg.content, context.state), reply_to=msg)
 
 
@@ -84,6 +84,11 @@ def train(msg: Message, context: Context) -> Message:
 
 def evaluate(msg: Message, context: Context) -> Message:
     return _handled("evaluate", msg, context)
+
+
+def burnin(msg: Message, context: Context) -> Message:
+    """LoRA-SB's burn-in before round 1 (``train.burnin``): summed gradients, top-k."""
+    return _handled("burnin", msg, context)
 
 
 def ray_placement(msg: Message, context: Context, call_next: Any) -> Message:
@@ -115,6 +120,7 @@ def make_client_app(mods: Sequence[Any] = (), torch_threads: bool = True) -> Cli
     built.query()(query)
     built.train()(train)
     built.evaluate()(evaluate)
+    built.train(wire.BURNIN)(burnin)
     return built
 
 

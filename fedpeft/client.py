@@ -13,11 +13,13 @@ import dataclasses
 import functools
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import psutil
 from peft import PeftModel
 
+from fedpeft import lora_sb
 from fedpeft.aggregation import merge_stacks
 from fedpeft.cache import cached_splits, file_stamp
 from fedpeft.compression.codec import dense, unpack
@@ -82,8 +84,43 @@ def _installed_model(ins: TrainIns, cfg: Config, base_delta: State) -> PeftModel
     lora = parse_lora(ins.lora_json)
     model = _cached_model(cfg.model, lora, ins.num_labels, cfg.train.gradient_checkpointing)
     set_base_deltas(model, base_delta)
-    load_adapter_state(model, ins.adapters)
+    load_adapter_state(model, _carried(ins, cfg))
     return model
+
+
+def _carried(ins: TrainIns, cfg: Config) -> State:
+    """The model's adapter state for the received adapters: as sent, or for LoRA-SB the
+    carrier LoRA of the received Rs in this node's basis (lora_B = B R, lora_A = A)."""
+    if cfg.peft.method != "lora_sb":
+        return ins.adapters
+    return lora_sb.to_lora(ins.adapters, _basis(ins))
+
+
+def _basis(ins: TrainIns) -> State:
+    if ins.basis is None:
+        raise MissingBasis("this node holds no LoRA-SB basis for the run")
+    return lora_sb.basis_from_wire(ins.basis)
+
+
+class MissingBasis(RuntimeError):
+    """A LoRA-SB message reached a node that holds no basis, or another one: the server
+    sends it again with the node's next message."""
+
+
+def _trained(model: PeftModel, ins: TrainIns, cfg: Config, result_of: Any) -> tuple[Any, State]:
+    """Run ``result_of(model)`` (local training) and return its result and the exchanged
+    tensors after it. LoRA-SB trains R alone (B and A fixed): the carrier's lora_B is
+    B R for the duration, and what is read back is R and the head."""
+    if cfg.peft.method != "lora_sb":
+        return result_of(model), adapter_state(model)
+    lora_sb.attach(model, ins.adapters, _basis(ins))
+    try:
+        result = result_of(model)
+        trained = lora_sb.trained_r(model, ins.adapters)
+    finally:
+        lora_sb.detach(model, ins.adapters)
+    head = {k: v for k, v in adapter_state(model).items() if ".lora_" not in k}
+    return result, {**head, **trained}
 
 
 def merge_received(merged_round: int, base_delta: State, ins: TrainIns) -> tuple[int, State]:
@@ -159,9 +196,12 @@ def train_round(
         result, history = _train_dp(
             model, train_examples, cfg, pad_id, noise_seed(cfg, ins), history
         )
+        after = adapter_state(model)
     else:
-        result = train_local(model, train_examples, cfg.train, pad_id, cfg.model.task, seed=seed)
-    after = adapter_state(model)
+        result, after = _trained(
+            model, ins, cfg,
+            lambda m: train_local(m, train_examples, cfg.train, pad_id, cfg.model.task, seed=seed),
+        )  # fmt: skip
     delta = {k: after[k] - ins.adapters[k] for k in ins.adapters}
     res = TrainRes(
         update=delta,
@@ -172,6 +212,37 @@ def train_round(
         startup_seconds=startup_seconds,
     )
     return res, history
+
+
+def burnin_round(ins: TrainIns) -> TrainRes:
+    """LoRA-SB's burn-in on this node (before round 1): the gradient of every adapted
+    weight, summed over ``lora_sb.burnin_steps`` batches at the base model with the task
+    head the server sent, sent as its top-k entries (sign × one scale per tensor)."""
+    cfg = parse_config(ins.config_json)
+    started = time.perf_counter()
+    lora = parse_lora(ins.lora_json)
+    model = _cached_model(cfg.model, lora, ins.num_labels, cfg.train.gradient_checkpointing)
+    state = adapter_state(model)
+    for key in state:  # B = 0: the adapters are a no-op; the head is the server's
+        if key.endswith(lora_sb.B_SUFFIX):
+            state[key] = np.zeros_like(state[key])
+    state.update(ins.adapters)
+    load_adapter_state(model, state)
+    data = client_data(cfg, ins.partition_id).train
+    pad_id = load_tokenizer(cfg.model.name).pad_token_id
+    modules = lora_sb.module_names({k: v.shape for k, v in state.items()})
+    sums = lora_sb.burnin_gradients(
+        model, modules, data, cfg.train, cfg.lora_sb.burnin_steps, pad_id, cfg.model.task,
+        seed=round_seed(cfg.seed, 0, ins.partition_id),
+    )  # fmt: skip
+    sent, _ = compress(sums, {}, cfg.lora_sb.score_density, "stc")
+    return TrainRes(
+        update=dense(sent),
+        num_examples=cfg.lora_sb.burnin_steps * min(cfg.train.batch_size, len(data)),
+        train_loss=None,
+        train_seconds=time.perf_counter() - started,
+        compressed=sent,
+    )
 
 
 _started_rounds = 0  # rounds this process has begun

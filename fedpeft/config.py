@@ -105,6 +105,38 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class PeftConfig:
+    """Which parameter-efficient method is trained and exchanged.
+
+    Args:
+        method: ``lora`` (default; the ``lora`` section), or ``lora_sb`` (LoRA-SB /
+            Fed-SB: W0 + B R A with B and A fixed from a federated burn-in and only the
+            r×r matrix R trained and sent; the ``lora`` section's ``r`` and
+            ``target_modules``, and the ``lora_sb`` section; docs/lora-sb.md).
+    """
+
+    method: Literal["lora", "lora_sb"] = "lora"
+
+
+@dataclass(frozen=True)
+class LoraSBConfig:
+    """LoRA-SB's federated initialization (``peft.method: lora_sb``, docs/lora-sb.md).
+
+    Args:
+        burnin_steps: batches over which each burn-in client sums the gradient of every
+            adapted weight at the base model, before round 1 (no step is taken).
+        score_density: share of each summed gradient's entries a burn-in client sends
+            (its top-k by magnitude, as sign x one scale per tensor).
+        init_lr: η of the initial update −η sign(Σ g) whose best rank-r approximation
+            gives B, R and A (LoRA-SB's first Adam step); ``null``: ``train.lr``.
+    """
+
+    burnin_steps: int = 8
+    score_density: float = 0.01
+    init_lr: float | None = None
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where examples come from.
 
@@ -451,6 +483,8 @@ class Config:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    lora_sb: LoraSBConfig = field(default_factory=LoraSBConfig)
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -674,6 +708,51 @@ def _check_lora(lo: LoraConfig) -> None:
     _require(
         lo.layers_to_transform is None or all(i >= 0 for i in lo.layers_to_transform),
         "'lora.layers_to_transform' should list non-negative layer indices.",
+    )
+
+
+PEFT_METHODS = ("lora", "lora_sb")
+# aggregators that average each exchanged tensor entry by entry; the others read LoRA's
+# A and B factors, which LoRA-SB does not send
+LORA_SB_AGGREGATORS = ("fedit", "median", "trimmed_mean")
+
+
+def _check_method(cfg: Config) -> None:
+    method, sb = cfg.peft.method, cfg.lora_sb
+    _require(
+        method in PEFT_METHODS,
+        f"'peft.method' should be one of {list(PEFT_METHODS)}, got {method!r}.",
+    )
+    _require(sb.burnin_steps >= 1, "'lora_sb.burnin_steps' should be a positive integer.")
+    _require(0 < sb.score_density <= 1, "'lora_sb.score_density' should be in (0, 1].")
+    _require(
+        sb.init_lr is None or 0 < sb.init_lr < float("inf"),
+        "'lora_sb.init_lr' should be a positive number or null.",
+    )
+    if method != "lora_sb":
+        return
+    _require(
+        cfg.federation.aggregator in LORA_SB_AGGREGATORS,
+        f"'peft.method: lora_sb' exchanges R only; use one of {list(LORA_SB_AGGREGATORS)} "
+        f"as 'federation.aggregator', not {cfg.federation.aggregator!r}.",
+    )
+    _require(
+        not cfg.lora.rank_pattern and cfg.lora.layers_to_transform is None,
+        "'peft.method: lora_sb' uses one rank on every target module; drop "
+        "'lora.rank_pattern' and 'lora.layers_to_transform'.",
+    )
+    _require(
+        not cfg.fleet.profiles and not cfg.fleet.mix,
+        "'peft.method: lora_sb' does not plan per-device ranks yet; drop 'fleet'.",
+    )
+    _require(
+        cfg.privacy.mode not in ("record",),
+        "'peft.method: lora_sb' with 'privacy.mode: record' is not supported yet; "
+        "use 'user' or 'local'.",
+    )
+    _require(
+        not cfg.audit.tap_every,
+        "'audit.tap_every' attacks LoRA updates; it does not apply to 'peft.method: lora_sb'.",
     )
 
 
@@ -993,6 +1072,7 @@ def _validate(cfg: Config) -> None:
     _check_seed(cfg.seed, "seed")
     _check_model(cfg.model)
     _check_lora(cfg.lora)
+    _check_method(cfg)
     _check_data(cfg.data)
     _check_partition(cfg.partition)
     _check_train(cfg.train)

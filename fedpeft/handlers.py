@@ -13,9 +13,11 @@ forwarding ClientApp must not import it.
 
 from __future__ import annotations
 
+import dataclasses
+
 from flwr.app import RecordDict
 
-from fedpeft import client, nodestate, stages, wire
+from fedpeft import client, lora_sb, nodestate, stages, wire
 
 
 def _merged_base(ins: wire.TrainIns, node_state: RecordDict) -> wire.State:
@@ -30,14 +32,38 @@ def _merged_base(ins: wire.TrainIns, node_state: RecordDict) -> wire.State:
 
 def _received(content: RecordDict, node_state: RecordDict) -> wire.TrainIns:
     """The message's instruction with the adapters in full (downlink compression: this
-    node's view plus the change), the new view kept in the node's state."""
-    ins = wire.decode_train_ins(content)
+    node's view plus the change), the new view kept in the node's state; for LoRA-SB
+    with the basis, as sent or as this node kept it."""
+    ins = _with_basis(wire.decode_train_ins(content), node_state)
     if not client.parse_config(ins.config_json).compression.downlink:
         return ins
     view_number, view = nodestate.read_view(node_state)
     ins = client.received_adapters(ins, view_number, view)
     nodestate.write_view(node_state, ins.view, ins.adapters)
     return ins
+
+
+def _with_basis(ins: wire.TrainIns, node_state: RecordDict) -> wire.TrainIns:
+    """LoRA-SB: a basis in the message is kept in the node's state; a message without one
+    uses the kept basis, which must be the one the message names."""
+    if not ins.basis_digest:
+        return ins
+    if ins.basis is not None:
+        if lora_sb.digest(ins.basis) != ins.basis_digest:
+            raise client.MissingBasis("the LoRA-SB basis received does not match its digest")
+        nodestate.write_basis(node_state, ins.basis_digest, ins.basis)
+        return ins
+    digest, kept = nodestate.read_basis(node_state)
+    if digest != ins.basis_digest:
+        raise client.MissingBasis(
+            f"this node holds LoRA-SB basis {digest or 'none'}, the message is in {ins.basis_digest}"
+        )
+    return dataclasses.replace(ins, basis=kept)
+
+
+def burnin(content: RecordDict, node_state: RecordDict) -> RecordDict:
+    """LoRA-SB's burn-in before round 1 (:func:`fedpeft.client.burnin_round`)."""
+    return wire.encode_train_res(client.burnin_round(wire.decode_train_ins(content)))
 
 
 def train(content: RecordDict, node_state: RecordDict) -> RecordDict:

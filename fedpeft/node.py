@@ -73,7 +73,7 @@ Handler = Callable[[RecordDict, RecordDict], RecordDict]
 def _default_handlers() -> dict[str, Handler]:
     from fedpeft import handlers  # torch, transformers, peft: once, for the worker's life
 
-    return {"train": handlers.train, "evaluate": handlers.evaluate}
+    return {"train": handlers.train, "evaluate": handlers.evaluate, "burnin": handlers.burnin}
 
 
 # ------------------------------------------------------------------- the socket

@@ -51,7 +51,7 @@ DEFAULT_MAX_FRAME_MB = 256
 MAX_REPLY_BYTES = 1 << 34  # what the ClientApp accepts from its own user's worker
 CONNECT_TIMEOUT_S = 10.0
 WORKER_KEY = "worker"  # the node-config key that names the worker's socket
-OPS = ("train", "evaluate")
+OPS = ("train", "evaluate", "burnin")
 # when the forwarding ClientApp's module was imported: Flower imports it after its own
 # imports, the message pull and the app install (set as clients/app.py imports this)
 APP_IMPORTED = time.time()

@@ -4,7 +4,8 @@ a new ClientApp process, which a deployment starts for every message.
 - the error-feedback residual of its last compressed update (``compression``);
 - its record-level or local DP accountant's history (``privacy.mode: record, local``);
 - the adapters it last received and their view number (``compression.downlink``);
-- FLoRA's merged updates Σ ΔW, dense per module, and the last round merged.
+- FLoRA's merged updates Σ ΔW, dense per module, and the last round merged;
+- LoRA-SB's fixed basis (B and A as received) and its digest.
 
 A simulation's nodes start empty; a deployment's node state lasts one run.
 """
@@ -23,6 +24,8 @@ RESIDUAL = "fedpeft-residual"  # the error-feedback residual of the last update
 HISTORY = "fedpeft-accountant"  # its privacy accountant's history
 VIEW = "fedpeft-view"  # the adapters it last received (downlink compression)
 VIEW_NUMBER = "fedpeft-view-number"  # which view they are
+BASIS = "fedpeft-lora-sb-basis"  # LoRA-SB's B and A, as received
+BASIS_DIGEST = "fedpeft-lora-sb-digest"  # which basis it is
 
 
 def read_merged_base(node_state: RecordDict) -> tuple[int, State]:
@@ -74,3 +77,16 @@ def read_view(node_state: RecordDict) -> tuple[int, State]:
 def write_view(node_state: RecordDict, number: int, adapters: State) -> None:
     node_state[VIEW] = state_to_record(adapters)
     node_state[VIEW_NUMBER] = ConfigRecord({"view": number})
+
+
+def read_basis(node_state: RecordDict) -> tuple[str, State]:
+    """The LoRA-SB basis this node holds and its digest ("", {} if none)."""
+    if BASIS not in node_state.array_records:
+        return "", {}
+    digest = str(node_state.config_records[BASIS_DIGEST]["digest"])
+    return digest, record_to_state(node_state.array_records[BASIS])
+
+
+def write_basis(node_state: RecordDict, digest: str, wire_basis: State) -> None:
+    node_state[BASIS] = state_to_record(wire_basis)
+    node_state[BASIS_DIGEST] = ConfigRecord({"digest": digest})

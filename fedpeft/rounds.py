@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import numpy as np
 from flwr.app import RecordDict
 
-from fedpeft import stages, traffic, wire
+from fedpeft import lora_sb, stages, traffic, wire
 from fedpeft.aggregation import ClientUpdate, State
 from fedpeft.audit.membership import CanaryAudit
 from fedpeft.compression import codec
@@ -152,9 +152,79 @@ class ServerRounds:
         self.lora_json = {pid: lora_to_json(lo) for pid, lo in fleet.client_loras.items()}
         self.client_loras = fleet.client_loras
         self.shapes = {
-            pid: adapter_shapes(cfg.model, lora, num_labels)
+            pid: self._exchanged(adapter_shapes(cfg.model, lora, num_labels))
             for pid, lora in fleet.client_loras.items()
         }
+        self.global_lora = fleet.global_lora
+        # LoRA-SB: the basis every node trains R in (as sent), and the nodes sent it
+        self.basis: State | None = None
+        self.basis_digest = ""
+        self.holding: set[int] = set()
+        self.burnin = RoundStats()  # the burn-in's traffic (LoRA-SB), before round 1
+
+    def _exchanged(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        sb = self.cfg.peft.method == "lora_sb"
+        return lora_sb.exchanged_shapes(shapes) if sb else shapes
+
+    def carried(self, state: State) -> State:
+        """The adapter state a LoRA model holds for exchanged ``state``: itself, or for
+        LoRA-SB the carrier LoRA of the Rs in the run's basis."""
+        if self.basis is None:
+            return state
+        return lora_sb.to_lora(state, lora_sb.basis_from_wire(self.basis))
+
+    # ------------------------------------------------------------------ LoRA-SB burn-in
+    def burnin_instructions(self, nodes: list[int], start: State) -> dict[int, RecordDict]:
+        """The burn-in message (``train.burnin``) per node: the run's config, the node's
+        plan and the initial task head (the LoRA factors are not sent: the burn-in runs
+        at the base model)."""
+        head = {k: v for k, v in start.items() if ".lora_" not in k}
+        self.sent = {}
+        contents = {}
+        for node in nodes:
+            pid = self.partitions[node]
+            ins = wire.TrainIns(
+                0, self.config_json, self.num_labels, head, self.lora_json[pid], pid
+            )
+            contents[node] = wire.encode_train_ins(ins)
+            self.burnin.downlink_bytes += traffic.record_bytes(contents[node])
+            self.sent[node] = head
+        return contents
+
+    def basis_from_burnin(self, replies: list[Reply], start: State) -> State:
+        """Sum the burn-in replies' gradients, derive B, R and A from them
+        (:func:`fedpeft.lora_sb.init_from_scores`) and return the exchanged start state
+        (each module's R and the task head). A bad reply is left out, as in a round."""
+        stats, sb = self.burnin, self.cfg.lora_sb
+        modules = lora_sb.weight_shapes(
+            adapter_shapes(self.cfg.model, self.global_lora, self.num_labels)
+        )
+        expected = {m: np.zeros(shape, np.float32) for m, shape in modules.items()}
+        sums = {m: np.zeros(shape, np.float64) for m, shape in modules.items()}
+        most = sb.burnin_steps * self.cfg.train.batch_size
+        for reply in sorted(replies, key=lambda r: self.partitions.get(r.node, 0)):
+            if reply.error is not None or reply.content is None:
+                self._reject(stats, reply.node, f"client error: {reply.error}")
+                continue
+            stats.uplink_bytes += traffic.record_bytes(reply.content)
+            try:
+                res = wire.decode_train_res(reply.content, expected, most)
+            except wire.UpdateRejected as err:
+                self._reject(stats, reply.node, str(err))
+                continue
+            for m in sums:
+                sums[m] += res.update[m]
+            stats.clients.append(self.partitions.get(reply.node, -1))
+        if not stats.clients:
+            raise RuntimeError(
+                "No node answered LoRA-SB's burn-in, so B and A cannot be initialized; "
+                f"rejected: {[r['reason'] for r in stats.rejected][:3]}."
+            )
+        eta = sb.init_lr if sb.init_lr is not None else self.cfg.train.lr
+        self.basis, initial_r = lora_sb.init_from_scores(sums, self.global_lora.r, eta)
+        self.basis_digest = lora_sb.digest(self.basis)
+        head = {k: v for k, v in start.items() if ".lora_" not in k}
+        return {**head, **initial_r}
 
     # the state of the stages that own it, as the evaluator, summary and tests read it
     @property
@@ -219,6 +289,7 @@ class ServerRounds:
                 self.lora_json[pid],
                 partition_id=pid,
                 merges=merges,
+                **self._basis_for(node),
             )
             ins, self.sent[node] = (
                 self.stages.downlink(node, full) if self.stages.downlink else (full, target)
@@ -230,6 +301,16 @@ class ServerRounds:
             )
             contents[node] = content
         return contents
+
+    def _basis_for(self, node: int) -> dict[str, Any]:
+        """LoRA-SB: the basis digest always, the basis itself once per node (again after a
+        rejection: the node may have lost it)."""
+        if self.basis is None:
+            return {}
+        if node in self.holding:
+            return {"basis_digest": self.basis_digest}
+        self.holding.add(node)
+        return {"basis_digest": self.basis_digest, "basis": self.basis}
 
     def affordable_rounds(self) -> int:
         """The run's last round: ``federation.rounds``, or with user-level DP at a fixed z
@@ -364,6 +445,7 @@ class ServerRounds:
     def _reject(self, stats: RoundStats, node: int, reason: str) -> None:
         if self.stages.downlink is not None:
             self.stages.downlink.forget(node)  # the next message is fp32
+        self.holding.discard(node)  # LoRA-SB: its next message carries the basis again
         client_id = self.partitions.get(node, -1)
         log.warning("rejected the update of client %d (node %d): %s", client_id, node, reason)
         stats.rejected.append({"client": client_id, "node": node, "reason": reason})

@@ -9,6 +9,7 @@ The order of a run is described in docs/architecture.md, "One run".
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import Any
 
 from flwr.app import RecordDict
 
-from fedpeft import declaration, wire
+from fedpeft import declaration, lora_sb, wire
 from fedpeft.audit.tap import AuditTap
 from fedpeft.checkpoint import Checkpoint, load_checkpoint, resume_problem, save_checkpoint
 from fedpeft.config import Config, ConfigError, LoraConfig
@@ -34,11 +35,13 @@ from fedpeft.models import (
 )
 from fedpeft.planning import FleetPlan, plan_clients
 from fedpeft.report import RunLog, save_adapter
-from fedpeft.rounds import RoundStats, ServerRounds
+from fedpeft.rounds import Reply, RoundStats, ServerRounds
 from fedpeft.train import encode, score
 from fedpeft.types import State
 
 log = logging.getLogger("fedpeft")
+# LoRA-SB's burn-in exchange: node -> message content in, the nodes' replies out
+BurnIn = Callable[[dict[int, RecordDict]], list[Reply]]
 
 
 # ---------------------------------------------------------------------- who takes part
@@ -160,7 +163,7 @@ class RoundRecorder:
         """The server's metrics for the adapters ``state`` after ``server_round`` (of
         this process: a resumed run's rounds are offset)."""
         set_base_deltas(self.model, self.rounds.base_delta)  # FLoRA's merged updates
-        load_adapter_state(self.model, state)
+        load_adapter_state(self.model, self.rounds.carried(state))
         began = time.perf_counter()
         metrics = self._evaluate()
         eval_seconds = round(time.perf_counter() - began, 3)
@@ -258,18 +261,30 @@ class ServerRun:
 
     @classmethod
     def prepare(
-        cls, cfg: Config, out_dir: Path, resume: bool, discover: Callable[[], Discovery]
+        cls,
+        cfg: Config,
+        out_dir: Path,
+        resume: bool,
+        discover: Callable[[], Discovery],
+        burn_in: BurnIn | None = None,
     ) -> ServerRun:
         """Check the checkpoint to continue from (``resume``), load the data, learn who
         takes part (``discover``: the query round), plan the fleet, and build the global
         model and the round logic. Discovery comes after the data and before the plans:
         nodes may declare device profiles, and the plans, and the global adapter that
-        must cover all of them, depend on who answered."""
+        must cover all of them, depend on who answered. LoRA-SB (``burn_in``: the
+        exchange of its burn-in messages) then initializes its basis from the nodes'
+        gradients, before round 1."""
+        if resume and cfg.peft.method == "lora_sb":
+            raise ConfigError(
+                "'--resume' does not continue a 'peft.method: lora_sb' run yet: its basis "
+                "lives in the nodes' state; start the run again."
+            )
         ckpt = checkpoint_to_resume(cfg, out_dir) if resume else None
         run_log = RunLog(out_dir, cfg, resumed_round=ckpt.round if ckpt else 0)
         dataset = load_dataset(cfg.data, cfg.model.task, cfg.seed)
         found = discover()
-        fleet = plan_clients(cfg, dataset.num_labels, found.profiles)
+        fleet = plan_clients(_carrier(cfg), dataset.num_labels, found.profiles)
         partitions = trainable_partitions(found.partitions, fleet, cfg.federation.min_clients)
         model = build_peft_model(
             cfg.model, fleet.global_lora, dataset.num_labels, init_seed=cfg.seed
@@ -280,6 +295,11 @@ class ServerRun:
             rounds.tap = AuditTap(cfg, dataset.num_labels, dataset.test)
         recorder = RoundRecorder(cfg, rounds, run_log, model, test)
         start = adapter_state(model)
+        if cfg.peft.method == "lora_sb":
+            if burn_in is None:
+                raise ValueError("'peft.method: lora_sb' needs the burn-in exchange")
+            start = _lora_sb_start(rounds, burn_in, start)
+            load_adapter_state(model, rounds.carried(start))
         if ckpt is not None:
             rounds.restore_state(ckpt.strategy, ckpt.round, ckpt.buffers)
             recorder.initial, start = ckpt.initial, ckpt.global_state
@@ -299,23 +319,63 @@ class ServerRun:
     def finish(self) -> dict[str, Any]:
         """Write ``summary.json`` and the plots; returns the summary."""
         cfg, fleet = self.cfg, self.fleet
-        model = self.recorder.model
         summary = self.run_log.write_summary(
             {
                 "initial": self.recorder.initial,
                 "num_labels": self.dataset.num_labels,
                 "train_examples": len(self.dataset.train),
                 "test_examples": len(self.dataset.test),
-                "adapter_parameters": int(sum(v.size for v in adapter_state(model).values())),
+                "adapter_parameters": int(sum(v.size for v in self.start.values())),
                 "client_profiles": {str(p): name for p, name in fleet.profile_names.items()},
                 "client_plans": {str(p): plan_summary(lo) for p, lo in fleet.client_loras.items()},
                 "left_out": {str(p): reason for p, reason in fleet.left_out.items()},
                 **_privacy_summary(cfg, self.rounds, self.last_round),
+                **_burnin_summary(self.rounds),
                 **_ray_nodes(self.rounds),
             }
         )
         self.run_log.write_plots()
         return summary
+
+
+def _carrier(cfg: Config) -> Config:
+    """The config the fleet is planned with: LoRA-SB's B R A rides on a LoRA of scale 1."""
+    if cfg.peft.method != "lora_sb":
+        return cfg
+    return dataclasses.replace(cfg, lora=lora_sb.carrier_lora(cfg.lora))
+
+
+def _lora_sb_start(rounds: ServerRounds, burn_in: BurnIn, start: State) -> State:
+    """Run LoRA-SB's burn-in on round 1's sample and return the exchanged start state."""
+    began = time.perf_counter()
+    nodes = rounds.sample(1, rounds.cfg.federation.fraction_train)
+    log.info("LoRA-SB burn-in: %d nodes sum their gradients at the base model", len(nodes))
+    replies = burn_in(rounds.burnin_instructions(nodes, start))
+    start = rounds.basis_from_burnin(replies, start)
+    stats = rounds.burnin
+    log.info(
+        "LoRA-SB burn-in: %d of %d nodes answered | uplink %.3f MB | downlink %.3f MB | "
+        "basis %.3f MB per node | %.1f s",
+        len(stats.clients), len(nodes), stats.uplink_bytes / 1e6, stats.downlink_bytes / 1e6,
+        sum(v.nbytes for v in (rounds.basis or {}).values()) / 1e6, time.perf_counter() - began,
+    )  # fmt: skip
+    return start
+
+
+def _burnin_summary(rounds: ServerRounds) -> dict[str, Any]:
+    if rounds.basis is None:
+        return {}
+    stats = rounds.burnin
+    return {
+        "burnin": {
+            "clients": stats.clients,
+            "rejected": stats.rejected,
+            "uplink_bytes": stats.uplink_bytes,
+            "downlink_bytes": stats.downlink_bytes,
+            "basis_bytes": int(sum(v.nbytes for v in rounds.basis.values())),
+            "basis_digest": rounds.basis_digest,
+        }
+    }
 
 
 def _privacy_summary(cfg: Config, rounds: ServerRounds, rounds_run: int) -> dict[str, Any]:

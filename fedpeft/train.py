@@ -254,6 +254,27 @@ def forward_loss(
     return lm_loss(*lm_logits(model, batch)), None
 
 
+def training_loss(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    task: str,
+    log_prior: torch.Tensor | None,
+    logit_adjustment: float,
+) -> torch.Tensor:
+    """The local objective: the task loss, for a classifier with its logits adjusted by
+    ``logit_adjustment`` × log π of the client's labels (FedLC) when that is > 0."""
+    loss, logits = forward_loss(model, batch, task)
+    if logits is not None and log_prior is not None and logit_adjustment > 0:
+        adjusted = logits.float() + logit_adjustment * log_prior  # (B, K)
+        loss = torch.nn.functional.cross_entropy(adjusted, batch["labels"])
+    return loss
+
+
+def label_prior(data: Encoded, model: torch.nn.Module, task: str) -> torch.Tensor | None:
+    """log π of a classifier's client labels (None for a causal LM)."""
+    return _log_label_prior(data, model) if task == "classification" else None
+
+
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """The local optimizer of ``train.optimizer`` over the trainable parameters."""
     if cfg.optimizer == "sgd":
@@ -291,10 +312,7 @@ def train_local(
         # forward
         batch = {k: v.to(device) for k, v in collate(data, index, pad_id, task).items()}
         with accel.autocast(device, dtype):
-            loss, logits = forward_loss(model, batch, task)
-            if logits is not None and log_prior is not None and cfg.logit_adjustment > 0:
-                adjusted = logits.float() + cfg.logit_adjustment * log_prior  # (B, K)
-                loss = torch.nn.functional.cross_entropy(adjusted, batch["labels"])
+            loss = training_loss(model, batch, task, log_prior, cfg.logit_adjustment)
         # backward + step
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # type: ignore[no-untyped-call]

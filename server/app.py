@@ -14,13 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord
+from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedpeft import declaration, wire
 from fedpeft.config import Config, load_config
-from fedpeft.serverrun import Discovery, RoundRecorder, ServerRun, discovery
-from server.strategy import AdapterFedAvg
+from fedpeft.rounds import Reply
+from fedpeft.serverrun import BurnIn, Discovery, RoundRecorder, ServerRun, discovery
+from server.strategy import AdapterFedAvg, replies_of
 
 
 def discover_nodes(grid: Grid, cfg: Config, wait_s: float = 120.0) -> Discovery:
@@ -52,6 +53,23 @@ def _wait_for_nodes(grid: Grid, cfg: Config, wait_s: float) -> list[int]:
     return nodes
 
 
+def burn_in(grid: Grid, cfg: Config) -> BurnIn:
+    """LoRA-SB's burn-in exchange: one ``train.burnin`` message per node, its replies."""
+
+    def send(contents: dict[int, RecordDict]) -> list[Reply]:
+        messages = [
+            Message(
+                content, dst_node_id=node, ttl=cfg.federation.timeout,
+                message_type=f"{MessageType.TRAIN}.{wire.BURNIN}",
+            )
+            for node, content in contents.items()
+        ]  # fmt: skip
+        received = grid.send_and_receive(messages, timeout=cfg.federation.timeout)
+        return replies_of(messages, received)
+
+    return send
+
+
 def _evaluate_fn(recorder: RoundRecorder) -> Any:
     """The recorder behind Flower's ``evaluate_fn(round, arrays) -> MetricRecord``."""
 
@@ -65,7 +83,9 @@ def _evaluate_fn(recorder: RoundRecorder) -> Any:
 def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False) -> dict[str, Any]:
     """The whole run: discover the nodes, plan, rounds, outputs. Returns the summary.
     ``resume``: continue from ``out_dir``'s checkpoint (fedpeft.checkpoint)."""
-    run = ServerRun.prepare(cfg, out_dir, resume, lambda: discover_nodes(grid, cfg))
+    run = ServerRun.prepare(
+        cfg, out_dir, resume, lambda: discover_nodes(grid, cfg), burn_in(grid, cfg)
+    )
     if run.rounds_left:
         AdapterFedAvg(cfg, run.rounds).start(
             grid=grid,

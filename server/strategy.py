@@ -27,6 +27,24 @@ def _last_line(text: str | None, limit: int = 300) -> str:
     return (lines[-1] if lines else str(text))[:limit]
 
 
+def replies_of(sent: list[Message], received: Iterable[Message]) -> list[Reply]:
+    """The replies to the messages ``sent`` (as pushed), as :class:`Reply`. An error the
+    SuperLink writes on a node's behalf ("Node Unavailable") comes from the SuperLink
+    itself, so it is traced back to the message it answers (Flower sets the IDs of the
+    messages it pushes)."""
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+
+    def node_of(reply: Message) -> int:
+        return sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+    return [
+        Reply(node_of(m), error=_last_line(m.error.reason))
+        if m.has_error()
+        else Reply(node_of(m), content=m.content)
+        for m in received
+    ]
+
+
 class AdapterFedAvg(FedAvg):
     """FedAvg over LoRA adapters of any aggregator in the registry."""
 
@@ -41,7 +59,6 @@ class AdapterFedAvg(FedAvg):
         self.cfg = cfg
         self.rounds = rounds
         self._outbox: list[Message] = []  # this round's messages (their IDs once pushed)
-        self._sent_to: dict[str, int] | None = None  # message ID -> node, from the outbox
 
     def _messages(
         self, server_round: int, arrays: ArrayRecord, nodes: list[int], kind: str
@@ -55,28 +72,11 @@ class AdapterFedAvg(FedAvg):
             Message(content, dst_node_id=node, message_type=kind, ttl=ttl)
             for node, content in contents.items()
         ]
-        self._outbox, self._sent_to = messages, None
+        self._outbox = messages
         return messages
 
-    def _node_of(self, reply: Message) -> int:
-        """The node a reply stands for. An error the SuperLink writes on a node's behalf
-        ("Node Unavailable") comes from the SuperLink itself, so it is traced back to
-        the message it answers (Flower sets the IDs of the messages it pushes)."""
-        if self._sent_to is None:  # message IDs exist only once Flower has pushed them
-            self._sent_to = {
-                m.metadata.message_id: m.metadata.dst_node_id
-                for m in self._outbox
-                if m.metadata.message_id
-            }
-        return self._sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-
     def _replies(self, messages: Iterable[Message]) -> list[Reply]:
-        return [
-            Reply(self._node_of(m), error=_last_line(m.error.reason))
-            if m.has_error()
-            else Reply(self._node_of(m), content=m.content)
-            for m in messages
-        ]
+        return replies_of(self._outbox, messages)
 
     # ------------------------------------------------------------------ train
     def configure_train(

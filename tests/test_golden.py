@@ -124,6 +124,12 @@ RUNS: dict[str, dict[str, Any]] = {
         },
     ),
     "instruction_llama": LLAMA,
+    "lora_sb_ternary_downlink": with_sections(
+        BASE,
+        peft={"method": "lora_sb"},
+        federation={"rounds": 3},
+        compression={"density": 1.0, "downlink": True},
+    ),
 }
 
 
