@@ -123,6 +123,12 @@ class LoraSBConfig:
     """LoRA-SB's federated initialization (``peft.method: lora_sb``, docs/lora-sb.md).
 
     Args:
+        init: where B and A come from. ``gradient`` (LoRA-SB): the truncated SVD of the
+            first update −η sign(Σ g), Σ g summed by the nodes in a burn-in before round 1
+            (R starts at its singular values). ``weights`` (LoRA-XS, Bałazy et al.,
+            2024): the truncated SVD of the base weight W0 itself, computed by the server
+            with no burn-in and no data (R starts at zero); the one allowed under DP,
+            whose accountant does not cover a burn-in.
         burnin_steps: batches over which each burn-in client sums the gradient of every
             adapted weight at the base model, before round 1 (no step is taken).
         score_density: share of each summed gradient's entries a burn-in client sends
@@ -131,6 +137,7 @@ class LoraSBConfig:
             gives B, R and A (LoRA-SB's first Adam step); ``null``: ``train.lr``.
     """
 
+    init: Literal["gradient", "weights"] = "gradient"
     burnin_steps: int = 8
     score_density: float = 0.01
     init_lr: float | None = None
@@ -712,6 +719,7 @@ def _check_lora(lo: LoraConfig) -> None:
 
 
 PEFT_METHODS = ("lora", "lora_sb")
+LORA_SB_INITS = ("gradient", "weights")
 # aggregators that average each exchanged tensor entry by entry; the others read LoRA's
 # A and B factors, which LoRA-SB does not send
 LORA_SB_AGGREGATORS = ("fedit", "median", "trimmed_mean")
@@ -722,6 +730,10 @@ def _check_method(cfg: Config) -> None:
     _require(
         method in PEFT_METHODS,
         f"'peft.method' should be one of {list(PEFT_METHODS)}, got {method!r}.",
+    )
+    _require(
+        sb.init in LORA_SB_INITS,
+        f"'lora_sb.init' should be one of {list(LORA_SB_INITS)}, got {sb.init!r}.",
     )
     _require(sb.burnin_steps >= 1, "'lora_sb.burnin_steps' should be a positive integer.")
     _require(0 < sb.score_density <= 1, "'lora_sb.score_density' should be in (0, 1].")
@@ -749,6 +761,11 @@ def _check_method(cfg: Config) -> None:
         cfg.privacy.mode not in ("record",),
         "'peft.method: lora_sb' with 'privacy.mode: record' is not supported yet; "
         "use 'user' or 'local'.",
+    )
+    _require(
+        cfg.privacy.mode == "none" or sb.init == "weights",
+        "LoRA-SB's gradient burn-in releases each node's summed gradient outside the "
+        "privacy accountant; under DP use 'lora_sb.init: weights'.",
     )
     _require(
         not cfg.audit.tap_every,

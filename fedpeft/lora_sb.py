@@ -147,14 +147,43 @@ def init_from_scores(score_sums: State, rank: int, eta: float) -> tuple[State, S
     initial_r: State = {}
     for module in sorted(score_sums):
         u, s, vt = truncated_svd(initial_update(score_sums[module], eta), rank)
-        b_codes, b_scale = quantized(u, axis=0)  # one scale per column of B
-        a_codes, a_scale = quantized(vt, axis=1)  # one scale per row of A
-        wire_basis[module + BASIS_B] = b_codes
-        wire_basis[module + BASIS_B + ".scale"] = b_scale
-        wire_basis[module + BASIS_A] = a_codes
-        wire_basis[module + BASIS_A + ".scale"] = a_scale
+        wire_basis.update(_quantized_basis(module, u, vt))
         initial_r[module + R_SUFFIX] = np.diag(s).astype(np.float32)
     return wire_basis, initial_r
+
+
+def init_from_weights(weights: State, rank: int) -> tuple[State, State]:
+    """LoRA-XS's initialization (Bałazy et al., 2024): B = U_r and A = V_rᵀ of each base
+    weight W0 (module -> m×n), quantized as :func:`init_from_scores` does, and R = 0 (the
+    adapter starts as a no-op). Needs no data, so nothing is released before round 1."""
+    wire_basis: State = {}
+    initial_r: State = {}
+    for module in sorted(weights):
+        u, _, vt = truncated_svd(weights[module].astype(np.float32), rank)
+        wire_basis.update(_quantized_basis(module, u, vt))
+        initial_r[module + R_SUFFIX] = np.zeros((rank, rank), np.float32)
+    return wire_basis, initial_r
+
+
+def _quantized_basis(module: str, u: np.ndarray, vt: np.ndarray) -> State:
+    b_codes, b_scale = quantized(u, axis=0)  # one scale per column of B
+    a_codes, a_scale = quantized(vt, axis=1)  # one scale per row of A
+    return {
+        module + BASIS_B: b_codes,
+        module + BASIS_B + ".scale": b_scale,
+        module + BASIS_A: a_codes,
+        module + BASIS_A + ".scale": a_scale,
+    }
+
+
+def base_weights(model: torch.nn.Module, modules: list[str]) -> State:
+    """module -> W0 (m×n, float32) of each adapted module of a carrier LoRA model."""
+    out: State = {}
+    for module in modules:
+        base = _lora_layer(model, module).base_layer
+        weight = base.weight.detach().float()
+        out[module] = (weight if isinstance(base, torch.nn.Linear) else weight.T).cpu().numpy()
+    return out
 
 
 def basis_from_wire(wire_basis: State) -> State:

@@ -221,8 +221,13 @@ class ServerRounds:
                 f"rejected: {[r['reason'] for r in stats.rejected][:3]}."
             )
         eta = sb.init_lr if sb.init_lr is not None else self.cfg.train.lr
-        self.basis, initial_r = lora_sb.init_from_scores(sums, self.global_lora.r, eta)
-        self.basis_digest = lora_sb.digest(self.basis)
+        basis, initial_r = lora_sb.init_from_scores(sums, self.global_lora.r, eta)
+        return self.install_basis(basis, initial_r, start)
+
+    def install_basis(self, basis: State, initial_r: State, start: State) -> State:
+        """Keep the run's LoRA-SB basis (sent to each node once) and return the exchanged
+        start state: each module's initial R and the task head of ``start``."""
+        self.basis, self.basis_digest = basis, lora_sb.digest(basis)
         head = {k: v for k, v in start.items() if ".lora_" not in k}
         return {**head, **initial_r}
 

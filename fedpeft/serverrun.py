@@ -296,9 +296,7 @@ class ServerRun:
         recorder = RoundRecorder(cfg, rounds, run_log, model, test)
         start = adapter_state(model)
         if cfg.peft.method == "lora_sb":
-            if burn_in is None:
-                raise ValueError("'peft.method: lora_sb' needs the burn-in exchange")
-            start = _lora_sb_start(rounds, burn_in, start)
+            start = _lora_sb_start(rounds, burn_in, start, model)
             load_adapter_state(model, rounds.carried(start))
         if ckpt is not None:
             rounds.restore_state(ckpt.strategy, ckpt.round, ckpt.buffers)
@@ -345,8 +343,17 @@ def _carrier(cfg: Config) -> Config:
     return dataclasses.replace(cfg, lora=lora_sb.carrier_lora(cfg.lora))
 
 
-def _lora_sb_start(rounds: ServerRounds, burn_in: BurnIn, start: State) -> State:
-    """Run LoRA-SB's burn-in on round 1's sample and return the exchanged start state."""
+def _lora_sb_start(rounds: ServerRounds, burn_in: BurnIn | None, start: State, model: Any) -> State:
+    """LoRA-SB's basis and the exchanged start state: from the base weights
+    (``lora_sb.init: weights``), or from a burn-in on round 1's sample."""
+    if rounds.cfg.lora_sb.init == "weights":
+        modules = lora_sb.module_names({k: v.shape for k, v in start.items()})
+        basis, initial_r = lora_sb.init_from_weights(
+            lora_sb.base_weights(model, modules), rounds.global_lora.r
+        )
+        return rounds.install_basis(basis, initial_r, start)
+    if burn_in is None:
+        raise ValueError("LoRA-SB's gradient initialization needs the burn-in exchange")
     began = time.perf_counter()
     nodes = rounds.sample(1, rounds.cfg.federation.fraction_train)
     log.info("LoRA-SB burn-in: %d nodes sum their gradients at the base model", len(nodes))

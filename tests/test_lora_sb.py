@@ -237,12 +237,42 @@ def test_lora_sb_instruction_run_exports_what_generate_loads(tmp_path: Path) -> 
         ({"peft": {"method": "lora_sb"}, "privacy": {"mode": "record"}}, "not supported yet"),
         ({"lora_sb": {"score_density": 0.0}}, "'lora_sb.score_density'"),
         ({"lora_sb": {"burnin_steps": 0}}, "'lora_sb.burnin_steps'"),
+        ({"lora_sb": {"init": "pissa"}}, "'lora_sb.init' should be one of"),
+        (
+            {"peft": {"method": "lora_sb"}, "privacy": {"mode": "user", "noise_multiplier": 1.0}},
+            "outside the privacy accountant",
+        ),
     ],
 )
 def test_lora_sb_mistakes_are_one_sentence(sections: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment) as err:
         config_from_dict(with_sections(BASE, **sections))
     assert str(err.value).count(". ") == 0 and str(err.value).endswith(".")
+
+
+def test_weights_init_needs_no_burn_in_and_learns_under_user_level_dp(tmp_path: Path) -> None:
+    raw = with_sections(
+        SB,
+        lora_sb={"init": "weights"},
+        privacy={"mode": "user", "noise_multiplier": 0.3, "clip_norm": 1.0, "noise_seed": 2},
+    )
+    summary = simulate(config_from_dict(raw), tmp_path)
+    assert summary["burnin"]["clients"] == [] and summary["burnin"]["uplink_bytes"] == 0
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["rejected"] == [] and len(r["clients"]) == 3 for r in rows)
+    assert rows[-1]["epsilon"] > 0
+
+
+def test_weights_init_is_the_svd_of_w0_with_r_at_zero() -> None:
+    rng = np.random.default_rng(3)
+    w0 = rng.standard_normal((20, 12)).astype(np.float32)
+    basis, initial_r = lora_sb.init_from_weights({"m": w0}, 3)
+    u, s, vt = np.linalg.svd(w0.astype(np.float64))
+    got = lora_sb.basis_from_wire(basis)
+    # the same subspaces (signs may differ): |U_rᵀ B| is the identity to int8 precision
+    np.testing.assert_allclose(np.abs(u[:, :3].T @ got["m.B"]), np.eye(3), atol=0.02)
+    np.testing.assert_allclose(np.abs(vt[:3] @ got["m.A"].T), np.eye(3), atol=0.02)
+    assert not initial_r["m.lora_R.weight"].any()
 
 
 def test_resume_of_a_lora_sb_run_is_refused_in_one_sentence(tmp_path: Path) -> None:
