@@ -267,7 +267,7 @@ def test_weights_init_is_the_svd_of_w0_with_r_at_zero() -> None:
     rng = np.random.default_rng(3)
     w0 = rng.standard_normal((20, 12)).astype(np.float32)
     basis, initial_r = lora_sb.init_from_weights({"m": w0}, 3)
-    u, s, vt = np.linalg.svd(w0.astype(np.float64))
+    u, _, vt = np.linalg.svd(w0.astype(np.float64))
     got = lora_sb.basis_from_wire(basis)
     # the same subspaces (signs may differ): |U_rᵀ B| is the identity to int8 precision
     np.testing.assert_allclose(np.abs(u[:, :3].T @ got["m.B"]), np.eye(3), atol=0.02)
