@@ -97,14 +97,14 @@ def _carried(ins: TrainIns, cfg: Config) -> State:
 
 
 def _basis(ins: TrainIns) -> State:
-    if ins.basis is None:
-        raise MissingBasis("this node holds no LoRA-SB basis for the run")
-    return lora_sb.basis_from_wire(ins.basis)
+    if ins.structure is None:
+        raise MissingStructure("this node holds no LoRA-SB basis for the run")
+    return lora_sb.basis_from_wire(ins.structure)
 
 
-class MissingBasis(RuntimeError):
-    """A LoRA-SB message reached a node that holds no basis, or another one: the server
-    sends it again with the node's next message."""
+class MissingStructure(RuntimeError):
+    """A message reached a node that holds no fixed adapter structure (LoRA-SB's basis),
+    or another one: the server sends it again with the node's next message."""
 
 
 def _trained(model: PeftModel, ins: TrainIns, cfg: Config, result_of: Any) -> tuple[Any, State]:

@@ -33,8 +33,8 @@ def _merged_base(ins: wire.TrainIns, node_state: RecordDict) -> wire.State:
 def _received(content: RecordDict, node_state: RecordDict) -> wire.TrainIns:
     """The message's instruction with the adapters in full (downlink compression: this
     node's view plus the change), the new view kept in the node's state; for LoRA-SB
-    with the basis, as sent or as this node kept it."""
-    ins = _with_basis(wire.decode_train_ins(content), node_state)
+    with its fixed structure, as sent or as this node kept it."""
+    ins = _with_structure(wire.decode_train_ins(content), node_state)
     if not client.parse_config(ins.config_json).compression.downlink:
         return ins
     view_number, view = nodestate.read_view(node_state)
@@ -43,22 +43,24 @@ def _received(content: RecordDict, node_state: RecordDict) -> wire.TrainIns:
     return ins
 
 
-def _with_basis(ins: wire.TrainIns, node_state: RecordDict) -> wire.TrainIns:
-    """LoRA-SB: a basis in the message is kept in the node's state; a message without one
-    uses the kept basis, which must be the one the message names."""
-    if not ins.basis_digest:
+def _with_structure(ins: wire.TrainIns, node_state: RecordDict) -> wire.TrainIns:
+    """The adapter's fixed structure (LoRA-SB's basis): one in the message is kept in
+    the node's state; a message without one uses the kept one, which must be the one
+    the message names."""
+    if not ins.structure_digest:
         return ins
-    if ins.basis is not None:
-        if lora_sb.digest(ins.basis) != ins.basis_digest:
-            raise client.MissingBasis("the LoRA-SB basis received does not match its digest")
-        nodestate.write_basis(node_state, ins.basis_digest, ins.basis)
+    if ins.structure is not None:
+        if lora_sb.digest(ins.structure) != ins.structure_digest:
+            raise client.MissingStructure("the structure received does not match its digest")
+        nodestate.write_structure(node_state, ins.structure_digest, ins.structure)
         return ins
-    digest, kept = nodestate.read_basis(node_state)
-    if digest != ins.basis_digest:
-        raise client.MissingBasis(
-            f"this node holds LoRA-SB basis {digest or 'none'}, the message is in {ins.basis_digest}"
+    digest, kept = nodestate.read_structure(node_state)
+    if digest != ins.structure_digest:
+        raise client.MissingStructure(
+            f"this node holds adapter structure {digest or 'none'}, "
+            f"the message is in {ins.structure_digest}"
         )
-    return dataclasses.replace(ins, basis=kept)
+    return dataclasses.replace(ins, structure=kept)
 
 
 def burnin(content: RecordDict, node_state: RecordDict) -> RecordDict:

@@ -48,8 +48,9 @@ import numpy as np
 import torch
 from torch.nn.utils import parametrize
 
-from fedpeft.config import LoraConfig, TrainConfig
+from fedpeft.config import Config, LoraConfig, TrainConfig
 from fedpeft.errors import ModelError
+from fedpeft.models import adapter_shapes
 from fedpeft.train import Encoded, batch_indices, collate, label_prior, training_loss
 from fedpeft.types import State
 
@@ -81,6 +82,14 @@ def exchanged_shapes(lora_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple
         r = lora_shapes[module + A_SUFFIX][0]
         shapes[module + R_SUFFIX] = (r, r)
     return shapes
+
+
+def run_shapes(cfg: Config, num_labels: int) -> dict[str, tuple[int, ...]]:
+    """The shapes one client of run ``cfg`` (its ``lora`` section) sends per round, for
+    any ``peft.method``."""
+    if cfg.peft.method != "lora_sb":
+        return adapter_shapes(cfg.model, cfg.lora, num_labels)
+    return exchanged_shapes(adapter_shapes(cfg.model, carrier_lora(cfg.lora), num_labels))
 
 
 def weight_shapes(lora_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:

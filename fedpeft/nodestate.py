@@ -5,7 +5,7 @@ a new ClientApp process, which a deployment starts for every message.
 - its record-level or local DP accountant's history (``privacy.mode: record, local``);
 - the adapters it last received and their view number (``compression.downlink``);
 - FLoRA's merged updates Σ ΔW, dense per module, and the last round merged;
-- LoRA-SB's fixed basis (B and A as received) and its digest.
+- the adapter's fixed structure (LoRA-SB's B and A, as received) and its digest.
 
 A simulation's nodes start empty; a deployment's node state lasts one run.
 """
@@ -24,8 +24,8 @@ RESIDUAL = "fedpeft-residual"  # the error-feedback residual of the last update
 HISTORY = "fedpeft-accountant"  # its privacy accountant's history
 VIEW = "fedpeft-view"  # the adapters it last received (downlink compression)
 VIEW_NUMBER = "fedpeft-view-number"  # which view they are
-BASIS = "fedpeft-lora-sb-basis"  # LoRA-SB's B and A, as received
-BASIS_DIGEST = "fedpeft-lora-sb-digest"  # which basis it is
+STRUCTURE = "fedpeft-structure"  # the adapter's fixed part (LoRA-SB's B and A), as received
+STRUCTURE_DIGEST = "fedpeft-structure-digest"  # which one it is
 
 
 def read_merged_base(node_state: RecordDict) -> tuple[int, State]:
@@ -79,14 +79,14 @@ def write_view(node_state: RecordDict, number: int, adapters: State) -> None:
     node_state[VIEW_NUMBER] = ConfigRecord({"view": number})
 
 
-def read_basis(node_state: RecordDict) -> tuple[str, State]:
-    """The LoRA-SB basis this node holds and its digest ("", {} if none)."""
-    if BASIS not in node_state.array_records:
+def read_structure(node_state: RecordDict) -> tuple[str, State]:
+    """The fixed adapter structure this node holds and its digest ("", {} if none)."""
+    if STRUCTURE not in node_state.array_records:
         return "", {}
-    digest = str(node_state.config_records[BASIS_DIGEST]["digest"])
-    return digest, record_to_state(node_state.array_records[BASIS])
+    digest = str(node_state.config_records[STRUCTURE_DIGEST]["digest"])
+    return digest, record_to_state(node_state.array_records[STRUCTURE])
 
 
-def write_basis(node_state: RecordDict, digest: str, wire_basis: State) -> None:
-    node_state[BASIS] = state_to_record(wire_basis)
-    node_state[BASIS_DIGEST] = ConfigRecord({"digest": digest})
+def write_structure(node_state: RecordDict, digest: str, structure: State) -> None:
+    node_state[STRUCTURE] = state_to_record(structure)
+    node_state[STRUCTURE_DIGEST] = ConfigRecord({"digest": digest})

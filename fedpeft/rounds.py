@@ -156,9 +156,9 @@ class ServerRounds:
             for pid, lora in fleet.client_loras.items()
         }
         self.global_lora = fleet.global_lora
-        # LoRA-SB: the basis every node trains R in (as sent), and the nodes sent it
-        self.basis: State | None = None
-        self.basis_digest = ""
+        # the adapter's fixed structure (LoRA-SB's basis, as sent), and the nodes sent it
+        self.structure: State | None = None
+        self.structure_digest = ""
         self.holding: set[int] = set()
         self.burnin = RoundStats()  # the burn-in's traffic (LoRA-SB), before round 1
 
@@ -169,9 +169,9 @@ class ServerRounds:
     def carried(self, state: State) -> State:
         """The adapter state a LoRA model holds for exchanged ``state``: itself, or for
         LoRA-SB the carrier LoRA of the Rs in the run's basis."""
-        if self.basis is None:
+        if self.structure is None:
             return state
-        return lora_sb.to_lora(state, lora_sb.basis_from_wire(self.basis))
+        return lora_sb.to_lora(state, lora_sb.basis_from_wire(self.structure))
 
     # ------------------------------------------------------------------ LoRA-SB burn-in
     def burnin_instructions(self, nodes: list[int], start: State) -> dict[int, RecordDict]:
@@ -222,14 +222,15 @@ class ServerRounds:
             )
         eta = sb.init_lr if sb.init_lr is not None else self.cfg.train.lr
         basis, initial_r = lora_sb.init_from_scores(sums, self.global_lora.r, eta)
-        return self.install_basis(basis, initial_r, start)
+        return self.install_structure(basis, initial_r, start)
 
-    def install_basis(self, basis: State, initial_r: State, start: State) -> State:
-        """Keep the run's LoRA-SB basis (sent to each node once) and return the exchanged
-        start state: each module's initial R and the task head of ``start``."""
-        self.basis, self.basis_digest = basis, lora_sb.digest(basis)
+    def install_structure(self, structure: State, initial: State, start: State) -> State:
+        """Keep the run's fixed adapter structure (LoRA-SB's basis; sent to each node
+        once) and return the exchanged start state: ``initial`` (LoRA-SB's Rs) and the
+        task head of ``start``."""
+        self.structure, self.structure_digest = structure, lora_sb.digest(structure)
         head = {k: v for k, v in start.items() if ".lora_" not in k}
-        return {**head, **initial_r}
+        return {**head, **initial}
 
     # the state of the stages that own it, as the evaluator, summary and tests read it
     @property
@@ -294,7 +295,7 @@ class ServerRounds:
                 self.lora_json[pid],
                 partition_id=pid,
                 merges=merges,
-                **self._basis_for(node),
+                **self._structure_for(node),
             )
             ins, self.sent[node] = (
                 self.stages.downlink(node, full) if self.stages.downlink else (full, target)
@@ -307,15 +308,15 @@ class ServerRounds:
             contents[node] = content
         return contents
 
-    def _basis_for(self, node: int) -> dict[str, Any]:
-        """LoRA-SB: the basis digest always, the basis itself once per node (again after a
-        rejection: the node may have lost it)."""
-        if self.basis is None:
+    def _structure_for(self, node: int) -> dict[str, Any]:
+        """The fixed structure's digest always, the structure itself once per node (again
+        after a rejection: the node may have lost it)."""
+        if self.structure is None:
             return {}
         if node in self.holding:
-            return {"basis_digest": self.basis_digest}
+            return {"structure_digest": self.structure_digest}
         self.holding.add(node)
-        return {"basis_digest": self.basis_digest, "basis": self.basis}
+        return {"structure_digest": self.structure_digest, "structure": self.structure}
 
     def affordable_rounds(self) -> int:
         """The run's last round: ``federation.rounds``, or with user-level DP at a fixed z
@@ -450,7 +451,7 @@ class ServerRounds:
     def _reject(self, stats: RoundStats, node: int, reason: str) -> None:
         if self.stages.downlink is not None:
             self.stages.downlink.forget(node)  # the next message is fp32
-        self.holding.discard(node)  # LoRA-SB: its next message carries the basis again
+        self.holding.discard(node)  # its next message carries the structure again
         client_id = self.partitions.get(node, -1)
         log.warning("rejected the update of client %d (node %d): %s", client_id, node, reason)
         stats.rejected.append({"client": client_id, "node": node, "reason": reason})

@@ -351,7 +351,7 @@ def _lora_sb_start(rounds: ServerRounds, burn_in: BurnIn | None, start: State, m
         basis, initial_r = lora_sb.init_from_weights(
             lora_sb.base_weights(model, modules), rounds.global_lora.r
         )
-        return rounds.install_basis(basis, initial_r, start)
+        return rounds.install_structure(basis, initial_r, start)
     if burn_in is None:
         raise ValueError("LoRA-SB's gradient initialization needs the burn-in exchange")
     began = time.perf_counter()
@@ -364,13 +364,13 @@ def _lora_sb_start(rounds: ServerRounds, burn_in: BurnIn | None, start: State, m
         "LoRA-SB burn-in: %d of %d nodes answered | uplink %.3f MB | downlink %.3f MB | "
         "basis %.3f MB per node | %.1f s",
         len(stats.clients), len(nodes), stats.uplink_bytes / 1e6, stats.downlink_bytes / 1e6,
-        sum(v.nbytes for v in (rounds.basis or {}).values()) / 1e6, time.perf_counter() - began,
+        sum(v.nbytes for v in (rounds.structure or {}).values()) / 1e6, time.perf_counter() - began,
     )  # fmt: skip
     return start
 
 
 def _burnin_summary(rounds: ServerRounds) -> dict[str, Any]:
-    if rounds.basis is None:
+    if rounds.structure is None:
         return {}
     stats = rounds.burnin
     return {
@@ -379,8 +379,8 @@ def _burnin_summary(rounds: ServerRounds) -> dict[str, Any]:
             "rejected": stats.rejected,
             "uplink_bytes": stats.uplink_bytes,
             "downlink_bytes": stats.downlink_bytes,
-            "basis_bytes": int(sum(v.nbytes for v in rounds.basis.values())),
-            "basis_digest": rounds.basis_digest,
+            "structure_bytes": int(sum(v.nbytes for v in rounds.structure.values())),
+            "structure_digest": rounds.structure_digest,
         }
     }
 

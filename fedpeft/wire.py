@@ -38,7 +38,7 @@ MERGE_PREFIX = "merge-"  # + round: one stacked product update to merge into the
 PACKED = "update-compeft"
 PACKED_HEADER = "compeft"
 PACKED_HEADER_KEYS = ("shapes", "ndims", "kept", "rice", "nbytes")
-BASIS = "lora-sb-basis"  # LoRA-SB's fixed B and A (int8 codes, scales), sent once per node
+STRUCTURE = "structure"  # the adapter's fixed part (LoRA-SB's B and A), sent once per node
 BURNIN = "burnin"  # the action of the burn-in message ("train.burnin"), before round 1
 PLACEMENT = "placement"  # a reply's Ray node and host (simulations on a Ray cluster)
 
@@ -75,10 +75,10 @@ class TrainIns:
     downlink: codec.Packed | None = None
     base_view: int = -1
     view: int = 0
-    # LoRA-SB: the digest of the basis the adapters are in, and the basis itself when the
-    # server has not sent it to this node yet (a node keeps it in its state)
-    basis_digest: str = ""
-    basis: State | None = None
+    # the digest of the fixed structure the adapters are in (LoRA-SB's basis), and the
+    # structure itself when the server has not sent it to this node yet (a node keeps it)
+    structure_digest: str = ""
+    structure: State | None = None
 
 
 @dataclass(frozen=True)
@@ -115,12 +115,12 @@ def encode_train_ins(ins: TrainIns) -> RecordDict:
             "partition-id": ins.partition_id,
             "base-view": ins.base_view,
             "view": ins.view,
-            **({"basis-digest": ins.basis_digest} if ins.basis_digest else {}),
+            **({"structure-digest": ins.structure_digest} if ins.structure_digest else {}),
         }
     )
     content = RecordDict({CONFIG: config})
-    if ins.basis is not None:
-        content[BASIS] = state_to_record(ins.basis)
+    if ins.structure is not None:
+        content[STRUCTURE] = state_to_record(ins.structure)
     if ins.downlink is None:
         content[ADAPTERS] = state_to_record(ins.adapters)
     else:
@@ -148,9 +148,9 @@ def decode_train_ins(content: RecordDict) -> TrainIns:
         downlink=None if full else _packed_from(content),
         base_view=int(config.get("base-view", -1)),  # type: ignore[arg-type]
         view=int(config.get("view", 0)),  # type: ignore[arg-type]
-        basis_digest=str(config.get("basis-digest", "")),
-        basis=record_to_state(content.array_records[BASIS])
-        if BASIS in content.array_records
+        structure_digest=str(config.get("structure-digest", "")),
+        structure=record_to_state(content.array_records[STRUCTURE])
+        if STRUCTURE in content.array_records
         else None,
     )
 

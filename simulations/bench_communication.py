@@ -44,7 +44,6 @@ from fedpeft import lora_sb, wire  # noqa: E402
 from fedpeft.cli import setup_logging  # noqa: E402
 from fedpeft.compression.compeft import compress  # noqa: E402
 from fedpeft.config import Config, load_config  # noqa: E402
-from fedpeft.models import adapter_shapes  # noqa: E402
 from simulations.common import last3_accuracy, run_or_reuse  # noqa: E402
 
 REFERENCE = "lora"
@@ -66,14 +65,6 @@ ROWS: dict[str, list[str]] = {
     "lora_sb_r32_ternary": sb(32) + TERNARY,
 }
 DEFAULT_ROWS = ["lora", "lora_stc", "lora_sb_r8", "lora_sb_r8_ternary", "lora_sb_r16_ternary"]
-
-
-def exchanged_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
-    """The shapes one client sends per round for this config."""
-    if cfg.peft.method == "lora_sb":
-        carrier = lora_sb.carrier_lora(cfg.lora)
-        return lora_sb.exchanged_shapes(adapter_shapes(cfg.model, carrier, 2))
-    return adapter_shapes(cfg.model, cfg.lora, 2)
 
 
 def wire_ms(
@@ -129,7 +120,7 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
         acc = float(np.mean([r["accuracy"] for r in runs]))
         up = float(np.mean([r["uplink"] for r in runs]))
         down = float(np.mean([r["downlink"] for r in runs]))
-        enc, dec = wire_ms(runs[0]["cfg"], exchanged_shapes(runs[0]["cfg"]))
+        enc, dec = wire_ms(runs[0]["cfg"], lora_sb.run_shapes(runs[0]["cfg"], 2))
         per_seed = " / ".join(f"{r['accuracy']:.4f}" for r in runs)
         lines.append(
             f"| {name} | {runs[0]['params']:,} | {acc:.4f} ({per_seed}) | "

@@ -34,9 +34,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fedpeft import lora_sb  # noqa: E402
 from fedpeft.cli import setup_logging  # noqa: E402
 from fedpeft.config import Config, load_config  # noqa: E402
-from fedpeft.models import adapter_shapes  # noqa: E402
 from simulations.common import last3_accuracy, run_or_reuse  # noqa: E402
 
 DELTA = 1e-5
@@ -70,7 +70,8 @@ def run(name: str, overrides: list[str], out: Path) -> dict[str, Any]:
 
 
 def trainable(cfg: Config) -> int:
-    return sum(math.prod(s) for s in adapter_shapes(cfg.model, cfg.lora, 2).values())
+    """d: the parameters a client sends (LoRA factors and head, or LoRA-SB's Rs and head)."""
+    return sum(math.prod(s) for s in lora_sb.run_shapes(cfg, 2).values())
 
 
 def record_noise_multiplier(cfg: Config, eps: float) -> float:

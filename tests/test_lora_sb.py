@@ -73,15 +73,17 @@ def test_basis_is_bit_identical_after_the_wire_and_has_a_stable_digest() -> None
     made = random_basis({"m": (16, 8)}, 4)
     sent = made["wire"]
     content = wire.encode_train_ins(
-        wire.TrainIns(1, "{}", 2, {}, "{}", 0, basis_digest=lora_sb.digest(sent), basis=sent)
+        wire.TrainIns(
+            1, "{}", 2, {}, "{}", 0, structure_digest=lora_sb.digest(sent), structure=sent
+        )
     )
     proto = recorddict_to_proto(content).SerializeToString()
     back = wire.decode_train_ins(recorddict_from_proto(ProtoRecordDict.FromString(proto)))
-    assert back.basis is not None and back.basis_digest == lora_sb.digest(back.basis)
+    assert back.structure is not None and back.structure_digest == lora_sb.digest(back.structure)
     for key in sent:
-        assert back.basis[key].dtype == sent[key].dtype
-        assert back.basis[key].tobytes() == sent[key].tobytes()
-    ours, theirs = lora_sb.basis_from_wire(sent), lora_sb.basis_from_wire(back.basis)
+        assert back.structure[key].dtype == sent[key].dtype
+        assert back.structure[key].tobytes() == sent[key].tobytes()
+    ours, theirs = lora_sb.basis_from_wire(sent), lora_sb.basis_from_wire(back.structure)
     assert all(ours[k].tobytes() == theirs[k].tobytes() for k in ours)
     # int8 codes with one scale per column of B: within half a step of U_r
     u = made["wire"]["m.B"].astype(np.float32) * made["wire"]["m.B.scale"]
@@ -139,8 +141,8 @@ def basis_tap(seen: dict[int, list[Any]]) -> Any:
         if msg.metadata.message_type not in ("train", "evaluate") or reply.has_error():
             return reply
         ins = wire.decode_train_ins(msg.content)
-        digest, held = nodestate.read_basis(context.state)
-        seen.setdefault(ins.partition_id, []).append((ins.basis is not None, digest, held))
+        digest, held = nodestate.read_structure(context.state)
+        seen.setdefault(ins.partition_id, []).append((ins.structure is not None, digest, held))
         return reply
 
     return tap
@@ -150,7 +152,7 @@ def test_a_run_sends_the_basis_once_per_node_and_every_node_holds_the_same(tmp_p
     seen: dict[int, list[Any]] = {}
     raw = with_sections(SB, federation={"client_eval": True})
     summary = simulate(config_from_dict(raw), tmp_path, make_client_app([basis_tap(seen)]))
-    digest = summary["burnin"]["basis_digest"]
+    digest = summary["burnin"]["structure_digest"]
     assert sorted(summary["burnin"]["clients"]) == [0, 1, 2]
     assert sorted(seen) == [0, 1, 2]
     reference = seen[0][0][2]
@@ -185,7 +187,7 @@ def test_a_node_that_lost_the_basis_is_refused_once_and_sent_it_again(tmp_path: 
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["clients"] for r in rows] == [[0, 1, 2], [0, 2], [0, 1, 2]]
     (reason,) = [r["reason"] for r in rows[1]["rejected"]]
-    assert "holds LoRA-SB basis none" in reason
+    assert "holds adapter structure none" in reason
 
 
 def test_the_saved_adapter_is_a_peft_lora_of_b_r_a(tmp_path: Path) -> None:
