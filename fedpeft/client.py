@@ -19,7 +19,7 @@ import numpy as np
 import psutil
 from peft import PeftModel
 
-from fedpeft import lora_sb
+from fedpeft import lora_sb, sparse_ft
 from fedpeft.aggregation import merge_stacks
 from fedpeft.cache import cached_splits, file_stamp
 from fedpeft.compression.codec import dense, unpack
@@ -31,13 +31,16 @@ from fedpeft.config import (
     LoraConfig,
     ModelConfig,
     PartitionConfig,
+    SparseConfig,
     config_from_json,
     lora_from_json,
 )
 from fedpeft.data import client_rows
+from fedpeft.errors import ModelError
 from fedpeft.models import (
     adapter_state,
     build_peft_model,
+    is_head,
     load_adapter_state,
     load_tokenizer,
     set_base_deltas,
@@ -50,6 +53,7 @@ from fedpeft.train import (
     TrainResult,
     encode,
     score,
+    summed_weight_gradients,
     train_local,
 )
 from fedpeft.wire import State, TrainIns, TrainRes
@@ -73,19 +77,51 @@ def parse_lora(lora_json: str) -> LoraConfig:
 
 @functools.lru_cache(maxsize=4)
 def _cached_model(
-    model: ModelConfig, lora: LoraConfig, num_labels: int, checkpointing: bool
+    model: ModelConfig,
+    lora: LoraConfig,
+    num_labels: int,
+    checkpointing: bool,
+    sparse: SparseConfig | None = None,
 ) -> PeftModel:
     # Every trainable tensor is overwritten by the received adapters each round, so one
     # model per (process, plan) serves every round and every partition with that plan.
-    return build_peft_model(model, lora, num_labels, gradient_checkpointing=checkpointing)
+    return build_peft_model(
+        model, lora, num_labels, gradient_checkpointing=checkpointing, sparse=sparse
+    )
+
+
+def _model_for(ins: TrainIns, cfg: Config) -> PeftModel:
+    """This process's model for the message's plan (SHiRA's for ``peft.method: sparse``)."""
+    sparse = cfg.sparse if cfg.peft.method == "sparse" else None
+    return _cached_model(
+        cfg.model, parse_lora(ins.lora_json), ins.num_labels, cfg.train.gradient_checkpointing,
+        sparse,
+    )  # fmt: skip
 
 
 def _installed_model(ins: TrainIns, cfg: Config, base_delta: State) -> PeftModel:
-    lora = parse_lora(ins.lora_json)
-    model = _cached_model(cfg.model, lora, ins.num_labels, cfg.train.gradient_checkpointing)
+    model = _model_for(ins, cfg)
     set_base_deltas(model, base_delta)
+    if cfg.peft.method == "sparse":
+        _install_mask(model, ins)
     load_adapter_state(model, _carried(ins, cfg))
     return model
+
+
+def _install_mask(model: PeftModel, ins: TrainIns) -> None:
+    """The run's sparse positions on this (cached) model, decoded once per structure."""
+    if ins.structure is None:
+        raise MissingStructure("this node holds no sparse mask for the run")
+    if getattr(model, "_fedpeft_mask", None) == ins.structure_digest:
+        return
+    modules = sparse_ft.module_names({k: v.shape for k, v in ins.adapters.items()})
+    shapes = sparse_ft.matrix_shapes(model, modules)
+    try:
+        positions = sparse_ft.mask_from_wire(ins.structure, shapes, sparse_ft.kept(model, modules))
+    except (CodecError, KeyError, ModelError) as err:
+        raise MissingStructure(f"the sparse mask received does not decode: {err}") from None
+    sparse_ft.install_mask(model, positions)
+    model.__dict__["_fedpeft_mask"] = ins.structure_digest
 
 
 def _carried(ins: TrainIns, cfg: Config) -> State:
@@ -119,7 +155,7 @@ def _trained(model: PeftModel, ins: TrainIns, cfg: Config, result_of: Any) -> tu
         trained = lora_sb.trained_r(model, ins.adapters)
     finally:
         lora_sb.detach(model, ins.adapters)
-    head = {k: v for k, v in adapter_state(model).items() if ".lora_" not in k}
+    head = {k: v for k, v in adapter_state(model).items() if is_head(k)}
     return result, {**head, **trained}
 
 
@@ -215,30 +251,36 @@ def train_round(
 
 
 def burnin_round(ins: TrainIns) -> TrainRes:
-    """LoRA-SB's burn-in on this node (before round 1): the gradient of every adapted
-    weight, summed over ``lora_sb.burnin_steps`` batches at the base model with the task
-    head the server sent, sent as its top-k entries (sign × one scale per tensor)."""
+    """The burn-in on this node before round 1 (LoRA-SB's initialization, SAM's
+    selection): the gradient of every adapted weight, summed over the method's
+    ``burnin_steps`` batches at the base model with the task head the server sent, sent
+    as its top ``score_density`` entries (sign × one scale per tensor)."""
     cfg = parse_config(ins.config_json)
     started = time.perf_counter()
-    lora = parse_lora(ins.lora_json)
-    model = _cached_model(cfg.model, lora, ins.num_labels, cfg.train.gradient_checkpointing)
+    model = _model_for(ins, cfg)
     state = adapter_state(model)
-    for key in state:  # B = 0: the adapters are a no-op; the head is the server's
-        if key.endswith(lora_sb.B_SUFFIX):
+    for key in state:  # the adapters at zero are a no-op; the head is the server's
+        if not is_head(key):
             state[key] = np.zeros_like(state[key])
     state.update(ins.adapters)
     load_adapter_state(model, state)
     data = client_data(cfg, ins.partition_id).train
     pad_id = load_tokenizer(cfg.model.name).pad_token_id
-    modules = lora_sb.module_names({k: v.shape for k, v in state.items()})
-    sums = lora_sb.burnin_gradients(
-        model, modules, data, cfg.train, cfg.lora_sb.burnin_steps, pad_id, cfg.model.task,
+    shapes = {k: v.shape for k, v in state.items()}
+    if cfg.peft.method == "sparse":
+        modules = sparse_ft.module_names(shapes)
+        steps, density = cfg.sparse.burnin_steps, cfg.sparse.score_density
+    else:
+        modules = lora_sb.module_names(shapes)
+        steps, density = cfg.lora_sb.burnin_steps, cfg.lora_sb.score_density
+    sums = summed_weight_gradients(
+        model, modules, data, cfg.train, steps, pad_id, cfg.model.task,
         seed=round_seed(cfg.seed, 0, ins.partition_id),
     )  # fmt: skip
-    sent, _ = compress(sums, {}, cfg.lora_sb.score_density, "stc")
+    sent, _ = compress(sums, {}, density, "stc")
     return TrainRes(
         update=dense(sent),
-        num_examples=cfg.lora_sb.burnin_steps * min(cfg.train.batch_size, len(data)),
+        num_examples=steps * min(cfg.train.batch_size, len(data)),
         train_loss=None,
         train_seconds=time.perf_counter() - started,
         compressed=sent,

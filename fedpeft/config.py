@@ -109,13 +109,45 @@ class PeftConfig:
     """Which parameter-efficient method is trained and exchanged.
 
     Args:
-        method: ``lora`` (default; the ``lora`` section), or ``lora_sb`` (LoRA-SB /
+        method: ``lora`` (default; the ``lora`` section); ``lora_sb`` (LoRA-SB /
             Fed-SB: W0 + B R A with B and A fixed from a federated burn-in and only the
             r×r matrix R trained and sent; the ``lora`` section's ``r`` and
-            ``target_modules``, and the ``lora_sb`` section; docs/lora-sb.md).
+            ``target_modules``, and the ``lora_sb`` section; docs/lora-sb.md); or
+            ``sparse`` (sparse fine-tuning of the base weights at positions chosen once
+            for the whole federation, Fu et al.'s SAM by default; the ``sparse``
+            section; docs/sparse.md).
     """
 
-    method: Literal["lora", "lora_sb"] = "lora"
+    method: Literal["lora", "lora_sb", "sparse"] = "lora"
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """Sparse fine-tuning (``peft.method: sparse``, docs/sparse.md): a few entries of each
+    target weight matrix train, at positions every node shares, carried by peft's SHiRA
+    adapter.
+
+    Args:
+        density: share of each target matrix's entries that train. SHiRA keeps r(m+n)
+            entries of an m×n matrix, so r = max(1, round(density·mn/(m+n))) on the
+            first target matrix, and the real density per matrix is r(m+n)/(mn)
+            (``summary.json`` reports it).
+        selection: which entries. ``sam`` (Fu et al., 2023): the largest |Σ g| over a
+            burn-in, summed over the burn-in nodes; ``magnitude``: the largest |W0|;
+            ``random``: uniform, seeded by the run's seed. Only ``sam`` reads data.
+        burnin_steps: batches over which each burn-in node sums its gradient (``sam``).
+        score_density: share of each summed gradient's entries a burn-in node sends
+            (top-k, sign x one scale per tensor; ``sam``).
+        targets: the weight matrices that train (module names, as peft's
+            ``target_modules``); ``null``: the attention and MLP projections of a BERT or
+            Llama model.
+    """
+
+    density: float = 0.005
+    selection: Literal["sam", "magnitude", "random"] = "sam"
+    burnin_steps: int = 8
+    score_density: float = 0.05
+    targets: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -492,6 +524,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     lora_sb: LoraSBConfig = field(default_factory=LoraSBConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -718,7 +751,8 @@ def _check_lora(lo: LoraConfig) -> None:
     )
 
 
-PEFT_METHODS = ("lora", "lora_sb")
+PEFT_METHODS = ("lora", "lora_sb", "sparse")
+SPARSE_SELECTIONS = ("sam", "magnitude", "random")
 LORA_SB_INITS = ("gradient", "weights")
 # aggregators that average each exchanged tensor entry by entry; the others read LoRA's
 # A and B factors, which LoRA-SB does not send
@@ -741,27 +775,44 @@ def _check_method(cfg: Config) -> None:
         sb.init_lr is None or 0 < sb.init_lr < float("inf"),
         "'lora_sb.init_lr' should be a positive number or null.",
     )
-    if method != "lora_sb":
+    _check_sparse(cfg.sparse)
+    if method == "lora":
         return
     _require(
         cfg.federation.aggregator in LORA_SB_AGGREGATORS,
-        f"'peft.method: lora_sb' exchanges R only; use one of {list(LORA_SB_AGGREGATORS)} "
-        f"as 'federation.aggregator', not {cfg.federation.aggregator!r}.",
+        f"'peft.method: {method}' exchanges no LoRA factors; use one of "
+        f"{list(LORA_SB_AGGREGATORS)} as 'federation.aggregator', not "
+        f"{cfg.federation.aggregator!r}.",
     )
     _require(
         not cfg.lora.rank_pattern and cfg.lora.layers_to_transform is None,
-        "'peft.method: lora_sb' uses one rank on every target module; drop "
+        f"'peft.method: {method}' trains the same structure on every target module; drop "
         "'lora.rank_pattern' and 'lora.layers_to_transform'.",
     )
     _require(
         not cfg.fleet.profiles and not cfg.fleet.mix,
-        "'peft.method: lora_sb' does not plan per-device ranks yet; drop 'fleet'.",
+        f"'peft.method: {method}' does not plan per-device structures yet; drop 'fleet'.",
     )
     _require(
         cfg.privacy.mode not in ("record",),
-        "'peft.method: lora_sb' with 'privacy.mode: record' is not supported yet; "
+        f"'peft.method: {method}' with 'privacy.mode: record' is not supported yet; "
         "use 'user' or 'local'.",
     )
+    _require(
+        not cfg.model.load_in_4bit,
+        f"'peft.method: {method}' is not built for a 4-bit base ('model.load_in_4bit').",
+    )
+    if method == "sparse":
+        _require(
+            cfg.privacy.mode == "none" or cfg.sparse.selection != "sam",
+            "SAM's burn-in releases each node's summed gradient outside the privacy "
+            "accountant; under DP use 'sparse.selection: magnitude' or 'random'.",
+        )
+        _require(
+            not cfg.audit.tap_every,
+            "'audit.tap_every' attacks LoRA updates; it does not apply to 'peft.method: sparse'.",
+        )
+        return
     _require(
         cfg.privacy.mode == "none" or sb.init == "weights",
         "LoRA-SB's gradient burn-in releases each node's summed gradient outside the "
@@ -770,6 +821,20 @@ def _check_method(cfg: Config) -> None:
     _require(
         not cfg.audit.tap_every,
         "'audit.tap_every' attacks LoRA updates; it does not apply to 'peft.method: lora_sb'.",
+    )
+
+
+def _check_sparse(sp: SparseConfig) -> None:
+    _require(0 < sp.density < 1, "'sparse.density' should be in (0, 1).")
+    _require(
+        sp.selection in SPARSE_SELECTIONS,
+        f"'sparse.selection' should be one of {list(SPARSE_SELECTIONS)}, got {sp.selection!r}.",
+    )
+    _require(sp.burnin_steps >= 1, "'sparse.burnin_steps' should be a positive integer.")
+    _require(0 < sp.score_density <= 1, "'sparse.score_density' should be in (0, 1].")
+    _require(
+        sp.targets is None or len(sp.targets) > 0,
+        "'sparse.targets' should list module names, or be null for the model's default.",
     )
 
 

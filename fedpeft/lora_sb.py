@@ -48,10 +48,9 @@ import numpy as np
 import torch
 from torch.nn.utils import parametrize
 
-from fedpeft.config import Config, LoraConfig, TrainConfig
+from fedpeft.config import Config, LoraConfig
 from fedpeft.errors import ModelError
 from fedpeft.models import adapter_shapes
-from fedpeft.train import Encoded, batch_indices, collate, label_prior, training_loss
 from fedpeft.types import State
 
 A_SUFFIX = ".lora_A.weight"
@@ -87,6 +86,8 @@ def exchanged_shapes(lora_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple
 def run_shapes(cfg: Config, num_labels: int) -> dict[str, tuple[int, ...]]:
     """The shapes one client of run ``cfg`` (its ``lora`` section) sends per round, for
     any ``peft.method``."""
+    if cfg.peft.method == "sparse":
+        return adapter_shapes(cfg.model, cfg.lora, num_labels, sparse=cfg.sparse)
     if cfg.peft.method != "lora_sb":
         return adapter_shapes(cfg.model, cfg.lora, num_labels)
     return exchanged_shapes(adapter_shapes(cfg.model, carrier_lora(cfg.lora), num_labels))
@@ -310,50 +311,3 @@ def detach(model: torch.nn.Module, sb: State) -> None:
             if parametrize.is_parametrized(lora_b, "weight"):
                 parametrize.remove_parametrizations(lora_b, "weight", leave_parametrized=True)
             _freeze_a(model, module, False)
-
-
-# --------------------------------------------------------------------- burn-in (client)
-def burnin_gradients(
-    model: torch.nn.Module,
-    modules: list[str],
-    data: Encoded,
-    cfg: TrainConfig,
-    steps: int,
-    pad_id: int,
-    task: str,
-    seed: int,
-) -> State:
-    """module -> Σ over ``steps`` batches of ∂loss/∂W0 (m×n), at the
-    model as given (its LoRA a no-op), with the training objective and no step taken."""
-    if len(data) == 0:
-        raise ValueError("A client with no training examples cannot run the burn-in.")
-    weights = {m: _lora_layer(model, m).base_layer.weight for m in modules}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
-    for w in weights.values():
-        w.requires_grad_(True)
-        w.grad = None
-    log_prior = label_prior(data, model, task)
-    rng = np.random.default_rng(seed)
-    try:
-        model.train()
-        torch.manual_seed(seed)  # dropout
-        for index in batch_indices(len(data), cfg.batch_size, steps, rng):
-            batch = collate(data, index, pad_id, task)
-            loss = training_loss(model, batch, task, log_prior, cfg.logit_adjustment)
-            loss.backward()  # type: ignore[no-untyped-call]
-        sums: State = {}
-        for module, w in weights.items():
-            grad = w.grad if w.grad is not None else torch.zeros_like(w)
-            # nn.Linear stores (out, in); GPT-2's Conv1D (in, out)
-            linear = isinstance(_lora_layer(model, module).base_layer, torch.nn.Linear)
-            sums[module] = (grad if linear else grad.T).detach().float().cpu().numpy().copy()
-    finally:
-        model.eval()
-        for w in weights.values():
-            w.requires_grad_(False)
-            w.grad = None
-        for p in trainable:
-            p.requires_grad_(True)
-    return sums

@@ -51,7 +51,7 @@ from transformers.utils import (
 )
 
 from fedpeft import accel, packaged
-from fedpeft.config import LoraConfig, ModelConfig
+from fedpeft.config import LoraConfig, ModelConfig, SparseConfig
 from fedpeft.devices import ModelShape
 from fedpeft.errors import ModelError
 
@@ -414,10 +414,18 @@ def build_peft_model(
     num_labels: int,
     init_seed: int = 0,
     gradient_checkpointing: bool = False,
+    sparse: SparseConfig | None = None,
 ) -> PeftModel:
     """Base model + LoRA adapters; ``init_seed`` draws the A factors (B starts at zero).
-    ``gradient_checkpointing``: ``train.gradient_checkpointing``."""
+    ``gradient_checkpointing``: ``train.gradient_checkpointing``. With ``sparse``, the
+    adapters are SHiRA's sparse ones instead (``peft.method: sparse``,
+    :mod:`fedpeft.sparse_ft`), at zero, with a placeholder mask until one is installed;
+    ``lora`` then only says whether the head trains."""
     base = load_base_model(model_cfg, num_labels)
+    if sparse is not None:
+        from fedpeft import sparse_ft  # it imports this module
+
+        return sparse_ft.build(base, model_cfg, sparse, lora.train_head)
     if model_cfg.load_in_4bit:  # QLoRA: norms and head in fp32, the base frozen
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)  # type: ignore[no-untyped-call]
     if gradient_checkpointing:
@@ -433,23 +441,43 @@ def build_peft_model(
 
 @functools.lru_cache(maxsize=16)
 def adapter_shapes(
-    model_cfg: ModelConfig, lora: LoraConfig, num_labels: int
+    model_cfg: ModelConfig, lora: LoraConfig, num_labels: int, sparse: SparseConfig | None = None
 ) -> dict[str, tuple[int, ...]]:
-    """Shapes of the tensors a client with this LoRA section exchanges."""
-    model = build_peft_model(model_cfg, lora, num_labels)
-    return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    """Shapes of the tensors a client with this LoRA section (or sparse section) exchanges."""
+    model = build_peft_model(model_cfg, lora, num_labels, sparse=sparse)
+    return {k: tuple(v.shape) for k, v in adapter_state(model).items()}
+
+
+# tensors of an adapter's state dict that are its fixed structure, never exchanged as
+# values: SHiRA's positions (a node receives them once, fedpeft.sparse_ft)
+STRUCTURE_KEYS = (".shira_indices",)
+
+
+def is_structure(key: str) -> bool:
+    return key.endswith(STRUCTURE_KEYS)
+
+
+def is_head(key: str) -> bool:
+    """Whether an exchanged tensor is the task head's (not an adapter's)."""
+    return ".lora_" not in key and ".shira_" not in key
 
 
 def adapter_state(model: PeftModel) -> dict[str, np.ndarray]:
-    """The exchanged tensors: LoRA factors and (when trained) the task head, as fp32."""
+    """The exchanged tensors: LoRA factors (or SHiRA's values) and (when trained) the task
+    head, as fp32."""
     state = get_peft_model_state_dict(model)
-    return {k: v.detach().to(torch.float32).cpu().numpy().copy() for k, v in state.items()}
+    return {
+        k: v.detach().to(torch.float32).cpu().numpy().copy()
+        for k, v in state.items()
+        if not is_structure(k)
+    }
 
 
 def load_adapter_state(model: PeftModel, state: dict[str, np.ndarray]) -> None:
     """Install exchanged tensors. Every one the model exchanges must be present: a cached
     model would otherwise keep a previous client's value for the missing ones."""
-    missing = sorted(set(get_peft_model_state_dict(model)) - set(state))
+    exchanged = {k for k in get_peft_model_state_dict(model) if not is_structure(k)}
+    missing = sorted(exchanged - set(state))
     if missing:
         raise ModelError(f"Adapter state lacks tensors the model exchanges: {missing[:3]}.")
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}

@@ -151,8 +151,9 @@ class ServerRounds:
         self.final: State = {}  # the last aggregate (the canary audit's θ_T)
         self.lora_json = {pid: lora_to_json(lo) for pid, lo in fleet.client_loras.items()}
         self.client_loras = fleet.client_loras
+        sparse = cfg.sparse if cfg.peft.method == "sparse" else None
         self.shapes = {
-            pid: self._exchanged(adapter_shapes(cfg.model, lora, num_labels))
+            pid: self._exchanged(adapter_shapes(cfg.model, lora, num_labels, sparse))
             for pid, lora in fleet.client_loras.items()
         }
         self.global_lora = fleet.global_lora
@@ -160,7 +161,8 @@ class ServerRounds:
         self.structure: State | None = None
         self.structure_digest = ""
         self.holding: set[int] = set()
-        self.burnin = RoundStats()  # the burn-in's traffic (LoRA-SB), before round 1
+        self.burnin = RoundStats()  # the burn-in's traffic (LoRA-SB, SAM), before round 1
+        self.density: dict[str, float] = {}  # sparse: the real density per matrix shape
 
     def _exchanged(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         sb = self.cfg.peft.method == "lora_sb"
@@ -169,7 +171,7 @@ class ServerRounds:
     def carried(self, state: State) -> State:
         """The adapter state a LoRA model holds for exchanged ``state``: itself, or for
         LoRA-SB the carrier LoRA of the Rs in the run's basis."""
-        if self.structure is None:
+        if self.structure is None or self.cfg.peft.method != "lora_sb":
             return state
         return lora_sb.to_lora(state, lora_sb.basis_from_wire(self.structure))
 
@@ -191,17 +193,15 @@ class ServerRounds:
             self.sent[node] = head
         return contents
 
-    def basis_from_burnin(self, replies: list[Reply], start: State) -> State:
-        """Sum the burn-in replies' gradients, derive B, R and A from them
-        (:func:`fedpeft.lora_sb.init_from_scores`) and return the exchanged start state
-        (each module's R and the task head). A bad reply is left out, as in a round."""
-        stats, sb = self.burnin, self.cfg.lora_sb
-        modules = lora_sb.weight_shapes(
-            adapter_shapes(self.cfg.model, self.global_lora, self.num_labels)
-        )
+    def burnin_sums(
+        self, replies: list[Reply], modules: dict[str, tuple[int, int]], steps: int
+    ) -> State:
+        """The sum of the burn-in replies' decoded gradients (module -> m×n); a bad reply
+        is left out, as in a round, and none at all ends the run in one sentence."""
+        stats = self.burnin
         expected = {m: np.zeros(shape, np.float32) for m, shape in modules.items()}
         sums = {m: np.zeros(shape, np.float64) for m, shape in modules.items()}
-        most = sb.burnin_steps * self.cfg.train.batch_size
+        most = steps * self.cfg.train.batch_size
         for reply in sorted(replies, key=lambda r: self.partitions.get(r.node, 0)):
             if reply.error is not None or reply.content is None:
                 self._reject(stats, reply.node, f"client error: {reply.error}")
@@ -217,12 +217,10 @@ class ServerRounds:
             stats.clients.append(self.partitions.get(reply.node, -1))
         if not stats.clients:
             raise RuntimeError(
-                "No node answered LoRA-SB's burn-in, so B and A cannot be initialized; "
+                "No node answered the burn-in, so the adapter's structure cannot be chosen; "
                 f"rejected: {[r['reason'] for r in stats.rejected][:3]}."
             )
-        eta = sb.init_lr if sb.init_lr is not None else self.cfg.train.lr
-        basis, initial_r = lora_sb.init_from_scores(sums, self.global_lora.r, eta)
-        return self.install_structure(basis, initial_r, start)
+        return sums
 
     def install_structure(self, structure: State, initial: State, start: State) -> State:
         """Keep the run's fixed adapter structure (LoRA-SB's basis; sent to each node

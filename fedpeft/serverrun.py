@@ -19,7 +19,7 @@ from typing import Any
 
 from flwr.app import RecordDict
 
-from fedpeft import declaration, lora_sb, wire
+from fedpeft import declaration, lora_sb, sparse_ft, wire
 from fedpeft.audit.tap import AuditTap
 from fedpeft.checkpoint import Checkpoint, load_checkpoint, resume_problem, save_checkpoint
 from fedpeft.config import Config, ConfigError, LoraConfig
@@ -272,13 +272,13 @@ class ServerRun:
         takes part (``discover``: the query round), plan the fleet, and build the global
         model and the round logic. Discovery comes after the data and before the plans:
         nodes may declare device profiles, and the plans, and the global adapter that
-        must cover all of them, depend on who answered. LoRA-SB (``burn_in``: the
-        exchange of its burn-in messages) then initializes its basis from the nodes'
-        gradients, before round 1."""
-        if resume and cfg.peft.method == "lora_sb":
+        must cover all of them, depend on who answered. LoRA-SB and sparse fine-tuning
+        then fix their structure (the basis, the mask), from the nodes' gradients
+        (``burn_in``: the exchange of the burn-in messages) or from the base model."""
+        if resume and cfg.peft.method != "lora":
             raise ConfigError(
-                "'--resume' does not continue a 'peft.method: lora_sb' run yet: its basis "
-                "lives in the nodes' state; start the run again."
+                f"'--resume' does not continue a 'peft.method: {cfg.peft.method}' run yet: "
+                "its fixed structure is not in the checkpoint; start the run again."
             )
         ckpt = checkpoint_to_resume(cfg, out_dir) if resume else None
         run_log = RunLog(out_dir, cfg, resumed_round=ckpt.round if ckpt else 0)
@@ -287,16 +287,17 @@ class ServerRun:
         fleet = plan_clients(_carrier(cfg), dataset.num_labels, found.profiles)
         partitions = trainable_partitions(found.partitions, fleet, cfg.federation.min_clients)
         model = build_peft_model(
-            cfg.model, fleet.global_lora, dataset.num_labels, init_seed=cfg.seed
-        )
+            cfg.model, fleet.global_lora, dataset.num_labels, init_seed=cfg.seed,
+            sparse=cfg.sparse if cfg.peft.method == "sparse" else None,
+        )  # fmt: skip
         test = encode(dataset.test, load_tokenizer(cfg.model.name), cfg.model.max_length)
         rounds = ServerRounds(cfg, dataset.num_labels, partitions, fleet)
         if cfg.audit.tap_every:
             rounds.tap = AuditTap(cfg, dataset.num_labels, dataset.test)
         recorder = RoundRecorder(cfg, rounds, run_log, model, test)
         start = adapter_state(model)
-        if cfg.peft.method == "lora_sb":
-            start = _lora_sb_start(rounds, burn_in, start, model)
+        if cfg.peft.method != "lora":
+            start = _structured_start(rounds, burn_in, start, model)
             load_adapter_state(model, rounds.carried(start))
         if ckpt is not None:
             rounds.restore_state(ckpt.strategy, ckpt.round, ckpt.buffers)
@@ -328,7 +329,7 @@ class ServerRun:
                 "client_plans": {str(p): plan_summary(lo) for p, lo in fleet.client_loras.items()},
                 "left_out": {str(p): reason for p, reason in fleet.left_out.items()},
                 **_privacy_summary(cfg, self.rounds, self.last_round),
-                **_burnin_summary(self.rounds),
+                **_structure_summary(self.rounds),
                 **_ray_nodes(self.rounds),
             }
         )
@@ -343,44 +344,89 @@ def _carrier(cfg: Config) -> Config:
     return dataclasses.replace(cfg, lora=lora_sb.carrier_lora(cfg.lora))
 
 
-def _lora_sb_start(rounds: ServerRounds, burn_in: BurnIn | None, start: State, model: Any) -> State:
-    """LoRA-SB's basis and the exchanged start state: from the base weights
-    (``lora_sb.init: weights``), or from a burn-in on round 1's sample."""
-    if rounds.cfg.lora_sb.init == "weights":
-        modules = lora_sb.module_names({k: v.shape for k, v in start.items()})
-        basis, initial_r = lora_sb.init_from_weights(
-            lora_sb.base_weights(model, modules), rounds.global_lora.r
-        )
+def _structured_start(
+    rounds: ServerRounds, burn_in: BurnIn | None, start: State, model: Any
+) -> State:
+    """The fixed structure of a LoRA-SB or sparse run (installed in ``rounds`` and, for
+    sparse, in the server's ``model``) and the exchanged start state."""
+    cfg = rounds.cfg
+    shapes = {k: v.shape for k, v in start.items()}
+    if cfg.peft.method == "lora_sb":
+        modules = lora_sb.module_names(shapes)
+        if cfg.lora_sb.init == "weights":
+            basis, initial_r = lora_sb.init_from_weights(
+                lora_sb.base_weights(model, modules), rounds.global_lora.r
+            )
+        else:
+            matrices = lora_sb.weight_shapes(shapes)
+            sums = _burnin(rounds, burn_in, start, matrices, cfg.lora_sb.burnin_steps)
+            eta = cfg.lora_sb.init_lr if cfg.lora_sb.init_lr is not None else cfg.train.lr
+            basis, initial_r = lora_sb.init_from_scores(sums, rounds.global_lora.r, eta)
         return rounds.install_structure(basis, initial_r, start)
+    sp = cfg.sparse
+    modules = sparse_ft.module_names(shapes)
+    sparse_shapes = sparse_ft.matrix_shapes(model, modules)
+    kept = sparse_ft.kept(model, modules)
+    if sp.selection == "sam":
+        sums = _burnin(rounds, burn_in, start, dict(sparse_shapes), sp.burnin_steps)
+        positions = sparse_ft.select("sam", kept, sparse_shapes, scores=sums)
+    elif sp.selection == "magnitude":
+        w0 = lora_sb.base_weights(model, modules)
+        positions = sparse_ft.select("magnitude", kept, sparse_shapes, weights=w0)
+    else:
+        positions = sparse_ft.select("random", kept, sparse_shapes, seed=cfg.seed)
+    sparse_ft.install_mask(model, positions)
+    report = sparse_ft.density_report(sparse_shapes, kept)
+    log.info(
+        "sparse: %s selection, %d trained entries (density %.3g%%)",
+        sp.selection, sum(kept.values()), 100 * report["overall"],
+    )  # fmt: skip
+    rounds.density = report
+    return rounds.install_structure(sparse_ft.mask_to_wire(positions, sparse_shapes), {}, start)
+
+
+def _burnin(
+    rounds: ServerRounds,
+    burn_in: BurnIn | None,
+    start: State,
+    modules: dict[str, tuple[int, ...]],
+    steps: int,
+) -> State:
+    """Run the burn-in on round 1's sample; the sum of its gradients per module."""
     if burn_in is None:
-        raise ValueError("LoRA-SB's gradient initialization needs the burn-in exchange")
+        raise ValueError("this run's structure needs the burn-in exchange")
     began = time.perf_counter()
     nodes = rounds.sample(1, rounds.cfg.federation.fraction_train)
-    log.info("LoRA-SB burn-in: %d nodes sum their gradients at the base model", len(nodes))
+    log.info("burn-in: %d nodes sum their gradients at the base model", len(nodes))
     replies = burn_in(rounds.burnin_instructions(nodes, start))
-    start = rounds.basis_from_burnin(replies, start)
+    sums = rounds.burnin_sums(replies, modules, steps)  # type: ignore[arg-type]
     stats = rounds.burnin
     log.info(
-        "LoRA-SB burn-in: %d of %d nodes answered | uplink %.3f MB | downlink %.3f MB | "
-        "basis %.3f MB per node | %.1f s",
+        "burn-in: %d of %d nodes answered | uplink %.3f MB | downlink %.3f MB | %.1f s",
         len(stats.clients), len(nodes), stats.uplink_bytes / 1e6, stats.downlink_bytes / 1e6,
-        sum(v.nbytes for v in (rounds.structure or {}).values()) / 1e6, time.perf_counter() - began,
+        time.perf_counter() - began,
     )  # fmt: skip
-    return start
+    return sums
 
 
-def _burnin_summary(rounds: ServerRounds) -> dict[str, Any]:
+def _structure_summary(rounds: ServerRounds) -> dict[str, Any]:
+    """LoRA-SB's basis or the sparse mask: its size and digest, the real density of a
+    mask, and what the burn-in (if any) moved."""
     if rounds.structure is None:
         return {}
     stats = rounds.burnin
     return {
-        "burnin": {
-            "clients": stats.clients,
-            "rejected": stats.rejected,
-            "uplink_bytes": stats.uplink_bytes,
-            "downlink_bytes": stats.downlink_bytes,
-            "structure_bytes": int(sum(v.nbytes for v in rounds.structure.values())),
-            "structure_digest": rounds.structure_digest,
+        "structure": {
+            "method": rounds.cfg.peft.method,
+            "bytes": int(sum(v.nbytes for v in rounds.structure.values())),
+            "digest": rounds.structure_digest,
+            **({"density": rounds.density} if rounds.density else {}),
+            "burnin": {
+                "clients": stats.clients,
+                "rejected": stats.rejected,
+                "uplink_bytes": stats.uplink_bytes,
+                "downlink_bytes": stats.downlink_bytes,
+            },
         }
     }
 

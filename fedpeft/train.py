@@ -9,6 +9,7 @@ words, 576 wide) the output layer over every position is a fifth of a training s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -480,3 +481,64 @@ def instruction_metrics(
         for i in range(min(cfg.samples, n))
     ]
     return {**metrics, "exact_match": hits / n}, samples
+
+
+def summed_weight_gradients(
+    model: torch.nn.Module,
+    modules: list[str],
+    data: Encoded,
+    cfg: TrainConfig,
+    steps: int,
+    pad_id: int,
+    task: str,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """module -> Σ over ``steps`` batches of ∂loss/∂W0 (m×n) of each adapted module (a
+    peft layer, its W0 in ``base_layer``), at the model as given (its adapters a no-op),
+    with the training objective and no step taken: a burn-in's scores (LoRA-SB's
+    initialization, SAM's selection)."""
+    if len(data) == 0:
+        raise ValueError("A client with no training examples cannot run the burn-in.")
+    weights = {m: _adapted(model, m).base_layer.weight for m in modules}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    for w in weights.values():
+        w.requires_grad_(True)
+        w.grad = None
+    log_prior = label_prior(data, model, task)
+    rng = np.random.default_rng(seed)
+    try:
+        model.train()
+        torch.manual_seed(seed)  # dropout
+        # the base layers alone: an adapter may add W0 detached (SHiRA adds to W0.data),
+        # which would cut the gradient to W0; at zero the adapters add nothing anyway
+        with _adapters_off(model):
+            for index in batch_indices(len(data), cfg.batch_size, steps, rng):
+                batch = collate(data, index, pad_id, task)
+                loss = training_loss(model, batch, task, log_prior, cfg.logit_adjustment)
+                loss.backward()  # type: ignore[no-untyped-call]
+        sums: dict[str, np.ndarray] = {}
+        for module, w in weights.items():
+            grad = w.grad if w.grad is not None else torch.zeros_like(w)
+            # nn.Linear stores (out, in); GPT-2's Conv1D (in, out)
+            linear = isinstance(_adapted(model, module).base_layer, torch.nn.Linear)
+            sums[module] = (grad if linear else grad.T).detach().float().cpu().numpy().copy()
+    finally:
+        model.eval()
+        for w in weights.values():
+            w.requires_grad_(False)
+            w.grad = None
+        for p in trainable:
+            p.requires_grad_(True)
+    return sums
+
+
+def _adapters_off(model: torch.nn.Module) -> Any:
+    """peft's ``disable_adapter()`` context (a no-op for a plain model)."""
+    off = getattr(model, "disable_adapter", None)
+    return off() if off is not None else contextlib.nullcontext()
+
+
+def _adapted(model: torch.nn.Module, module: str) -> Any:
+    return model.get_submodule(module)  # peft's state-dict names are full paths

@@ -94,7 +94,7 @@ def run(name: str, seed: int, rounds: int, extra: list[str], out: Path) -> dict[
     overrides = [*ROWS[name], f"seed={seed}", f"federation.rounds={rounds}", *extra]
     cfg = load_config(ROOT / "configs" / "mr.yaml", overrides)
     summary, rows = run_or_reuse(cfg, out / f"{name}-s{seed}")
-    burnin = summary.get("burnin", {})
+    burnin = summary.get("structure", {}).get("burnin", {})
     return {
         "cfg": cfg,
         "accuracy": last3_accuracy(rows),

@@ -130,6 +130,9 @@ RUNS: dict[str, dict[str, Any]] = {
         federation={"rounds": 3},
         compression={"density": 1.0, "downlink": True},
     ),
+    "sparse_sam": with_sections(
+        BASE, peft={"method": "sparse"}, sparse={"density": 0.05}, federation={"rounds": 3}
+    ),
 }
 
 

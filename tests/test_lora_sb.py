@@ -152,8 +152,8 @@ def test_a_run_sends_the_basis_once_per_node_and_every_node_holds_the_same(tmp_p
     seen: dict[int, list[Any]] = {}
     raw = with_sections(SB, federation={"client_eval": True})
     summary = simulate(config_from_dict(raw), tmp_path, make_client_app([basis_tap(seen)]))
-    digest = summary["burnin"]["structure_digest"]
-    assert sorted(summary["burnin"]["clients"]) == [0, 1, 2]
+    digest = summary["structure"]["digest"]
+    assert sorted(summary["structure"]["burnin"]["clients"]) == [0, 1, 2]
     assert sorted(seen) == [0, 1, 2]
     reference = seen[0][0][2]
     for messages in seen.values():
@@ -233,9 +233,9 @@ def test_lora_sb_instruction_run_exports_what_generate_loads(tmp_path: Path) -> 
         ({"peft": {"method": "dora"}}, "'peft.method' should be one of"),
         (
             {"peft": {"method": "lora_sb"}, "federation": {"aggregator": "flora"}},
-            "exchanges R only",
+            "no LoRA factors",
         ),
-        ({"peft": {"method": "lora_sb"}, "lora": {"rank_pattern": {"query": 2}}}, "one rank"),
+        ({"peft": {"method": "lora_sb"}, "lora": {"rank_pattern": {"query": 2}}}, "same structure"),
         ({"peft": {"method": "lora_sb"}, "privacy": {"mode": "record"}}, "not supported yet"),
         ({"lora_sb": {"score_density": 0.0}}, "'lora_sb.score_density'"),
         ({"lora_sb": {"burnin_steps": 0}}, "'lora_sb.burnin_steps'"),
@@ -259,7 +259,8 @@ def test_weights_init_needs_no_burn_in_and_learns_under_user_level_dp(tmp_path: 
         privacy={"mode": "user", "noise_multiplier": 0.3, "clip_norm": 1.0, "noise_seed": 2},
     )
     summary = simulate(config_from_dict(raw), tmp_path)
-    assert summary["burnin"]["clients"] == [] and summary["burnin"]["uplink_bytes"] == 0
+    burnin = summary["structure"]["burnin"]
+    assert burnin["clients"] == [] and burnin["uplink_bytes"] == 0
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(r["rejected"] == [] and len(r["clients"]) == 3 for r in rows)
     assert rows[-1]["epsilon"] > 0
