@@ -5,9 +5,13 @@ local steps of 16, every client in every round. The rows are:
 
 - ``lora``: LoRA r=8 on query/value plus the head, fp32. This is the reference.
 - ``lora_stc``: the same with STC at density 0.15 and error feedback.
-- ``lora_sb_rR``: LoRA-SB of rank R, which sends R and the head in fp32.
-- ``lora_sb_rR_ternary``: the same with every entry sent as sign x one scale per
-  tensor (``compression.density: 1.0``), with error feedback.
+- ``lora_sb_rR``: LoRA-SB of rank R, which sends R and the head in fp32
+  (``_weights``: B and A from W0, with no burn-in).
+- ``sparse_SEL``: sparse fine-tuning at density 0.005 (SHiRA r = 1: 0.39% of the
+  attention and MLP weights), with positions chosen by ``sam``, ``magnitude`` or
+  ``random``.
+- ``..._ternary``: the same with every entry of the change sent as sign x one scale per
+  tensor (``compression.density: 1.0``), with error feedback, up and down.
 
 For each row the script prints:
 
@@ -48,11 +52,21 @@ from simulations.common import last3_accuracy, run_or_reuse  # noqa: E402
 
 REFERENCE = "lora"
 STC = ["compression.density=0.15", "compression.scale=stc", "compression.error_feedback=true"]
-TERNARY = ["compression.density=1.0", "compression.scale=stc", "compression.error_feedback=true"]
+# every entry of the change as sign x one scale per tensor, with error feedback, both ways
+TERNARY = [
+    "compression.density=1.0",
+    "compression.scale=stc",
+    "compression.error_feedback=true",
+    "compression.downlink=true",
+]
 
 
-def sb(rank: int) -> list[str]:
-    return ["peft.method=lora_sb", f"lora.r={rank}"]
+def sb(rank: int, *extra: str) -> list[str]:
+    return ["peft.method=lora_sb", f"lora.r={rank}", *extra]
+
+
+def sparse(selection: str) -> list[str]:
+    return ["peft.method=sparse", f"sparse.selection={selection}"]
 
 
 ROWS: dict[str, list[str]] = {
@@ -62,9 +76,11 @@ ROWS: dict[str, list[str]] = {
     "lora_sb_r8_ternary": sb(8) + TERNARY,
     "lora_sb_r16": sb(16),
     "lora_sb_r16_ternary": sb(16) + TERNARY,
-    "lora_sb_r32_ternary": sb(32) + TERNARY,
+    "lora_sb_r8_weights": sb(8, "lora_sb.init=weights"),
+    **{f"sparse_{sel}": sparse(sel) for sel in ("sam", "magnitude", "random")},
+    **{f"sparse_{sel}_ternary": sparse(sel) + TERNARY for sel in ("sam", "magnitude", "random")},
 }
-DEFAULT_ROWS = ["lora", "lora_stc", "lora_sb_r8", "lora_sb_r8_ternary", "lora_sb_r16_ternary"]
+DEFAULT_ROWS = ["lora", "lora_stc", "lora_sb_r8", "lora_sb_r8_ternary", "sparse_sam_ternary"]
 
 
 def wire_ms(
@@ -159,7 +175,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=DEFAULT_ROWS)
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench_communication"))
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override (repeatable)"
+    )
     args = parser.parse_args()
     if not 1 <= args.rounds <= 1000:
         parser.error("--rounds should be in [1, 1000].")
