@@ -204,6 +204,16 @@ def test_audit_command_writes_the_table_json_and_plot(tmp_path: Path) -> None:
     assert (out / "plots" / "leakage.png").stat().st_size > 0
 
 
+def test_the_audit_refuses_a_method_it_cannot_attack(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _audit_yaml(tmp_path, {"warmup_steps": 0})
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**raw, "peft": {"method": "sparse"}}))
+    assert main(["audit", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "does not apply to 'peft.method: sparse' yet" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("audit", "message"),
     [

@@ -118,6 +118,11 @@ def _numerical_rank(m: np.ndarray) -> int:
 
 
 def run_audit(cfg: Config, out_dir: Path) -> dict[str, Any]:
+    if cfg.peft.method != "lora":
+        raise ConfigError(
+            f"The audit attacks LoRA updates; it does not apply to 'peft.method: "
+            f"{cfg.peft.method}' yet."
+        )
     unknown = [n for n in cfg.audit.attacks if n not in ATTACKS]
     if unknown:
         raise ConfigError(
