@@ -139,8 +139,9 @@ def _basis(ins: TrainIns) -> State:
 
 
 class MissingStructure(RuntimeError):
-    """A message reached a node that holds no fixed adapter structure (LoRA-SB's basis),
-    or another one: the server sends it again with the node's next message."""
+    """A message reached a node that holds no fixed adapter structure (LoRA-SB's basis,
+    the sparse mask), or another one: the server sends it again with the node's next
+    message."""
 
 
 def _trained(model: PeftModel, ins: TrainIns, cfg: Config, result_of: Any) -> tuple[Any, State]:

@@ -32,8 +32,8 @@ def _merged_base(ins: wire.TrainIns, node_state: RecordDict) -> wire.State:
 
 def _received(content: RecordDict, node_state: RecordDict) -> wire.TrainIns:
     """The message's instruction with the adapters in full (downlink compression: this
-    node's view plus the change), the new view kept in the node's state; for LoRA-SB
-    with its fixed structure, as sent or as this node kept it."""
+    node's view plus the change), the new view kept in the node's state; with the
+    adapter's fixed structure (LoRA-SB's basis, the sparse mask), as sent or as kept."""
     ins = _with_structure(wire.decode_train_ins(content), node_state)
     if not client.parse_config(ins.config_json).compression.downlink:
         return ins
@@ -44,9 +44,9 @@ def _received(content: RecordDict, node_state: RecordDict) -> wire.TrainIns:
 
 
 def _with_structure(ins: wire.TrainIns, node_state: RecordDict) -> wire.TrainIns:
-    """The adapter's fixed structure (LoRA-SB's basis): one in the message is kept in
-    the node's state; a message without one uses the kept one, which must be the one
-    the message names."""
+    """The adapter's fixed structure (LoRA-SB's basis, the sparse mask): one in the
+    message is kept in the node's state; a message without one uses the kept one, which
+    must be the one the message names."""
     if not ins.structure_digest:
         return ins
     if ins.structure is not None:
@@ -64,7 +64,7 @@ def _with_structure(ins: wire.TrainIns, node_state: RecordDict) -> wire.TrainIns
 
 
 def burnin(content: RecordDict, node_state: RecordDict) -> RecordDict:
-    """LoRA-SB's burn-in before round 1 (:func:`fedpeft.client.burnin_round`)."""
+    """The burn-in before round 1 (:func:`fedpeft.client.burnin_round`)."""
     return wire.encode_train_res(client.burnin_round(wire.decode_train_ins(content)))
 
 

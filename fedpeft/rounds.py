@@ -41,7 +41,7 @@ from fedpeft.aggregation import ClientUpdate, State
 from fedpeft.audit.membership import CanaryAudit
 from fedpeft.compression import codec
 from fedpeft.config import Config, lora_to_json
-from fedpeft.models import adapter_shapes
+from fedpeft.models import adapter_shapes, is_head
 from fedpeft.planning import FleetPlan
 from fedpeft.privacy.accounting import Entry, affordable_steps, from_lists, to_lists
 
@@ -175,12 +175,12 @@ class ServerRounds:
             return state
         return lora_sb.to_lora(state, lora_sb.basis_from_wire(self.structure))
 
-    # ------------------------------------------------------------------ LoRA-SB burn-in
+    # ------------------------------------------------------------------ burn-in
     def burnin_instructions(self, nodes: list[int], start: State) -> dict[int, RecordDict]:
         """The burn-in message (``train.burnin``) per node: the run's config, the node's
-        plan and the initial task head (the LoRA factors are not sent: the burn-in runs
-        at the base model)."""
-        head = {k: v for k, v in start.items() if ".lora_" not in k}
+        plan and the initial task head (no adapter tensor: the burn-in runs at the base
+        model)."""
+        head = {k: v for k, v in start.items() if is_head(k)}
         self.sent = {}
         contents = {}
         for node in nodes:
@@ -223,11 +223,11 @@ class ServerRounds:
         return sums
 
     def install_structure(self, structure: State, initial: State, start: State) -> State:
-        """Keep the run's fixed adapter structure (LoRA-SB's basis; sent to each node
-        once) and return the exchanged start state: ``initial`` (LoRA-SB's Rs) and the
-        task head of ``start``."""
+        """Keep the run's fixed adapter structure (LoRA-SB's basis, the sparse mask; sent
+        to each node once) and return the exchanged start state: the adapter tensors
+        ``initial`` (LoRA-SB's Rs, the sparse values) and the task head of ``start``."""
         self.structure, self.structure_digest = structure, lora_sb.digest(structure)
-        head = {k: v for k, v in start.items() if ".lora_" not in k}
+        head = {k: v for k, v in start.items() if is_head(k)}
         return {**head, **initial}
 
     # the state of the stages that own it, as the evaluator, summary and tests read it

@@ -28,6 +28,7 @@ from fedpeft.devices import DeviceProfile
 from fedpeft.models import (
     adapter_state,
     build_peft_model,
+    is_head,
     load_adapter_state,
     load_tokenizer,
     merged_adapter_model,
@@ -382,7 +383,8 @@ def _structured_start(
         sp.selection, sum(kept.values()), 100 * report["overall"],
     )  # fmt: skip
     rounds.density = report
-    return rounds.install_structure(sparse_ft.mask_to_wire(positions, sparse_shapes), {}, start)
+    values = {k: v for k, v in start.items() if not is_head(k)}  # SHiRA's, at zero
+    return rounds.install_structure(sparse_ft.mask_to_wire(positions, sparse_shapes), values, start)
 
 
 def _burnin(

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,10 @@ from fedpeft.compression.rice import Sparse
 from fedpeft.config import ModelConfig, SparseConfig
 from fedpeft.errors import ModelError
 from fedpeft.types import State
+
+# SHiRA builds a sparse COO tensor per forward pass from positions this module checked
+# when they arrived (mask_from_wire); torch's per-call warning about skipped checks is noise
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 W_SUFFIX = ".shira_weight"  # a module's exchanged value vector (k,)
 MASK_SEED = 0  # SHiRA's placeholder mask at build time; the run's mask replaces it

@@ -22,7 +22,9 @@ from fedpeft.cli import simulate
 from fedpeft.compression.rice import bound_bits
 from fedpeft.config import ConfigError, SparseConfig, config_from_dict
 from fedpeft.errors import ModelError
-from fedpeft.models import adapter_state, build_peft_model, load_base_model
+from fedpeft.models import adapter_state, build_peft_model, is_head, load_base_model
+from fedpeft.planning import plan_clients
+from fedpeft.rounds import Reply, ServerRounds
 from tests.test_golden import BASE, LLAMA, with_sections
 
 SPARSE = with_sections(
@@ -52,6 +54,46 @@ def test_the_mean_of_shared_mask_updates_is_the_dense_weighted_mean() -> None:
     )
     got = dense_delta(new["m.shira_weight"] - start["m.shira_weight"], positions, shape)
     np.testing.assert_allclose(got, dense_mean, rtol=1e-6, atol=1e-7)
+
+
+def test_the_servers_round_of_shared_mask_updates_is_the_dense_weighted_mean() -> None:
+    """Through the server's own round (decode, validate, FedIT, server step): the new
+    global S minus the old is Σ_k p_k S_k, position by position, for every matrix."""
+    cfg = config_from_dict(with_sections(SPARSE, sparse={"selection": "random"}))
+    fleet = plan_clients(cfg, 3)
+    model = build_peft_model(cfg.model, fleet.global_lora, 3, sparse=cfg.sparse)
+    nodes = {101: 0, 102: 1, 103: 2}
+    rounds = ServerRounds(cfg, 3, nodes, fleet)
+    start = adapter_state(model)
+    modules = sparse_ft.module_names({k: v.shape for k, v in start.items()})
+    shapes, kept = sparse_ft.matrix_shapes(model, modules), sparse_ft.kept(model, modules)
+    positions = sparse_ft.select("random", kept, shapes, seed=1)
+    values = {k: v for k, v in start.items() if not is_head(k)}
+    global_state = rounds.install_structure(
+        sparse_ft.mask_to_wire(positions, shapes), values, start
+    )
+    rounds.instructions(1, global_state, list(nodes))
+    rng = np.random.default_rng(5)
+    examples = {101: 24, 102: 8, 103: 16}
+    updates = {
+        node: {k: rng.normal(0, 1e-2, v.shape).astype(np.float32) for k, v in global_state.items()}
+        for node in nodes
+    }
+    replies = [
+        Reply(node, content=wire.encode_train_res(wire.TrainRes(u, examples[node], 0.5, 1.0)))
+        for node, u in updates.items()
+    ]
+    new = rounds.train(1, replies)
+    assert new is not None
+    p = {node: n / sum(examples.values()) for node, n in examples.items()}
+    for module in modules:
+        key = module + sparse_ft.W_SUFFIX
+        got = dense_delta(new[key] - global_state[key], positions[module], shapes[module])
+        want = sum(
+            p[node] * dense_delta(updates[node][key], positions[module], shapes[module])
+            for node in nodes
+        )
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
 
 
 def test_sam_keeps_the_largest_summed_gradients_and_the_mask_round_trips() -> None:
