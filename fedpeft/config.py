@@ -146,7 +146,7 @@ class SparseConfig:
     density: float = 0.005
     selection: Literal["sam", "magnitude", "random"] = "sam"
     burnin_steps: int = 8
-    score_density: float = 0.05
+    score_density: float = 0.01
     targets: tuple[str, ...] | None = None
 
 
