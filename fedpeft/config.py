@@ -769,8 +769,7 @@ def _check_method(cfg: Config) -> None:
         sb.init in LORA_SB_INITS,
         f"'lora_sb.init' should be one of {list(LORA_SB_INITS)}, got {sb.init!r}.",
     )
-    _require(sb.burnin_steps >= 1, "'lora_sb.burnin_steps' should be a positive integer.")
-    _require(0 < sb.score_density <= 1, "'lora_sb.score_density' should be in (0, 1].")
+    _check_burnin("lora_sb", sb.burnin_steps, sb.score_density)
     _require(
         sb.init_lr is None or 0 < sb.init_lr < float("inf"),
         "'lora_sb.init_lr' should be a positive number or null.",
@@ -802,26 +801,26 @@ def _check_method(cfg: Config) -> None:
         not cfg.model.load_in_4bit,
         f"'peft.method: {method}' is not built for a 4-bit base ('model.load_in_4bit').",
     )
-    if method == "sparse":
-        _require(
-            cfg.privacy.mode == "none" or cfg.sparse.selection != "sam",
-            "SAM's burn-in releases each node's summed gradient outside the privacy "
-            "accountant; under DP use 'sparse.selection: magnitude' or 'random'.",
-        )
-        _require(
-            not cfg.audit.tap_every,
-            "'audit.tap_every' attacks LoRA updates; it does not apply to 'peft.method: sparse'.",
-        )
-        return
+    # a burn-in releases each node's summed gradient, which no accountant covers
+    burn_in = {"sparse": cfg.sparse.selection == "sam", "lora_sb": sb.init == "gradient"}
+    data_free = {
+        "sparse": "'sparse.selection: magnitude' or 'random'",
+        "lora_sb": "'lora_sb.init: weights'",
+    }
     _require(
-        cfg.privacy.mode == "none" or sb.init == "weights",
-        "LoRA-SB's gradient burn-in releases each node's summed gradient outside the "
-        "privacy accountant; under DP use 'lora_sb.init: weights'.",
+        cfg.privacy.mode == "none" or not burn_in[method],
+        f"The burn-in of 'peft.method: {method}' releases each node's summed gradient "
+        f"outside the privacy accountant; under DP use {data_free[method]}.",
     )
     _require(
         not cfg.audit.tap_every,
-        "'audit.tap_every' attacks LoRA updates; it does not apply to 'peft.method: lora_sb'.",
+        f"'audit.tap_every' attacks LoRA updates; it does not apply to 'peft.method: {method}'.",
     )
+
+
+def _check_burnin(section: str, steps: int, score_density: float) -> None:
+    _require(steps >= 1, f"'{section}.burnin_steps' should be a positive integer.")
+    _require(0 < score_density <= 1, f"'{section}.score_density' should be in (0, 1].")
 
 
 def _check_sparse(sp: SparseConfig) -> None:
@@ -830,8 +829,7 @@ def _check_sparse(sp: SparseConfig) -> None:
         sp.selection in SPARSE_SELECTIONS,
         f"'sparse.selection' should be one of {list(SPARSE_SELECTIONS)}, got {sp.selection!r}.",
     )
-    _require(sp.burnin_steps >= 1, "'sparse.burnin_steps' should be a positive integer.")
-    _require(0 < sp.score_density <= 1, "'sparse.score_density' should be in (0, 1].")
+    _check_burnin("sparse", sp.burnin_steps, sp.score_density)
     _require(
         sp.targets is None or len(sp.targets) > 0,
         "'sparse.targets' should list module names, or be null for the model's default.",

@@ -132,9 +132,9 @@ def test_training_moves_r_only_and_the_carrier_reads_back_b_r_a() -> None:
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)
 
 
-def basis_tap(seen: dict[int, list[Any]]) -> Any:
-    """Client mod: per partition, whether each message carried the basis, and the basis
-    the node holds after it."""
+def structure_tap(seen: dict[int, list[Any]]) -> Any:
+    """Client mod: per partition, whether each message carried the fixed structure (the
+    basis, the mask), and the digest and structure the node holds after it."""
 
     def tap(msg: Message, context: Context, call_next: Any) -> Message:
         reply: Message = call_next(msg, context)
@@ -151,7 +151,7 @@ def basis_tap(seen: dict[int, list[Any]]) -> Any:
 def test_a_run_sends_the_basis_once_per_node_and_every_node_holds_the_same(tmp_path: Path) -> None:
     seen: dict[int, list[Any]] = {}
     raw = with_sections(SB, federation={"client_eval": True})
-    summary = simulate(config_from_dict(raw), tmp_path, make_client_app([basis_tap(seen)]))
+    summary = simulate(config_from_dict(raw), tmp_path, make_client_app([structure_tap(seen)]))
     digest = summary["structure"]["digest"]
     assert sorted(summary["structure"]["burnin"]["clients"]) == [0, 1, 2]
     assert sorted(seen) == [0, 1, 2]
@@ -198,7 +198,7 @@ def test_the_saved_adapter_is_a_peft_lora_of_b_r_a(tmp_path: Path) -> None:
 
     seen: dict[int, list[Any]] = {}
     cfg = config_from_dict(SB)
-    simulate(cfg, tmp_path, make_client_app([basis_tap(seen)]))
+    simulate(cfg, tmp_path, make_client_app([structure_tap(seen)]))
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == 4
     saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))

@@ -11,12 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message
 from peft import PeftModel
 from safetensors.numpy import load_file
 
 from clients.app import make_client_app
-from fedpeft import nodestate, sparse_ft, wire
+from fedpeft import sparse_ft, wire
 from fedpeft.aggregation import ClientUpdate, aggregate_fedit
 from fedpeft.cli import simulate
 from fedpeft.compression.rice import bound_bits
@@ -26,6 +25,7 @@ from fedpeft.models import adapter_state, build_peft_model, is_head, load_base_m
 from fedpeft.planning import plan_clients
 from fedpeft.rounds import Reply, ServerRounds
 from tests.test_golden import BASE, LLAMA, with_sections
+from tests.test_lora_sb import structure_tap
 
 SPARSE = with_sections(
     BASE, peft={"method": "sparse"}, sparse={"density": 0.05}, federation={"rounds": 3}
@@ -127,29 +127,12 @@ def test_shira_rank_follows_the_density() -> None:
     assert sparse_ft.shira_rank(1e-9, 384, 1536) == 1
 
 
-def mask_tap(seen: dict[int, list[Any]]) -> Any:
-    """Client mod: per partition, whether each message carried the mask, and the mask
-    the node holds after it."""
-
-    def tap(msg: Message, context: Context, call_next: Any) -> Message:
-        reply: Message = call_next(msg, context)
-        if msg.metadata.message_type not in ("train", "evaluate") or reply.has_error():
-            return reply
-        ins = wire.decode_train_ins(msg.content)
-        seen.setdefault(ins.partition_id, []).append(
-            (ins.structure is not None, *nodestate.read_structure(context.state))
-        )
-        return reply
-
-    return tap
-
-
 @pytest.mark.parametrize("selection", ["sam", "magnitude", "random"])
 def test_every_node_trains_at_the_servers_positions(tmp_path: Path, selection: str) -> None:
     seen: dict[int, list[Any]] = {}
     raw = with_sections(SPARSE, sparse={"selection": selection}, federation={"client_eval": True})
     cfg = config_from_dict(raw)
-    summary = simulate(cfg, tmp_path, make_client_app([mask_tap(seen)]))
+    summary = simulate(cfg, tmp_path, make_client_app([structure_tap(seen)]))
     structure = summary["structure"]
     assert structure["burnin"]["clients"] == ([0, 1, 2] if selection == "sam" else [])
     saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
