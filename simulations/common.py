@@ -34,12 +34,20 @@ def _resolved(value: Any) -> Any:
     return value
 
 
+def unread_sections(cfg: Config) -> list[str]:
+    """Config sections a run never reads: another PEFT method's (``lora_sb``,
+    ``sparse``). Their values cannot change the run, so they do not stop a reuse."""
+    return [m for m in ("lora_sb", "sparse") if cfg.peft.method != m]
+
+
 def run_or_reuse(cfg: Config, out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The summary and metrics rows of ``cfg`` run into ``out``: reused when ``out`` holds
     a finished run of the same config (a benchmark killed halfway resumes where it was),
     else simulated."""
     path = out / "summary.json"
     current, default = json.loads(cfg.to_json()), json.loads(Config().to_json())
+    for section in unread_sections(cfg):
+        current.pop(section, None)
     if path.is_file() and same_config(json.loads(path.read_text())["config"], current, default):
         summary = json.loads(path.read_text())
     else:
