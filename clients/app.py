@@ -87,7 +87,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def burnin(msg: Message, context: Context) -> Message:
-    """LoRA-SB's burn-in before round 1 (``train.burnin``): summed gradients, top-k."""
+    """The burn-in before round 1 (``train.burnin``; LoRA-SB, SAM): summed gradients, top-k."""
     return _handled("burnin", msg, context)
 
 

@@ -5,7 +5,8 @@ a new ClientApp process, which a deployment starts for every message.
 - its record-level or local DP accountant's history (``privacy.mode: record, local``);
 - the adapters it last received and their view number (``compression.downlink``);
 - FLoRA's merged updates Σ ΔW, dense per module, and the last round merged;
-- the adapter's fixed structure (LoRA-SB's B and A, as received) and its digest.
+- the adapter's fixed structure (LoRA-SB's B and A, or the sparse mask, as received)
+  and its digest.
 
 A simulation's nodes start empty; a deployment's node state lasts one run.
 """
@@ -24,7 +25,7 @@ RESIDUAL = "fedpeft-residual"  # the error-feedback residual of the last update
 HISTORY = "fedpeft-accountant"  # its privacy accountant's history
 VIEW = "fedpeft-view"  # the adapters it last received (downlink compression)
 VIEW_NUMBER = "fedpeft-view-number"  # which view they are
-STRUCTURE = "fedpeft-structure"  # the adapter's fixed part (LoRA-SB's B and A), as received
+STRUCTURE = "fedpeft-structure"  # the adapter's fixed part (basis, mask), as received
 STRUCTURE_DIGEST = "fedpeft-structure-digest"  # which one it is
 
 

@@ -157,7 +157,8 @@ class ServerRounds:
             for pid, lora in fleet.client_loras.items()
         }
         self.global_lora = fleet.global_lora
-        # the adapter's fixed structure (LoRA-SB's basis, as sent), and the nodes sent it
+        # the adapter's fixed structure (LoRA-SB's basis, the sparse mask, as sent), and
+        # the nodes that were sent it
         self.structure: State | None = None
         self.structure_digest = ""
         self.holding: set[int] = set()

@@ -41,7 +41,7 @@ from fedpeft.train import encode, score
 from fedpeft.types import State
 
 log = logging.getLogger("fedpeft")
-# LoRA-SB's burn-in exchange: node -> message content in, the nodes' replies out
+# the burn-in exchange (LoRA-SB, SAM): node -> message content in, the replies out
 BurnIn = Callable[[dict[int, RecordDict]], list[Reply]]
 
 

@@ -38,7 +38,7 @@ MERGE_PREFIX = "merge-"  # + round: one stacked product update to merge into the
 PACKED = "update-compeft"
 PACKED_HEADER = "compeft"
 PACKED_HEADER_KEYS = ("shapes", "ndims", "kept", "rice", "nbytes")
-STRUCTURE = "structure"  # the adapter's fixed part (LoRA-SB's B and A), sent once per node
+STRUCTURE = "structure"  # the adapter's fixed part (LoRA-SB's B, A; a sparse mask), sent once
 BURNIN = "burnin"  # the action of the burn-in message ("train.burnin"), before round 1
 PLACEMENT = "placement"  # a reply's Ray node and host (simulations on a Ray cluster)
 
@@ -75,8 +75,9 @@ class TrainIns:
     downlink: codec.Packed | None = None
     base_view: int = -1
     view: int = 0
-    # the digest of the fixed structure the adapters are in (LoRA-SB's basis), and the
-    # structure itself when the server has not sent it to this node yet (a node keeps it)
+    # the digest of the fixed structure the adapters are in (LoRA-SB's basis, a sparse
+    # mask), and the structure itself when the server has not sent it to this node yet
+    # (a node keeps it)
     structure_digest: str = ""
     structure: State | None = None
 
