@@ -207,21 +207,6 @@ def basis_from_wire(wire_basis: State) -> State:
     return basis
 
 
-def check_basis(wire_basis: State, modules: dict[str, tuple[int, ...]], rank: int) -> None:
-    """A received basis must cover exactly the adapted modules, at their shapes."""
-    for module, (m, n) in modules.items():
-        expected = {
-            BASIS_B: ((m, rank), np.int8), BASIS_B + ".scale": ((rank,), np.float32),
-            BASIS_A: ((rank, n), np.int8), BASIS_A + ".scale": ((rank,), np.float32),
-        }  # fmt: skip
-        for suffix, (shape, dtype) in expected.items():
-            arr = wire_basis.get(module + suffix)
-            if arr is None or arr.shape != shape or arr.dtype != dtype:
-                raise ModelError(f"The LoRA-SB basis lacks or misshapes '{module}{suffix}'.")
-    if len(wire_basis) != 4 * len(modules):
-        raise ModelError("The LoRA-SB basis has tensors for modules the model does not adapt.")
-
-
 def digest(wire_basis: State) -> str:
     """A short name of a basis: the SHA-256 of its tensors' names and bytes."""
     h = hashlib.sha256()
