@@ -186,16 +186,6 @@ def _quantized_basis(module: str, u: np.ndarray, vt: np.ndarray) -> State:
     }
 
 
-def base_weights(model: torch.nn.Module, modules: list[str]) -> State:
-    """module -> W0 (m×n, float32) of each adapted module of a carrier LoRA model."""
-    out: State = {}
-    for module in modules:
-        base = _lora_layer(model, module).base_layer
-        weight = base.weight.detach().float()
-        out[module] = (weight if isinstance(base, torch.nn.Linear) else weight.T).cpu().numpy()
-    return out
-
-
 def basis_from_wire(wire_basis: State) -> State:
     """The float32 B and A every node uses, from the int8 codes and scales it received."""
     basis: State = {}

@@ -487,6 +487,17 @@ def load_adapter_state(model: PeftModel, state: dict[str, np.ndarray]) -> None:
         raise ModelError(f"Adapter state has keys the model does not: {unexpected[:3]}.")
 
 
+def base_weights(model: torch.nn.Module, modules: list[str]) -> dict[str, np.ndarray]:
+    """module -> W0 (m×n, float32) of each adapted module of a peft model (its
+    ``base_layer``), oriented (out, in) as nn.Linear stores it."""
+    out: dict[str, np.ndarray] = {}
+    for module in modules:
+        base: Any = model.get_submodule(module).base_layer
+        weight = base.weight.detach().float()
+        out[module] = (weight if isinstance(base, torch.nn.Linear) else weight.T).cpu().numpy()
+    return out
+
+
 def set_base_deltas(model: PeftModel, deltas: dict[str, np.ndarray]) -> None:
     """Base weight of each named module := W0 + ΔW (FLoRA's merge; ΔW is out × in).
 

@@ -27,6 +27,7 @@ from fedpeft.data import Dataset, load_dataset
 from fedpeft.devices import DeviceProfile
 from fedpeft.models import (
     adapter_state,
+    base_weights,
     build_peft_model,
     is_head,
     load_adapter_state,
@@ -356,7 +357,7 @@ def _structured_start(
         modules = lora_sb.module_names(shapes)
         if cfg.lora_sb.init == "weights":
             basis, initial_r = lora_sb.init_from_weights(
-                lora_sb.base_weights(model, modules), rounds.global_lora.r
+                base_weights(model, modules), rounds.global_lora.r
             )
         else:
             matrices = lora_sb.weight_shapes(shapes)
@@ -372,7 +373,7 @@ def _structured_start(
         sums = _burnin(rounds, burn_in, start, dict(sparse_shapes), sp.burnin_steps)
         positions = sparse_ft.select("sam", kept, sparse_shapes, scores=sums)
     elif sp.selection == "magnitude":
-        w0 = lora_sb.base_weights(model, modules)
+        w0 = base_weights(model, modules)
         positions = sparse_ft.select("magnitude", kept, sparse_shapes, weights=w0)
     else:
         positions = sparse_ft.select("random", kept, sparse_shapes, seed=cfg.seed)
